@@ -1,0 +1,269 @@
+"""Settings from the environment (and a ``.env`` file), validated at start.
+
+Names and defaults are those of the service this one replaces (CONTRACT.md); new ones
+take the ``PAYMENTS_`` or ``STRIPE_`` prefix. A value that does not parse is an error
+naming the variable, never a silent default. ``config/.env.example`` documents each one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+from dotenv import dotenv_values
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A setting is missing or does not parse; the message names the variable."""
+
+
+@attrs.frozen
+class MysqlDsn:
+    host: str
+    port: int
+    user: str
+    password: str = attrs.field(repr=False)
+    database: str
+    unix_socket: str = ""
+
+    def redacted(self) -> str:
+        where = self.unix_socket or f"{self.host}:{self.port}"
+        return f"mysql://{self.user}:***@{where}/{self.database}"
+
+
+_GO_DSN = re.compile(
+    r"^(?:(?P<user>[^:@/]*)(?::(?P<password>[^@]*))?@)?"
+    r"(?:(?P<net>tcp|unix)\((?P<addr>[^)]*)\))?"
+    r"/(?P<db>[^?]*)(?:\?(?P<params>.*))?$"
+)
+
+
+def parse_mysql_dsn(dsn: str, name: str = "MYSQL_DSN") -> MysqlDsn:
+    """Parse both forms: Go's ``user:pass@tcp(host:port)/db?parseTime=true`` and
+    ``mysql://user:pass@host:port/db``. Query parameters are accepted and ignored
+    (the pool always uses utf8mb4 and UTC)."""
+    dsn = dsn.strip()
+    if dsn.startswith(("mysql://", "mariadb://")):
+        url = urlsplit(dsn)
+        try:
+            port = url.port or 3306
+        except ValueError as exc:
+            raise ConfigError(f"{name}: bad port in DSN") from exc
+        socket = parse_qs(url.query).get("unix_socket", [""])[0]
+        return MysqlDsn(
+            host=url.hostname or "127.0.0.1",
+            port=port,
+            user=unquote(url.username or "root"),
+            password=unquote(url.password or ""),
+            database=url.path.lstrip("/"),
+            unix_socket=socket,
+        )
+    match = _GO_DSN.match(dsn)
+    if not match:
+        raise ConfigError(
+            f"{name}: not a DSN; expected user:pass@tcp(host:port)/db or mysql://user:pass@host:port/db"
+        )
+    host, port, socket = "127.0.0.1", 3306, ""
+    addr = match["addr"] or ""
+    if match["net"] == "unix":
+        socket = addr
+    elif addr:
+        host, _, port_text = addr.rpartition(":") if ":" in addr else (addr, "", "")
+        if port_text:
+            if not port_text.isdigit():
+                raise ConfigError(f"{name}: bad port {port_text!r} in DSN")
+            port = int(port_text)
+    return MysqlDsn(
+        host=host or "127.0.0.1",
+        port=port,
+        user=match["user"] or "root",
+        password=match["password"] or "",
+        database=match["db"],
+        unix_socket=socket,
+    )
+
+
+@attrs.frozen
+class Settings:
+    """Every setting of the service. Build it with :func:`load_settings`."""
+
+    app_service_name: str = "payments-service"
+    app_api_key: str = attrs.field(default="", repr=False)
+    auth_service_grpc_addr: str = "localhost:9090"
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 9090
+    mysql_dsn: MysqlDsn | None = None
+    mysql_max_open_conns: int = 10
+    mysql_max_idle_conns: int = 5
+    mysql_conn_max_lifetime_minutes: float = 30
+    log_level: str = "info"
+    stripe_secret_key: str = attrs.field(default="", repr=False)
+    stripe_webhook_secret: str = attrs.field(default="", repr=False)
+    stripe_signature_tolerance_seconds: int = 300
+    stripe_http_timeout_seconds: float = 10
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_max_network_retries: int = 2
+    provider_callback_base_url: str = ""
+    callback_max_attempts: int = 10
+    callback_retry_interval_minutes: float = 5
+    callback_http_timeout_seconds: float = 10
+    callback_signing_secret: str = attrs.field(default="", repr=False)
+    callback_allowed_hosts: tuple[str, ...] = ()
+    pending_timeout_minutes: float = 60
+    reconcile_stale_after_minutes: float = 15
+    job_batch_size: int = 100
+    reconcile_interval_minutes: float = 2
+    callback_dispatch_interval_minutes: float = 1
+    expire_pending_interval_minutes: float = 5
+    trusted_callers: tuple[str, ...] = ()
+    auth_cache_ttl_seconds: float = 30
+    auth_timeout_seconds: float = 5
+    max_body_bytes: int = 256 * 1024
+    shutdown_grace_seconds: float = 10
+
+    def missing_for_serve(self) -> list[str]:
+        """Settings without which ``serve`` must not start (a later issue adds defaults)."""
+        missing = []
+        if self.mysql_dsn is None:
+            missing.append("MYSQL_DSN")
+        if not self.stripe_secret_key:
+            missing.append("STRIPE_SECRET_KEY")
+        if not self.provider_callback_base_url:
+            missing.append("PAYMENTS_PROVIDER_CALLBACK_BASE_URL")
+        if not self.app_api_key:
+            missing.append("APP_API_KEY")
+        return missing
+
+
+def _str(value: str, name: str) -> str:
+    return value.strip()
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(value: str, name: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not an integer") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise ConfigError(f"{name}: {number} must be >= {minimum}{upper}")
+        return number
+
+    return parse
+
+
+def _float(minimum: float) -> Callable[[str, str], float]:
+    def parse(value: str, name: str) -> float:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not a number") from None
+        if not number >= minimum or number == float("inf"):
+            raise ConfigError(f"{name}: {number} must be a finite number >= {minimum}")
+        return number
+
+    return parse
+
+
+def _list(value: str, name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _log_level(value: str, name: str) -> str:
+    level = value.strip().lower()
+    if level not in ("debug", "info", "warn", "warning", "error"):
+        raise ConfigError(f"{name}: {value!r} is not one of debug, info, warn, error")
+    return "warning" if level == "warn" else level
+
+
+def _url(value: str, name: str) -> str:
+    url = value.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}: {value!r} is not an http(s) URL")
+    return url
+
+
+def _dsn(value: str, name: str) -> MysqlDsn | None:
+    return parse_mysql_dsn(value, name) if value.strip() else None
+
+
+# variable -> (Settings field, parser). Port 0 lets tests ask for any free port.
+_VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "APP_SERVICE_NAME": ("app_service_name", _str),
+    "APP_API_KEY": ("app_api_key", _str),
+    "AUTH_SERVICE_GRPC_ADDR": ("auth_service_grpc_addr", _str),
+    "HTTP_HOST": ("http_host", _str),
+    "HTTP_PORT": ("http_port", _int(0, 65535)),
+    "GRPC_HOST": ("grpc_host", _str),
+    "GRPC_PORT": ("grpc_port", _int(0, 65535)),
+    "MYSQL_DSN": ("mysql_dsn", _dsn),
+    "MYSQL_MAX_OPEN_CONNS": ("mysql_max_open_conns", _int(1, 10_000)),
+    "MYSQL_MAX_IDLE_CONNS": ("mysql_max_idle_conns", _int(0, 10_000)),
+    "MYSQL_CONN_MAX_LIFETIME_MINUTES": ("mysql_conn_max_lifetime_minutes", _float(0)),
+    "LOG_LEVEL": ("log_level", _log_level),
+    "STRIPE_SECRET_KEY": ("stripe_secret_key", _str),
+    "STRIPE_WEBHOOK_SECRET": ("stripe_webhook_secret", _str),
+    "STRIPE_SIGNATURE_TOLERANCE_SECONDS": ("stripe_signature_tolerance_seconds", _int(1)),
+    "STRIPE_HTTP_TIMEOUT_SECONDS": ("stripe_http_timeout_seconds", _float(0.001)),
+    "STRIPE_API_BASE": ("stripe_api_base", _url),
+    "STRIPE_MAX_NETWORK_RETRIES": ("stripe_max_network_retries", _int(0, 10)),
+    "PAYMENTS_PROVIDER_CALLBACK_BASE_URL": ("provider_callback_base_url", _url),
+    "PAYMENTS_CALLBACK_MAX_ATTEMPTS": ("callback_max_attempts", _int(1)),
+    "PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES": ("callback_retry_interval_minutes", _float(0)),
+    "PAYMENTS_CALLBACK_HTTP_TIMEOUT_SECONDS": ("callback_http_timeout_seconds", _float(0.001)),
+    "PAYMENTS_CALLBACK_SIGNING_SECRET": ("callback_signing_secret", _str),
+    "PAYMENTS_CALLBACK_ALLOWED_HOSTS": ("callback_allowed_hosts", _list),
+    "PAYMENTS_PENDING_TIMEOUT_MINUTES": ("pending_timeout_minutes", _float(0)),
+    "PAYMENTS_RECONCILE_STALE_AFTER_MINUTES": ("reconcile_stale_after_minutes", _float(0)),
+    "PAYMENTS_JOB_BATCH_SIZE": ("job_batch_size", _int(1, 10_000)),
+    "PAYMENTS_RECONCILE_INTERVAL_MINUTES": ("reconcile_interval_minutes", _float(0.001)),
+    "PAYMENTS_CALLBACK_DISPATCH_INTERVAL_MINUTES": (
+        "callback_dispatch_interval_minutes",
+        _float(0.001),
+    ),
+    "PAYMENTS_EXPIRE_PENDING_INTERVAL_MINUTES": ("expire_pending_interval_minutes", _float(0.001)),
+    "PAYMENTS_TRUSTED_CALLERS": ("trusted_callers", _list),
+    "PAYMENTS_AUTH_CACHE_TTL_SECONDS": ("auth_cache_ttl_seconds", _float(0)),
+    "PAYMENTS_AUTH_TIMEOUT_SECONDS": ("auth_timeout_seconds", _float(0.001)),
+    "PAYMENTS_MAX_BODY_BYTES": ("max_body_bytes", _int(1024, 64 * 1024 * 1024)),
+    "PAYMENTS_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0)),
+}
+
+
+def variable_names() -> list[str]:
+    """Every environment variable the service reads (config/.env.example lists them)."""
+    return list(_VARIABLES)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env"
+) -> Settings:
+    """Build Settings from ``.env`` (if the file exists) overlaid by the real environment.
+
+    Raises ConfigError naming the first variable that does not parse.
+    """
+    values: dict[str, str] = {}
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+    fields: dict[str, Any] = {}
+    for variable, (field, parse) in _VARIABLES.items():
+        raw = values.get(variable)
+        if raw is None or (raw.strip() == "" and field != "mysql_dsn"):
+            continue
+        fields[field] = parse(raw, variable)
+    settings = Settings(**fields)
+    if settings.mysql_max_idle_conns > settings.mysql_max_open_conns:
+        settings = attrs.evolve(settings, mysql_max_idle_conns=settings.mysql_max_open_conns)
+    return settings

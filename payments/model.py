@@ -1,0 +1,239 @@
+"""Entities, enums and the payment status machine.
+
+The enum numbers are the wire numbers of proto/payments.proto. The status machine
+(``ALLOWED_TRANSITIONS``) is the one place that says which status may follow which;
+everything that changes a status goes through :func:`check_transition`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import attrs
+
+
+class PaymentStatus(enum.IntEnum):
+    UNSPECIFIED = 0
+    CREATED = 1
+    PENDING = 2
+    PROCESSING = 3
+    PAID = 10
+    FAILED = 20
+    CANCELED = 30
+    EXPIRED = 40
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+class PaymentMethod(enum.IntEnum):
+    UNSPECIFIED = 0
+    HOSTED_CARD = 1
+    PAYMENT_LINK = 2
+
+
+class PaymentType(enum.IntEnum):
+    UNSPECIFIED = 0
+    ONE_TIME = 1
+    RECURRING = 2
+
+
+class ProviderType(enum.IntEnum):
+    UNSPECIFIED = 0
+    STRIPE = 1
+
+
+TERMINAL_STATUSES = frozenset(
+    {PaymentStatus.PAID, PaymentStatus.FAILED, PaymentStatus.CANCELED, PaymentStatus.EXPIRED}
+)
+CANCELABLE_STATUSES = frozenset(
+    {PaymentStatus.CREATED, PaymentStatus.PENDING, PaymentStatus.PROCESSING}
+)
+RECURRING_INTERVALS = ("day", "week", "month", "year")
+
+_S = PaymentStatus
+# The status machine. Statuses only move forward; a terminal status is final, so a late
+# or out-of-order event is recorded but never moves the payment again.
+ALLOWED_TRANSITIONS: Mapping[PaymentStatus, frozenset[PaymentStatus]] = {
+    _S.CREATED: frozenset({_S.PENDING, _S.PROCESSING, _S.PAID, _S.FAILED, _S.CANCELED, _S.EXPIRED}),
+    _S.PENDING: frozenset({_S.PROCESSING, _S.PAID, _S.FAILED, _S.CANCELED, _S.EXPIRED}),
+    _S.PROCESSING: frozenset({_S.PAID, _S.FAILED, _S.CANCELED, _S.EXPIRED}),
+    _S.PAID: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.CANCELED: frozenset(),
+    _S.EXPIRED: frozenset(),
+}
+
+
+def can_transition(current: PaymentStatus, new: PaymentStatus) -> bool:
+    """True when the status machine lets ``current`` move to ``new``."""
+    return new in ALLOWED_TRANSITIONS.get(current, frozenset())
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, to the microsecond (what the database keeps)."""
+    return datetime.now(UTC)
+
+
+@attrs.frozen
+class Caller:
+    """The authenticated calling service."""
+
+    service_name: str
+    # A trusted caller (a gateway acting for others) may act for any caller_service.
+    trusted: bool = False
+
+    def may_act_for(self, caller_service: str) -> bool:
+        return self.trusted or caller_service == self.service_name
+
+
+@attrs.frozen
+class NewPayment:
+    """A validated create request (see CONTRACT.md, create-payment validation)."""
+
+    request_id: str
+    caller_service: str
+    resource_type: str
+    resource_id: str
+    customer_ref: str
+    amount_cents: int
+    currency: str  # upper-case ISO code
+    payment_method: PaymentMethod
+    payment_type: PaymentType
+    provider: ProviderType  # never UNSPECIFIED here: defaulted to STRIPE
+    recurring_interval: str  # "" for ONE_TIME
+    recurring_interval_count: int  # 0 for ONE_TIME
+    status_callback_url: str
+    success_url: str
+    cancel_url: str
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+
+    def fingerprint(self) -> str:
+        """A digest of every parameter: the same request_id with another digest is a conflict."""
+        fields = attrs.asdict(self, recurse=False)
+        fields["metadata"] = dict(sorted(self.metadata.items()))
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=int)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def idempotency_key(self) -> str:
+        """The Stripe idempotency key: derived from (caller_service, request_id), forever."""
+        return idempotency_key(self.caller_service, self.request_id)
+
+
+def idempotency_key(caller_service: str, request_id: str) -> str:
+    digest = hashlib.sha256(f"{caller_service}\x00{request_id}".encode()).hexdigest()
+    return f"payments-{digest[:48]}"
+
+
+@attrs.define
+class Payment:
+    """A payment as stored. ``id`` is 0 until the row is inserted."""
+
+    id: int
+    request_id: str
+    caller_service: str
+    resource_type: str
+    resource_id: str
+    customer_ref: str
+    amount_cents: int
+    currency: str
+    status: PaymentStatus
+    payment_method: PaymentMethod
+    payment_type: PaymentType
+    provider: ProviderType
+    recurring_interval: str
+    recurring_interval_count: int
+    status_callback_url: str
+    success_url: str
+    cancel_url: str
+    provider_callback_hash: str
+    provider_callback_url: str
+    request_fingerprint: str
+    created_at: datetime
+    updated_at: datetime
+    provider_payment_id: str = ""
+    provider_subscription_id: str = ""
+    checkout_url: str = ""
+    refunded_cents: int = 0
+    metadata: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def refundable_cents(self) -> int:
+        return self.amount_cents - self.refunded_cents if self.status == PaymentStatus.PAID else 0
+
+    @property
+    def idempotency_key(self) -> str:
+        return idempotency_key(self.caller_service, self.request_id)
+
+
+class EventKind(enum.StrEnum):
+    """What a payment_events row records."""
+
+    CREATED = "created"  # the row was written (status CREATED)
+    PROVIDER_CREATED = "provider_created"  # the provider object exists (-> PENDING)
+    STATUS_CHANGED = "status_changed"  # a status moved (cancel, event, reconcile, expiry)
+    PROVIDER_EVENT = "provider_event"  # a provider event that moved nothing (recorded)
+
+
+@attrs.frozen
+class PaymentEvent:
+    """One row of a payment's history, written in the same transaction as the change."""
+
+    payment_id: int
+    kind: EventKind
+    from_status: PaymentStatus
+    to_status: PaymentStatus
+    created_at: datetime
+    reason: str = ""
+    provider_event_id: str = ""
+    provider_event_type: str = ""
+    id: int = 0
+
+
+@attrs.frozen
+class ListFilter:
+    """Filters of ListPayments. ``caller_service`` is forced to the caller unless trusted."""
+
+    request_id: str = ""
+    caller_service: str = ""
+    resource_type: str = ""
+    resource_id: str = ""
+    status: PaymentStatus | None = None
+    provider: ProviderType | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 500
+
+
+@attrs.frozen
+class CreatePaymentInput:
+    """A create request as the transport decoded it: types checked, rules not yet.
+
+    Enum fields hold the wire number (an unknown number is refused by validation).
+    ``payments.validation.validate_create`` turns it into a :class:`NewPayment`.
+    """
+
+    request_id: str = ""
+    caller_service: str = ""
+    resource_type: str = ""
+    resource_id: str = ""
+    customer_ref: str = ""
+    amount_cents: int = 0
+    currency: str = ""
+    payment_method: int = 0
+    payment_type: int = 0
+    provider: int = 0
+    recurring_interval: str = ""
+    recurring_interval_count: int = 0
+    status_callback_url: str = ""
+    success_url: str = ""
+    cancel_url: str = ""
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
