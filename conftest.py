@@ -1,0 +1,7 @@
+"""Shared pytest fixtures live in tests/fixtures/, one module per real server we run."""
+
+pytest_plugins = [
+    "tests.fixtures.db",
+    "tests.fixtures.sandbox",
+    "tests.fixtures.auth",
+]
