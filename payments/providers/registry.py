@@ -1,0 +1,53 @@
+"""Which Provider serves which ProviderType. Built once at start, shared by the service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from payments.config import Settings
+from payments.errors import ProviderUnavailable
+from payments.model import ProviderType
+from payments.providers.base import Provider
+
+
+class ProviderRegistry:
+    """Maps a payment's ProviderType to its Provider (UNSPECIFIED means STRIPE)."""
+
+    def __init__(self, providers: Mapping[ProviderType, Provider] | None = None) -> None:
+        self._providers: dict[ProviderType, Provider] = dict(providers or {})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProviderRegistry:
+        """The registry ``serve`` uses: Stripe with the configured key, base and limits."""
+        from payments.providers.stripe import StripeProvider
+
+        return cls(
+            {
+                ProviderType.STRIPE: StripeProvider(
+                    secret_key=settings.stripe_secret_key,
+                    api_base=settings.stripe_api_base,
+                    timeout_seconds=settings.stripe_http_timeout_seconds,
+                    max_network_retries=settings.stripe_max_network_retries,
+                )
+            }
+        )
+
+    def register(self, provider_type: ProviderType, provider: Provider) -> None:
+        self._providers[provider_type] = provider
+
+    def get(self, provider_type: ProviderType) -> Provider:
+        if provider_type == ProviderType.UNSPECIFIED:
+            provider_type = ProviderType.STRIPE
+        try:
+            return self._providers[provider_type]
+        except KeyError:
+            # A deployment without this provider: not the caller's fault.
+            raise ProviderUnavailable("payment provider not configured") from None
+
+    async def aclose(self) -> None:
+        """Close every provider (each once, even if registered under two types)."""
+        seen: set[int] = set()
+        for provider in self._providers.values():
+            if id(provider) not in seen:
+                seen.add(id(provider))
+                await provider.aclose()

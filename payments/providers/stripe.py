@@ -1,0 +1,268 @@
+"""The Stripe provider: hosted Checkout Sessions and Payment Links via the official SDK.
+
+It uses the SDK's async methods (``*_async``) over its HTTPX client, which sleeps and
+does I/O through anyio and so runs on trio. What CONTRACT.md ("Provider (Stripe) facts")
+asks is built here: one line item with inline ``price_data`` for HOSTED_CARD; Product,
+Price and Payment Link for PAYMENT_LINK.
+
+Idempotency: every create carries ``<payment.idempotency_key>:<object>`` as Stripe's
+``Idempotency-Key``. The SDK builds the request headers once, before its retry loop, so
+its own network retries resend the same key; and a retry of the whole create after a
+crash derives the same keys again. Either way Stripe replays the object it made instead
+of making a second one. A Payment Link is three calls; each has its own key, and the
+replayed Product gives the Price the same parameters, so the chain replays as a whole.
+
+Timeouts and retries: ``stripe.HTTPXClient(timeout=...)`` passes the timeout to every
+httpx request (connect, read, write and pool each); ``max_network_retries`` on the
+StripeClient makes the SDK retry connection errors (timeouts included), 409 and 5xx
+answers with exponential backoff (0.5 s doubling, jittered, at most 5 s).
+
+Errors: Stripe refusing the request (invalid request, card, idempotency mismatch) is
+:class:`ProviderRejected` with Stripe's message; anything else is
+:class:`ProviderUnavailable` with a generic message. Stripe's own messages for auth
+failures quote part of the key, so they are never passed on or logged, the SDK
+exception is not chained onto ours, and the SDK's own ``stripe`` logger is held at
+WARNING (unless configured otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import stripe
+
+from payments.errors import ProviderRejected, ProviderUnavailable
+from payments.model import Payment, PaymentMethod, PaymentType
+from payments.providers.base import CheckoutResult
+
+log = logging.getLogger("payments.providers.stripe")
+
+UNAVAILABLE_MESSAGE = "payment provider unavailable"
+_REJECTED = (stripe.InvalidRequestError, stripe.CardError, stripe.IdempotencyError)
+
+
+def with_state(url: str, state: str) -> str:
+    """``url`` with ``state=<state>`` added to its query (kept if it has one)."""
+    parts = urlsplit(url)
+    query = urlencode([*parse_qsl(parts.query, keep_blank_values=True), ("state", state)])
+    return urlunsplit(parts._replace(query=query))
+
+
+def product_name(payment: Payment) -> str:
+    return f"{payment.resource_type}-{payment.resource_id}"
+
+
+def payment_metadata(payment: Payment) -> dict[str, str]:
+    """The caller's metadata plus ``request_id`` and ``callback_hash`` (ours win).
+
+    Sorted, so a retry encodes byte-identical parameters whatever order the metadata
+    came back from storage in (Stripe refuses a reused key with other parameters).
+    """
+    return {
+        **dict(sorted(payment.metadata.items())),
+        "request_id": payment.request_id,
+        "callback_hash": payment.provider_callback_hash,
+    }
+
+
+class StripeProvider:
+    """Provider for ProviderType.STRIPE."""
+
+    def __init__(
+        self,
+        secret_key: str,
+        api_base: str = "https://api.stripe.com",
+        timeout_seconds: float = 10.0,
+        max_network_retries: int = 2,
+    ) -> None:
+        if not secret_key:
+            raise ValueError("StripeProvider needs a secret key")
+        _quiet_sdk_logger()
+        self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        self._client = stripe.StripeClient(
+            secret_key,
+            base_addresses={"api": api_base.rstrip("/")},
+            http_client=self._http,
+            max_network_retries=max_network_retries,
+        )
+        self._api_base = api_base
+        self._timeout = timeout_seconds
+        self._retries = max_network_retries
+
+    def __repr__(self) -> str:  # never the key
+        return (
+            f"StripeProvider(api_base={self._api_base!r}, timeout_seconds={self._timeout}, "
+            f"max_network_retries={self._retries})"
+        )
+
+    # --- create -----------------------------------------------------------------------
+
+    async def create_checkout(self, payment: Payment) -> CheckoutResult:
+        try:
+            if payment.payment_method == PaymentMethod.HOSTED_CARD:
+                return await self._create_session(payment)
+            if payment.payment_method == PaymentMethod.PAYMENT_LINK:
+                return await self._create_payment_link(payment)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "create_checkout", payment)
+        raise ProviderRejected(
+            f"payment method {payment.payment_method.name} is not supported by Stripe"
+        )
+
+    def _price_data(self, payment: Payment) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "currency": payment.currency.lower(),
+            "unit_amount": payment.amount_cents,
+        }
+        if payment.payment_type == PaymentType.RECURRING:
+            data["recurring"] = {
+                "interval": payment.recurring_interval,
+                "interval_count": payment.recurring_interval_count,
+            }
+        return data
+
+    def _follow_up_metadata(self, payment: Payment, metadata: dict[str, str]) -> dict[str, Any]:
+        """The same metadata on the PaymentIntent or Subscription Stripe makes later, so
+        their events (invoice.paid, customer.subscription.deleted) name the payment too."""
+        if payment.payment_type == PaymentType.RECURRING:
+            return {"subscription_data": {"metadata": metadata}}
+        return {"payment_intent_data": {"metadata": metadata}}
+
+    async def _create_session(self, payment: Payment) -> CheckoutResult:
+        metadata = payment_metadata(payment)
+        recurring = payment.payment_type == PaymentType.RECURRING
+        params: dict[str, Any] = {
+            "mode": "subscription" if recurring else "payment",
+            "line_items": [
+                {
+                    "price_data": {
+                        **self._price_data(payment),
+                        "product_data": {"name": product_name(payment)},
+                    },
+                    "quantity": 1,
+                }
+            ],
+            "client_reference_id": payment.request_id,
+            "metadata": metadata,
+            "success_url": payment.success_url
+            or with_state(payment.provider_callback_url, "success"),
+            "cancel_url": payment.cancel_url or with_state(payment.provider_callback_url, "cancel"),
+            **self._follow_up_metadata(payment, metadata),
+        }
+        session = await self._client.v1.checkout.sessions.create_async(
+            params=params,
+            options={"idempotency_key": f"{payment.idempotency_key}:session"},
+        )
+        return CheckoutResult(provider_payment_id=session.id, checkout_url=session.url or "")
+
+    async def _create_payment_link(self, payment: Payment) -> CheckoutResult:
+        key = payment.idempotency_key
+        metadata = payment_metadata(payment)
+        v1 = self._client.v1
+        product = await v1.products.create_async(
+            params={"name": product_name(payment), "metadata": metadata},
+            options={"idempotency_key": f"{key}:product"},
+        )
+        price = await v1.prices.create_async(
+            params={**self._price_data(payment), "product": product.id},
+            options={"idempotency_key": f"{key}:price"},
+        )
+        link = await v1.payment_links.create_async(
+            params={
+                "line_items": [{"price": price.id, "quantity": 1}],
+                "after_completion": {
+                    "type": "redirect",
+                    "redirect": {"url": payment.provider_callback_url},
+                },
+                "metadata": metadata,
+                **self._follow_up_metadata(payment, metadata),
+            },
+            options={"idempotency_key": f"{key}:link"},
+        )
+        return CheckoutResult(provider_payment_id=link.id, checkout_url=link.url)
+
+    # --- cancel -----------------------------------------------------------------------
+
+    async def cancel(self, payment: Payment) -> None:
+        try:
+            if payment.payment_method == PaymentMethod.PAYMENT_LINK:
+                if payment.provider_payment_id:
+                    await self._deactivate_link(payment)
+                if payment.provider_subscription_id:
+                    await self._cancel_subscription(payment.provider_subscription_id)
+            elif payment.provider_subscription_id:
+                # The session completed into a subscription: ending that is the cancel.
+                await self._cancel_subscription(payment.provider_subscription_id)
+            elif payment.provider_payment_id:
+                await self._expire_session(payment)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "cancel", payment)
+
+    async def _expire_session(self, payment: Payment) -> None:
+        sessions = self._client.v1.checkout.sessions
+        try:
+            await sessions.expire_async(
+                payment.provider_payment_id,
+                options={"idempotency_key": f"{payment.idempotency_key}:expire"},
+            )
+        except stripe.InvalidRequestError:
+            # Refused: find out why rather than parse the message.
+            session = await sessions.retrieve_async(payment.provider_payment_id)
+            if session.status == "expired":
+                return  # already closed: that is what cancel wants
+            if session.status == "complete":
+                raise ProviderRejected(
+                    "the checkout session is already complete and can no longer be canceled"
+                ) from None
+            raise
+
+    async def _deactivate_link(self, payment: Payment) -> None:
+        await self._client.v1.payment_links.update_async(
+            payment.provider_payment_id,
+            params={"active": False},
+            options={"idempotency_key": f"{payment.idempotency_key}:deactivate"},
+        )
+
+    async def _cancel_subscription(self, subscription_id: str) -> None:
+        subscriptions = self._client.v1.subscriptions
+        try:
+            await subscriptions.cancel_async(subscription_id)
+        except stripe.InvalidRequestError:
+            # Stripe answers a second cancel "No such subscription": look before failing.
+            subscription = await subscriptions.retrieve_async(subscription_id)
+            if subscription.status == "canceled":
+                return
+            raise
+
+    async def aclose(self) -> None:
+        await self._http.close_async()
+
+
+def _quiet_sdk_logger() -> None:
+    """The SDK logs every request at INFO on the ``stripe`` logger, and its error
+    messages, which for a wrong key end with the key's last characters. Keep that out
+    of the service's logs unless someone chose a level for ``stripe`` on purpose."""
+    sdk_logger = logging.getLogger("stripe")
+    if sdk_logger.level == logging.NOTSET:
+        sdk_logger.setLevel(logging.WARNING)
+
+
+def _raise_mapped(exc: stripe.StripeError, operation: str, payment: Payment) -> NoReturn:
+    """Raise the domain error for a Stripe error, logging what is safe to log."""
+    extra = {
+        "operation": operation,
+        "payment_id": payment.id,
+        "stripe_error": type(exc).__name__,
+        "http_status": exc.http_status,
+        "stripe_code": exc.code,
+        "stripe_request_id": exc.request_id,
+    }
+    if isinstance(exc, _REJECTED):
+        message = exc.user_message or "the payment provider rejected the request"
+        log.info("stripe rejected the request: %s", message, extra=extra)
+        raise ProviderRejected(message) from None
+    # No message here: for auth errors Stripe's quotes part of the key.
+    log.warning("stripe unavailable", extra=extra)
+    raise ProviderUnavailable(UNAVAILABLE_MESSAGE) from None

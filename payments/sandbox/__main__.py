@@ -1,0 +1,66 @@
+"""Run the Stripe emulator as a process: ``python -m payments.sandbox --port N --secret-key K``.
+
+Prints ``payments-sandbox listening on <url>`` (flushed) once it accepts connections, so
+a parent process can wait for that line (``--port 0`` picks a free port and the line
+tells which). Stops cleanly on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from payments.sandbox.server import DEFAULT_SECRET_KEY, Sandbox, serve_sandbox
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m payments.sandbox", description="Stripe API emulator (test mode only)."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=12111, help="port (12111; 0 picks one)")
+    parser.add_argument(
+        "--secret-key",
+        default=os.environ.get("STRIPE_SECRET_KEY") or DEFAULT_SECRET_KEY,
+        help="the secret key clients must send (default: $STRIPE_SECRET_KEY or "
+        f"{DEFAULT_SECRET_KEY})",
+    )
+    parser.add_argument("--public-url", default=None, help="base URL put in objects' url fields")
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    async with trio.open_nursery() as nursery:
+        sandbox: Sandbox = await nursery.start(
+            lambda task_status: serve_sandbox(
+                args.host,
+                args.port,
+                secret_key=args.secret_key,
+                public_url=args.public_url,
+                task_status=task_status,
+            )
+        )
+        print(f"payments-sandbox listening on {sandbox.url}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        trio.run(_run, args)
+    except OSError as exc:
+        print(f"payments-sandbox: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

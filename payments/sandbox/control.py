@@ -1,0 +1,127 @@
+"""The emulator's own control API, for tests that run it as a separate process (e2e).
+
+In-process tests use ``sandbox.state`` directly; a process started with
+``python -m payments.sandbox`` is driven over HTTP instead, under ``/_sandbox/``
+(JSON in and out, the same secret key as Bearer auth; ``/_sandbox/health`` is open).
+These requests are neither logged nor subject to faults.
+
+    GET    /_sandbox/health                                   {"status": "ok"}
+    GET    /_sandbox/objects                                  every object, by kind
+    GET    /_sandbox/requests                                 the request log
+    GET    /_sandbox/events                                   recorded events
+    POST   /_sandbox/checkout/sessions/{id}/{complete|fail|expire|succeed}
+    POST   /_sandbox/payment_links/{id}/{open|pay}            a session for the link
+    POST   /_sandbox/subscriptions/{id}/cancel
+    POST   /_sandbox/faults     {"kind": "delay|error|drop", "path": "/v1/", "method": null,
+                                 "times": 1, "seconds": 0, "after": false, "status": 500}
+    DELETE /_sandbox/faults                                   clear faults
+    POST   /_sandbox/reset                                    forget everything
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from payments.sandbox.api import ApiRequest, ApiResponse
+from payments.sandbox.state import Fault, FaultKind, SessionStateError, StripeState
+
+_SESSION_ACTIONS: dict[str, Callable[[StripeState, str], dict[str, Any]]] = {
+    "complete": lambda s, i: s.complete_session(i),
+    "fail": lambda s, i: s.fail_session(i),
+    "expire": lambda s, i: s.expire_session(i),
+    "succeed": lambda s, i: s.succeed_async_payment(i),
+}
+_LINK_ACTIONS: dict[str, Callable[[StripeState, str], dict[str, Any]]] = {
+    "open": lambda s, i: s.open_payment_link(i),
+    "pay": lambda s, i: s.pay_payment_link(i),
+}
+
+
+def _answer(status: int, body: Any) -> ApiResponse:
+    return ApiResponse(
+        status,
+        json.dumps(body, separators=(",", ":"), default=str).encode(),
+        (("content-type", "application/json"),),
+    )
+
+
+def _error(status: int, message: str) -> ApiResponse:
+    return _answer(status, {"error": {"type": "invalid_request_error", "message": message}})
+
+
+class ControlApi:
+    """Drive and inspect a :class:`StripeState` over HTTP."""
+
+    PREFIX = "/_sandbox/"
+
+    def __init__(self, state: StripeState) -> None:
+        self.state = state
+
+    def handle(self, request: ApiRequest) -> ApiResponse:
+        method = request.method.upper()
+        parts = request.target.partition("?")[0][len(self.PREFIX) :].strip("/").split("/")
+        if parts == ["health"]:
+            return _answer(200, {"status": "ok"})
+        auth = request.headers.get("authorization", "")
+        if not hmac.compare_digest(auth.encode(), f"Bearer {self.state.secret_key}".encode()):
+            return _error(401, "the sandbox control API needs the secret key as Bearer auth")
+        try:
+            return self._route(method, parts, request.body)
+        except (KeyError, SessionStateError) as exc:
+            return _error(404 if isinstance(exc, KeyError) else 400, str(exc).strip("'\""))
+        except (ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+
+    def _route(self, method: str, parts: list[str], body: bytes) -> ApiResponse:
+        state = self.state
+        match (method, parts):
+            case ("GET", ["objects"]):
+                return _answer(
+                    200,
+                    {
+                        "products": state.products,
+                        "prices": state.prices,
+                        "payment_links": state.payment_links,
+                        "checkout_sessions": state.sessions,
+                        "subscriptions": state.subscriptions,
+                        "customers": state.customers,
+                    },
+                )
+            case ("GET", ["requests"]):
+                return _answer(200, {"data": [attrs.asdict(r) for r in state.requests]})
+            case ("GET", ["events"]):
+                return _answer(200, {"data": state.events})
+            case ("POST", ["checkout", "sessions", session_id, action]) if (
+                action in _SESSION_ACTIONS
+            ):
+                return _answer(200, _SESSION_ACTIONS[action](state, session_id))
+            case ("POST", ["payment_links", link_id, action]) if action in _LINK_ACTIONS:
+                return _answer(200, _LINK_ACTIONS[action](state, link_id))
+            case ("POST", ["subscriptions", subscription_id, "cancel"]):
+                return _answer(200, state.cancel_subscription(subscription_id))
+            case ("POST", ["faults"]):
+                spec = json.loads(body or b"{}")
+                fault = state.faults.add(
+                    Fault(
+                        kind=FaultKind(spec.get("kind", "")),
+                        path_prefix=spec.get("path", "/v1/"),
+                        method=spec.get("method"),
+                        remaining=spec.get("times", 1),
+                        seconds=float(spec.get("seconds", 0)),
+                        after=bool(spec.get("after", False)),
+                        status=int(spec.get("status", 500)),
+                    )
+                )
+                return _answer(200, attrs.asdict(fault))
+            case ("DELETE", ["faults"]):
+                state.faults.clear()
+                return _answer(200, {"cleared": True})
+            case ("POST", ["reset"]):
+                state.reset()
+                return _answer(200, {"reset": True})
+        return _error(404, f"unknown sandbox control route {method} /{'/'.join(parts)}")

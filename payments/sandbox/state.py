@@ -1,0 +1,586 @@
+"""The emulator's world: Stripe objects, the request log, counters, events and faults.
+
+Everything here is plain, synchronous Python so a test can read or drive it in-process
+(``sandbox.state``) between requests without races: trio runs one task at a time and
+nothing here awaits. Objects are kept as the JSON dicts the API answers with, so what a
+test inspects is exactly what the SDK received.
+
+State changes that Stripe announces with an event (a session completed or expired, a
+subscription created or deleted) go through :meth:`StripeState.emit`, which records the
+event and calls the listeners. Webhook delivery plugs in there later as one listener.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import enum
+import secrets
+import string
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+API_VERSION = "2026-10-28.endive"
+SESSION_LIFETIME_SECONDS = 24 * 3600
+
+_ALPHABET = string.ascii_letters + string.digits
+
+# Currencies Stripe presents (lower-case ISO 4217).
+_CURRENCY_CODES = """
+    usd aed afn all amd ang aoa ars aud awg azn bam bbd bdt bgn bhd bif bmd bnd bob brl
+    bsd bwp byn bzd cad cdf chf clp cny cop crc cve czk djf dkk dop dzd egp etb eur fjd fkp
+    gbp gel gip gmd gnf gtq gyd hkd hnl htg huf idr ils inr isk jmd jod jpy kes kgs khr kmf
+    krw kwd kyd kzt lak lbp lkr lrd lsl mad mdl mga mkd mmk mnt mop mur mvr mwk mxn myr mzn
+    nad ngn nio nok npr nzd omr pab pen pgk php pkr pln pyg qar ron rsd rub rwf sar sbd scr
+    sek sgd shp sle sos srd std szl thb tjs tnd top try ttd twd tzs uah ugx uyu uzs vnd vuv
+    wst xaf xcd xof xpf yer zar zmw
+"""
+CURRENCIES = frozenset(_CURRENCY_CODES.split())
+_ZERO_DECIMAL_CODES = "bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf"
+ZERO_DECIMAL = frozenset(_ZERO_DECIMAL_CODES.split())
+# Smallest amount a one-time payment may charge, in minor units (Stripe's table).
+MINIMUM_CHARGE = {
+    "usd": 50, "aed": 200, "aud": 50, "bgn": 100, "brl": 50, "cad": 50, "chf": 50,
+    "czk": 1500, "dkk": 250, "eur": 50, "gbp": 30, "hkd": 400, "huf": 17500, "inr": 50,
+    "jpy": 50, "mxn": 1000, "myr": 200, "nok": 300, "nzd": 50, "pln": 200, "ron": 200,
+    "sek": 300, "sgd": 50, "thb": 1000,
+}  # fmt: skip
+
+
+def new_id(prefix: str, length: int = 24) -> str:
+    """A Stripe-looking id: ``prefix`` + random base62."""
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+class FaultKind(enum.StrEnum):
+    DELAY = "delay"  # sleep before (or after) handling
+    ERROR = "error"  # answer an error status instead of handling
+    DROP = "drop"  # close the connection without answering
+
+
+@attrs.define
+class Fault:
+    """One injected fault. ``remaining`` None means until cleared."""
+
+    kind: FaultKind
+    path_prefix: str = "/v1/"
+    method: str | None = None
+    remaining: int | None = 1
+    seconds: float = 0.0
+    after: bool = False  # DELAY: handle first, then hold the answer back
+    status: int = 500
+    error_type: str | None = None
+    message: str | None = None
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.remaining is not None and self.remaining <= 0:
+            return False
+        if self.method is not None and self.method.upper() != method:
+            return False
+        return path.startswith(self.path_prefix)
+
+
+class Faults:
+    """Faults a test sets for the next requests: each matching request consumes one use.
+
+    ``times=None`` keeps a fault until :meth:`clear` (or :meth:`remove`). Several faults
+    may hit one request: delays add up, then a drop wins over an error.
+    """
+
+    def __init__(self) -> None:
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> Fault:
+        self._faults.append(fault)
+        return fault
+
+    def delay(
+        self,
+        seconds: float,
+        *,
+        path: str = "/v1/",
+        method: str | None = None,
+        times: int | None = 1,
+        after: bool = False,
+    ) -> Fault:
+        """Hold matching requests ``seconds`` before handling them (``after``: handle
+        first, so the object exists, then hold the answer: a lost response)."""
+        return self.add(Fault(FaultKind.DELAY, path, method, times, seconds=seconds, after=after))
+
+    def fail(
+        self,
+        status: int = 500,
+        *,
+        path: str = "/v1/",
+        method: str | None = None,
+        times: int | None = 1,
+        error_type: str | None = None,
+        message: str | None = None,
+    ) -> Fault:
+        """Answer matching requests with a Stripe-shaped error of ``status`` unhandled."""
+        return self.add(
+            Fault(
+                FaultKind.ERROR,
+                path,
+                method,
+                times,
+                status=status,
+                error_type=error_type,
+                message=message,
+            )
+        )
+
+    def drop(
+        self, *, path: str = "/v1/", method: str | None = None, times: int | None = 1
+    ) -> Fault:
+        """Close the connection of matching requests without an answer (unhandled)."""
+        return self.add(Fault(FaultKind.DROP, path, method, times))
+
+    def remove(self, fault: Fault) -> None:
+        if fault in self._faults:
+            self._faults.remove(fault)
+
+    def clear(self) -> None:
+        self._faults.clear()
+
+    @property
+    def active(self) -> list[Fault]:
+        return [f for f in self._faults if f.remaining is None or f.remaining > 0]
+
+    def take(self, method: str, path: str) -> list[Fault]:
+        """The faults that hit this request, each use consumed."""
+        hit = [f for f in self._faults if f.matches(method, path)]
+        for fault in hit:
+            fault.hits += 1
+            if fault.remaining is not None:
+                fault.remaining -= 1
+        self._faults = [f for f in self._faults if f.remaining is None or f.remaining > 0]
+        return hit
+
+
+@attrs.define
+class RequestRecord:
+    """One request as the emulator saw it. ``status`` stays None for a dropped one."""
+
+    method: str
+    path: str
+    endpoint: str  # route template, e.g. "POST /v1/checkout/sessions/{id}/expire"
+    params: dict[str, Any]
+    idempotency_key: str | None
+    at: float
+    status: int | None = None
+    replayed: bool = False
+    fault: str = ""
+    request_id: str = ""
+
+
+class SessionStateError(ValueError):
+    """A helper was asked for a move the session's status does not allow."""
+
+
+class StripeState:
+    """Objects, log and knobs of one emulated Stripe account."""
+
+    def __init__(
+        self,
+        secret_key: str,
+        *,
+        base_url: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.secret_key = secret_key
+        self.base_url = base_url.rstrip("/")
+        self.clock = clock
+        self.faults = Faults()
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every object, request, event and fault (keeps key, URL and listeners)."""
+        self.products: dict[str, dict[str, Any]] = {}
+        self.prices: dict[str, dict[str, Any]] = {}
+        self.payment_links: dict[str, dict[str, Any]] = {}
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.customers: dict[str, dict[str, Any]] = {}
+        # line items are not part of the session / link JSON (Stripe needs an expand)
+        self.line_items: dict[str, list[dict[str, Any]]] = {}
+        # extra create params kept for later objects (subscription_data of a session/link)
+        self.create_params: dict[str, dict[str, Any]] = {}
+        self.requests: list[RequestRecord] = []
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.events: list[dict[str, Any]] = []
+        self.idempotency: dict[tuple[str, str], Any] = {}
+        self.faults.clear()
+
+    # --- inspection -----------------------------------------------------------------
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def requests_to(self, endpoint: str) -> list[RequestRecord]:
+        """Requests to one route, e.g. ``"POST /v1/checkout/sessions"``."""
+        return [r for r in self.requests if r.endpoint == endpoint]
+
+    def count(self, endpoint: str) -> int:
+        """How many requests reached ``endpoint`` (faulted ones included)."""
+        return self.calls[endpoint]
+
+    def events_of(self, type_: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == type_]
+
+    def sessions_for_link(self, link_id: str) -> list[dict[str, Any]]:
+        return [s for s in self.sessions.values() if s["payment_link"] == link_id]
+
+    # --- events ---------------------------------------------------------------------
+
+    def emit(self, type_: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Record a Stripe event holding a snapshot of ``obj`` and tell the listeners."""
+        event = {
+            "id": new_id("evt_"),
+            "object": "event",
+            "api_version": API_VERSION,
+            "created": self.now(),
+            "data": {"object": copy.deepcopy(obj)},
+            "livemode": False,
+            "pending_webhooks": len(self.listeners),
+            "request": {"id": None, "idempotency_key": None},
+            "type": type_,
+        }
+        self.events.append(event)
+        for listener in list(self.listeners):
+            listener(event)
+        return event
+
+    # --- object construction (used by the API and by the helpers) -------------------
+
+    def create_product(self, params: dict[str, Any]) -> dict[str, Any]:
+        now = self.now()
+        product = {
+            "id": new_id("prod_", 14),
+            "object": "product",
+            "active": params.get("active", True),
+            "created": now,
+            "default_price": None,
+            "description": params.get("description"),
+            "images": [],
+            "livemode": False,
+            "marketing_features": [],
+            "metadata": params.get("metadata", {}),
+            "name": params["name"],
+            "package_dimensions": None,
+            "shippable": None,
+            "statement_descriptor": None,
+            "tax_code": None,
+            "type": "service",
+            "unit_label": None,
+            "updated": now,
+            "url": None,
+        }
+        return product
+
+    def create_price(self, params: dict[str, Any], product_id: str) -> dict[str, Any]:
+        recurring = params.get("recurring")
+        unit_amount = params["unit_amount"]
+        return {
+            "id": new_id("price_"),
+            "object": "price",
+            "active": params.get("active", True),
+            "billing_scheme": "per_unit",
+            "created": self.now(),
+            "currency": params["currency"].lower(),
+            "custom_unit_amount": None,
+            "livemode": False,
+            "lookup_key": params.get("lookup_key"),
+            "metadata": params.get("metadata", {}),
+            "nickname": params.get("nickname"),
+            "product": product_id,
+            "recurring": None
+            if recurring is None
+            else {
+                "interval": recurring["interval"],
+                "interval_count": recurring.get("interval_count", 1),
+                "meter": None,
+                "trial_period_days": None,
+                "usage_type": recurring.get("usage_type", "licensed"),
+            },
+            "tax_behavior": params.get("tax_behavior", "unspecified"),
+            "tiers_mode": None,
+            "transform_quantity": None,
+            "type": "one_time" if recurring is None else "recurring",
+            "unit_amount": unit_amount,
+            "unit_amount_decimal": str(unit_amount),
+        }
+
+    def line_item(self, price: dict[str, Any], quantity: int, description: str) -> dict[str, Any]:
+        amount = (price["unit_amount"] or 0) * quantity
+        return {
+            "id": new_id("li_"),
+            "object": "item",
+            "amount_discount": 0,
+            "amount_subtotal": amount,
+            "amount_tax": 0,
+            "amount_total": amount,
+            "currency": price["currency"],
+            "description": description,
+            "price": price,
+            "quantity": quantity,
+        }
+
+    def create_session(
+        self,
+        params: dict[str, Any],
+        items: list[dict[str, Any]],
+        *,
+        payment_link: str | None = None,
+    ) -> dict[str, Any]:
+        """A new open Checkout Session over already built line items."""
+        now = self.now()
+        session_id = new_id("cs_test_", 58)
+        total = sum(item["amount_total"] for item in items)
+        currency = items[0]["currency"] if items else params.get("currency")
+        session = {
+            "id": session_id,
+            "object": "checkout.session",
+            "after_expiration": None,
+            "allow_promotion_codes": params.get("allow_promotion_codes"),
+            "amount_subtotal": total,
+            "amount_total": total,
+            "billing_address_collection": None,
+            "cancel_url": params.get("cancel_url"),
+            "client_reference_id": params.get("client_reference_id"),
+            "created": now,
+            "currency": currency,
+            "customer": params.get("customer"),
+            "customer_creation": "if_required" if params["mode"] == "payment" else "always",
+            "customer_details": None,
+            "customer_email": params.get("customer_email"),
+            "expires_at": params.get("expires_at") or now + SESSION_LIFETIME_SECONDS,
+            "invoice": None,
+            "livemode": False,
+            "locale": params.get("locale"),
+            "metadata": params.get("metadata", {}),
+            "mode": params["mode"],
+            "payment_intent": None,
+            "payment_link": payment_link,
+            "payment_method_types": params.get("payment_method_types", ["card"]),
+            "payment_status": "unpaid",
+            "status": "open",
+            "subscription": None,
+            "success_url": params.get("success_url"),
+            "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+            "ui_mode": "hosted",
+            "url": f"{self.base_url}/pay/{session_id}",
+        }
+        self.sessions[session_id] = session
+        self.line_items[session_id] = items
+        self.create_params[session_id] = params
+        return session
+
+    def create_payment_link(
+        self, params: dict[str, Any], items: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        link_id = new_id("plink_")
+        after = params.get("after_completion") or {"type": "hosted_confirmation"}
+        link = {
+            "id": link_id,
+            "object": "payment_link",
+            "active": params.get("active", True),
+            "after_completion": {
+                "type": after["type"],
+                "redirect": after.get("redirect") if after["type"] == "redirect" else None,
+                "hosted_confirmation": after.get("hosted_confirmation", {"custom_message": None})
+                if after["type"] == "hosted_confirmation"
+                else None,
+            },
+            "allow_promotion_codes": params.get("allow_promotion_codes", False),
+            "billing_address_collection": "auto",
+            "currency": items[0]["currency"],
+            "livemode": False,
+            "metadata": params.get("metadata", {}),
+            "payment_method_types": None,
+            "url": f"{self.base_url}/pay/{link_id}",
+        }
+        self.payment_links[link_id] = link
+        self.line_items[link_id] = items
+        self.create_params[link_id] = params
+        return link
+
+    # --- helpers a test (or the later checkout page) uses to move things on ---------
+
+    def _session(self, session_id: str) -> dict[str, Any]:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"no such checkout session: {session_id}") from None
+
+    def complete_session(self, session_id: str, *, payment_status: str = "paid") -> dict[str, Any]:
+        """The customer paid: status complete (a subscription is started in that mode).
+
+        ``payment_status="unpaid"`` models a delayed method (the money comes later:
+        follow with :meth:`succeed_async_payment` or :meth:`fail_session`).
+        """
+        session = self._session(session_id)
+        if session["status"] != "open":
+            raise SessionStateError(f"session {session_id} is {session['status']}, not open")
+        if session["amount_total"] == 0 and payment_status == "paid":
+            payment_status = "no_payment_required"
+        customer = self._customer_for(session)
+        session.update(
+            status="complete",
+            payment_status=payment_status,
+            customer=customer["id"],
+            customer_details={"email": customer["email"], "name": None},
+            url=None,
+        )
+        if session["mode"] == "payment":
+            session["payment_intent"] = new_id("pi_")
+        if session["mode"] == "subscription":
+            subscription = self._start_subscription(session, customer["id"])
+            session["subscription"] = subscription["id"]
+            session["invoice"] = subscription["latest_invoice"]
+        self.emit("checkout.session.completed", session)
+        if session["mode"] == "subscription":
+            self.emit("customer.subscription.created", self.subscriptions[session["subscription"]])
+        return session
+
+    def succeed_async_payment(self, session_id: str) -> dict[str, Any]:
+        """A delayed payment of a completed session arrived."""
+        session = self._session(session_id)
+        if session["status"] != "complete" or session["payment_status"] != "unpaid":
+            raise SessionStateError(f"session {session_id} has no payment pending")
+        session["payment_status"] = "paid"
+        self.emit("checkout.session.async_payment_succeeded", session)
+        return session
+
+    def fail_session(self, session_id: str) -> dict[str, Any]:
+        """The payment failed: an open session is completed unpaid (a delayed method),
+        then its payment fails, as Stripe reports it."""
+        session = self._session(session_id)
+        if session["status"] == "open":
+            self.complete_session(session_id, payment_status="unpaid")
+        elif session["status"] != "complete" or session["payment_status"] != "unpaid":
+            raise SessionStateError(f"session {session_id} has no payment pending")
+        self.emit("checkout.session.async_payment_failed", session)
+        return session
+
+    def expire_session(self, session_id: str) -> dict[str, Any]:
+        """The session expired (as after ``expires_at``, or the expire endpoint)."""
+        session = self._session(session_id)
+        if session["status"] != "open":
+            raise SessionStateError(f"session {session_id} is {session['status']}, not open")
+        session.update(status="expired", url=None)
+        self.emit("checkout.session.expired", session)
+        return session
+
+    def expire_due_sessions(self) -> list[dict[str, Any]]:
+        """Expire every open session whose ``expires_at`` has passed on ``clock``."""
+        now = self.now()
+        due = [
+            s["id"]
+            for s in self.sessions.values()
+            if s["status"] == "open" and s["expires_at"] <= now
+        ]
+        return [self.expire_session(session_id) for session_id in due]
+
+    def open_payment_link(self, link_id: str) -> dict[str, Any]:
+        """A customer opened the link: a new open session for it, as Stripe makes one."""
+        link = self.payment_links[link_id]
+        if not link["active"]:
+            raise SessionStateError(f"payment link {link_id} is not active")
+        items = [
+            self.line_item(item["price"], item["quantity"], item["description"])
+            for item in self.line_items[link_id]
+        ]
+        recurring = any(item["price"]["type"] == "recurring" for item in items)
+        link_params = self.create_params.get(link_id, {})
+        params: dict[str, Any] = {
+            "mode": "subscription" if recurring else "payment",
+            "subscription_data": link_params.get("subscription_data", {}),
+            "payment_intent_data": link_params.get("payment_intent_data", {}),
+        }
+        after = link["after_completion"]
+        if after["type"] == "redirect":
+            params["success_url"] = after["redirect"]["url"]
+        return self.create_session(params, items, payment_link=link_id)
+
+    def pay_payment_link(self, link_id: str, *, payment_status: str = "paid") -> dict[str, Any]:
+        """A customer paid through the link: a completed session for it."""
+        session = self.open_payment_link(link_id)
+        return self.complete_session(session["id"], payment_status=payment_status)
+
+    def cancel_subscription(self, subscription_id: str) -> dict[str, Any]:
+        subscription = self.subscriptions[subscription_id]
+        if subscription["status"] == "canceled":
+            raise SessionStateError(f"subscription {subscription_id} is already canceled")
+        now = self.now()
+        subscription.update(status="canceled", canceled_at=now, ended_at=now)
+        self.emit("customer.subscription.deleted", subscription)
+        return subscription
+
+    def _customer_for(self, session: dict[str, Any]) -> dict[str, Any]:
+        if session["customer"] and session["customer"] in self.customers:
+            return self.customers[session["customer"]]
+        customer = {
+            "id": new_id("cus_", 14),
+            "object": "customer",
+            "created": self.now(),
+            "email": session["customer_email"] or "customer@example.com",
+            "livemode": False,
+            "metadata": {},
+        }
+        self.customers[customer["id"]] = customer
+        return customer
+
+    def _start_subscription(self, session: dict[str, Any], customer_id: str) -> dict[str, Any]:
+        now = self.now()
+        sub_id = new_id("sub_")
+        items = [
+            {
+                "id": new_id("si_", 14),
+                "object": "subscription_item",
+                "created": now,
+                "metadata": {},
+                "price": item["price"],
+                "quantity": item["quantity"],
+                "subscription": sub_id,
+            }
+            for item in self.line_items[session["id"]]
+            if item["price"]["type"] == "recurring"
+        ]
+        recurring = items[0]["price"]["recurring"]
+        period = {"day": 86400, "week": 7 * 86400, "month": 30 * 86400, "year": 365 * 86400}
+        period_end = now + period[recurring["interval"]] * recurring["interval_count"]
+        for item in items:
+            item.update(current_period_start=now, current_period_end=period_end)
+        data = self.create_params.get(session["id"], {}).get("subscription_data", {})
+        subscription = {
+            "id": sub_id,
+            "object": "subscription",
+            "cancel_at": None,
+            "cancel_at_period_end": False,
+            "canceled_at": None,
+            "collection_method": "charge_automatically",
+            "created": now,
+            "currency": session["currency"],
+            "customer": customer_id,
+            "description": data.get("description"),
+            "ended_at": None,
+            "items": {
+                "object": "list",
+                "data": items,
+                "has_more": False,
+                "url": f"/v1/subscription_items?subscription={sub_id}",
+            },
+            "latest_invoice": new_id("in_"),
+            "livemode": False,
+            "metadata": data.get("metadata", {}),
+            "start_date": now,
+            "status": "active" if session["payment_status"] != "unpaid" else "incomplete",
+        }
+        self.subscriptions[sub_id] = subscription
+        return subscription
