@@ -38,56 +38,104 @@ class MysqlDsn:
         return f"mysql://{self.user}:***@{where}/{self.database}"
 
 
-_GO_DSN = re.compile(
-    r"^(?:(?P<user>[^:@/]*)(?::(?P<password>[^@]*))?@)?"
-    r"(?:(?P<net>tcp|unix)\((?P<addr>[^)]*)\))?"
-    r"/(?P<db>[^?]*)(?:\?(?P<params>.*))?$"
-)
+_GO_NETS = ("tcp", "tcp4", "tcp6", "unix")
+_DEFAULT_SOCKET = "/tmp/mysql.sock"  # noqa: S108  (Go driver's default for unix)
+
+
+def _split_host_port(addr: str, name: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port); v6 unbracketed."""
+    if addr.startswith("["):
+        host, bracket, rest = addr[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{name}: bad address {addr!r}")
+        port_text = rest[1:]
+    elif addr.count(":") == 1:
+        host, _, port_text = addr.partition(":")
+    else:  # a bare name, or a bare IPv6 address
+        host, port_text = addr, ""
+    if not port_text:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{name}: bad port {port_text!r}")
+    return host, int(port_text)
+
+
+def _parse_go_dsn(dsn: str, name: str) -> MysqlDsn:
+    """Go's ``[user[:password]@][net[(addr)]]/dbname[?params]``, split as the Go driver
+    does: at the last ``/``, then the last ``@`` before it, then the first ``:``, so a
+    password may hold ``@``, ``:`` or ``/`` unescaped (the Go form never url-decodes)."""
+    slash = dsn.rfind("/")
+    if slash < 0:
+        raise ConfigError(
+            f"{name}: not a DSN; expected user:pass@tcp(host:port)/db or "
+            "mysql://user:pass@host:port/db"
+        )
+    left, right = dsn[:slash], dsn[slash + 1 :]
+    credentials, at, location = left.rpartition("@")
+    if not at:
+        credentials, location = "", left
+    user, _, password = credentials.partition(":")
+    net, paren, addr = location.partition("(")
+    if paren:
+        if not addr.endswith(")") or ")" in addr[:-1]:
+            raise ConfigError(f"{name}: bad address in DSN; expected net(address)")
+        addr = addr[:-1]
+    net = net or "tcp"
+    if net not in _GO_NETS:
+        # Not repeated: without an "@" this part may be "user:password".
+        raise ConfigError(f"{name}: unknown network in DSN; expected tcp(host:port) or unix(path)")
+    database = right.partition("?")[0]
+    if net == "unix":
+        return MysqlDsn(
+            host="127.0.0.1",
+            port=3306,
+            user=user or "root",
+            password=password,
+            database=database,
+            unix_socket=addr or _DEFAULT_SOCKET,
+        )
+    host, port = _split_host_port(addr, name, 3306) if addr else ("127.0.0.1", 3306)
+    return MysqlDsn(
+        host=host or "127.0.0.1",
+        port=port,
+        user=user or "root",
+        password=password,
+        database=database,
+    )
 
 
 def parse_mysql_dsn(dsn: str, name: str = "MYSQL_DSN") -> MysqlDsn:
     """Parse both forms: Go's ``user:pass@tcp(host:port)/db?parseTime=true`` and
-    ``mysql://user:pass@host:port/db``. Query parameters are accepted and ignored
-    (the pool always uses utf8mb4 and UTC)."""
+    ``mysql://user:pass@host:port/db`` (user, password and database url-encoded).
+    Query parameters other than ``unix_socket`` are accepted and ignored (the pool
+    always uses utf8mb4 and UTC). Errors never repeat the DSN: it holds a password."""
     dsn = dsn.strip()
-    if dsn.startswith(("mysql://", "mariadb://")):
+    if not dsn.startswith(("mysql://", "mariadb://")):
+        return _parse_go_dsn(dsn, name)
+    try:
         url = urlsplit(dsn)
-        try:
-            port = url.port or 3306
-        except ValueError as exc:
-            raise ConfigError(f"{name}: bad port in DSN") from exc
-        socket = parse_qs(url.query).get("unix_socket", [""])[0]
-        return MysqlDsn(
-            host=url.hostname or "127.0.0.1",
-            port=port,
-            user=unquote(url.username or "root"),
-            password=unquote(url.password or ""),
-            database=url.path.lstrip("/"),
-            unix_socket=socket,
-        )
-    match = _GO_DSN.match(dsn)
-    if not match:
-        raise ConfigError(
-            f"{name}: not a DSN; expected user:pass@tcp(host:port)/db or mysql://user:pass@host:port/db"
-        )
-    host, port, socket = "127.0.0.1", 3306, ""
-    addr = match["addr"] or ""
-    if match["net"] == "unix":
-        socket = addr
-    elif addr:
-        host, _, port_text = addr.rpartition(":") if ":" in addr else (addr, "", "")
-        if port_text:
-            if not port_text.isdigit():
-                raise ConfigError(f"{name}: bad port {port_text!r} in DSN")
-            port = int(port_text)
+        port = url.port or 3306
+    except ValueError:
+        raise ConfigError(f"{name}: bad host or port in DSN URL") from None
+    socket = parse_qs(url.query).get("unix_socket", [""])[0]
     return MysqlDsn(
-        host=host or "127.0.0.1",
+        host=url.hostname or "127.0.0.1",
         port=port,
-        user=match["user"] or "root",
-        password=match["password"] or "",
-        database=match["db"],
+        user=unquote(url.username or "") or "root",
+        password=unquote(url.password or ""),
+        database=unquote(url.path.lstrip("/")),
         unix_socket=socket,
     )
+
+
+def parse_host_port(value: str, name: str = "AUTH_SERVICE_GRPC_ADDR") -> tuple[str, int]:
+    """A gRPC target as the Go service took it: ``host:port``, ``[v6]:port``, optionally
+    behind ``dns:///``. The port is required (grpc-go would silently pick 443)."""
+    target = value.strip().removeprefix("dns:///")
+    host, port = _split_host_port(target, name, 0)
+    if not host or not port:
+        raise ConfigError(f"{name}: {value!r} is not host:port")
+    return host, port
 
 
 @attrs.frozen
@@ -144,16 +192,20 @@ class Settings:
         return missing
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def _str(value: str, name: str) -> str:
     return value.strip()
 
 
 def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
     def parse(value: str, name: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise ConfigError(f"{name}: {value!r} is not an integer") from None
+        text = value.strip()
+        # Plain ASCII digits only: Python's int() would also take "1_000" or "١٢".
+        if not _INTEGER.fullmatch(text):
+            raise ConfigError(f"{name}: {value!r} is not an integer")
+        number = int(text)
         if number < minimum or (maximum is not None and number > maximum):
             upper = f" and <= {maximum}" if maximum is not None else ""
             raise ConfigError(f"{name}: {number} must be >= {minimum}{upper}")
@@ -188,10 +240,19 @@ def _log_level(value: str, name: str) -> str:
 
 def _url(value: str, name: str) -> str:
     url = value.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not an http(s) URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name}: {value!r} is not an http(s) URL")
     return url
+
+
+def _grpc_addr(value: str, name: str) -> str:
+    parse_host_port(value, name)
+    return value.strip()
 
 
 def _dsn(value: str, name: str) -> MysqlDsn | None:
@@ -202,7 +263,7 @@ def _dsn(value: str, name: str) -> MysqlDsn | None:
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "APP_SERVICE_NAME": ("app_service_name", _str),
     "APP_API_KEY": ("app_api_key", _str),
-    "AUTH_SERVICE_GRPC_ADDR": ("auth_service_grpc_addr", _str),
+    "AUTH_SERVICE_GRPC_ADDR": ("auth_service_grpc_addr", _grpc_addr),
     "HTTP_HOST": ("http_host", _str),
     "HTTP_PORT": ("http_port", _int(0, 65535)),
     "GRPC_HOST": ("grpc_host", _str),

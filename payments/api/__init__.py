@@ -1,0 +1,1 @@
+"""Transports: HTTP (quart-trio) and gRPC (purerpc), the Auth client and the wire mapping."""

@@ -1,0 +1,109 @@
+"""Serve purerpc services on one host and port, on trio.
+
+purerpc's own ``Server.serve_async`` listens on every interface with ``SO_REUSEPORT``
+and never closes accepted sockets (a stopped server's clients only see EOF when the
+garbage collector runs). This binds exactly the host asked for, without
+``SO_REUSEPORT`` (a second process on the same port is an error, not a silent
+load-balancer), and closes each connection when its handler ends, so clients notice
+a stop or restart at once. The Auth test server and the service's gRPC server share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import anyio
+import anyio.abc
+import attrs
+import purerpc  # payments/__init__.py has applied the h2 alias by now
+import trio
+from purerpc.grpc_proto import GRPCProtoSocket
+from purerpc.server import ConnectionHandler
+
+log = logging.getLogger("payments.api.grpc_server")
+
+
+def quiet_header_logging() -> None:
+    """Keep hpack's DEBUG lines out of the log whatever LOG_LEVEL says: hpack logs every
+    header it encodes or decodes, value included, so ``x-api-key`` (ours and callers')
+    would reach the log verbatim. Called on import by the modules that speak HTTP/2."""
+    hpack_log = logging.getLogger("hpack")
+    if hpack_log.level < logging.INFO:  # NOTSET (0) would follow the root down to DEBUG
+        hpack_log.setLevel(logging.INFO)
+
+
+quiet_header_logging()
+
+
+@attrs.define
+class ServerStats:
+    """Connection counters of one :func:`serve_purerpc` run (for health and tests), and
+    a way to drop the open connections while the listener stays."""
+
+    connections_total: int = 0
+    connections_open: int = 0
+    _scopes: set[trio.CancelScope] = attrs.field(factory=set, repr=False)
+
+    def close_connections(self) -> None:
+        """Close every open connection now (requests on them are cut off); clients see
+        EOF at once and reconnect. New connections are still accepted."""
+        for scope in self._scopes:
+            scope.cancel()
+
+
+def _as_service(item: purerpc.Service | purerpc.Servicer) -> purerpc.Service:
+    return item.service if isinstance(item, purerpc.Servicer) else item
+
+
+async def serve_purerpc(
+    services: Iterable[purerpc.Service | purerpc.Servicer],
+    host: str,
+    port: int,
+    *,
+    handler_class: type[ConnectionHandler] = ConnectionHandler,
+    stats: ServerStats | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``services`` on ``host:port`` until cancelled.
+
+    ``port`` 0 picks a free port; ``task_status.started`` reports the bound port once
+    the listener accepts connections. A host name that resolves to several addresses
+    (``localhost``) binds each of them, on one port. ``handler_class`` is purerpc's
+    per-connection handler or a subclass (the payments server's echoes ``x-request-id``).
+    """
+    by_name = {service.name: service for service in map(_as_service, services)}
+    if not by_name:
+        raise ValueError("serve_purerpc needs at least one service")
+    # purerpc's handler counts connections and errors on a Server; it is never started.
+    handler = handler_class(by_name, purerpc.Server(port=port))
+    counters = stats if stats is not None else ServerStats()
+
+    async def serve_connection(stream: anyio.abc.SocketStream) -> None:
+        # purerpc's ConnectionHandler.__call__, minus its bare ``except:`` that swallows
+        # cancellation and logs a warning for every connection a shutdown closes.
+        counters.connections_total += 1
+        counters.connections_open += 1
+        scope = trio.CancelScope()
+        counters._scopes.add(scope)
+        try:
+            with scope:
+                async with (
+                    stream,
+                    GRPCProtoSocket(handler.config, stream) as grpc_socket,
+                    anyio.create_task_group() as requests,
+                ):
+                    async for request_stream in grpc_socket.listen():
+                        requests.start_soon(handler.request_received, request_stream)
+        except* Exception as group:  # a peer that breaks the protocol or resets: its problem
+            # except*, not except: one bad connection must never end the server, and a
+            # shutdown's cancellation mixed into the group must still go on up.
+            log.debug("grpc connection ended: %r", [type(e).__name__ for e in group.exceptions])
+        finally:
+            counters._scopes.discard(scope)
+            counters.connections_open -= 1
+
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    async with listener:
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610
+        await listener.serve(serve_connection)
