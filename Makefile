@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: serve test lint format proto lock install install-dev e2e clean
+.PHONY: serve test lint format proto lock install install-dev build-info clean
 
 # --- environments -------------------------------------------------------------------
 # The lock files pin every package by hash; the project itself goes in with --no-deps.
@@ -12,12 +12,14 @@ $(VENV)/.runtime: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(MAKE) -s build-info
 	touch $@
 
 $(VENV)/.dev: requirements-dev.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-dev.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(MAKE) -s build-info
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime
@@ -48,6 +50,10 @@ proto: install-dev
 lock:
 	uv pip compile pyproject.toml --override overrides.txt --generate-hashes --python-version 3.11 -q -o requirements.lock
 	uv pip compile pyproject.toml --group dev --override overrides.txt --generate-hashes --python-version 3.11 -q -o requirements-dev.lock
+
+# Recorded for `payments version`.
+build-info:
+	printf '{"commit": "%s", "build_time": "%s"}\n' "$$(git rev-parse HEAD 2>/dev/null || echo unknown)" "$$(date -u +%Y-%m-%dT%H:%M:%SZ)" > payments/_build.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -120,14 +120,17 @@ class NewPayment:
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=int)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def idempotency_key(self) -> str:
-        """The Stripe idempotency key: derived from (caller_service, request_id), forever."""
-        return idempotency_key(self.caller_service, self.request_id)
 
+def idempotency_key(caller_service: str, request_id: str, fingerprint: str) -> str:
+    """The Stripe idempotency key of a payment.
 
-def idempotency_key(caller_service: str, request_id: str) -> str:
-    digest = hashlib.sha256(f"{caller_service}\x00{request_id}".encode()).hexdigest()
-    return f"payments-{digest[:48]}"
+    Derived from (caller_service, request_id) and the request's fingerprint: a retry of
+    the same request reuses it, so Stripe replays the object it made instead of making
+    a second one; a request refused by Stripe and corrected gets a fresh key instead of
+    Stripe's idempotency_error.
+    """
+    raw = f"{caller_service}\x00{request_id}\x00{fingerprint}"
+    return f"payments-{hashlib.sha256(raw.encode()).hexdigest()[:48]}"
 
 
 @attrs.define
@@ -168,7 +171,7 @@ class Payment:
 
     @property
     def idempotency_key(self) -> str:
-        return idempotency_key(self.caller_service, self.request_id)
+        return idempotency_key(self.caller_service, self.request_id, self.request_fingerprint)
 
 
 class EventKind(enum.StrEnum):
@@ -237,3 +240,14 @@ class CreatePaymentInput:
     success_url: str = ""
     cancel_url: str = ""
     metadata: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class TransitionRefused(Exception):
+    """The status machine does not allow this move (a bug or a late event)."""
+
+
+def check_transition(current: PaymentStatus, new: PaymentStatus) -> PaymentStatus:
+    """Return ``new`` when the status machine allows it, else raise TransitionRefused."""
+    if not can_transition(current, new):
+        raise TransitionRefused(f"{current.name} -> {new.name} is not allowed")
+    return new

@@ -11,7 +11,7 @@ a stop or restart at once. The Auth test server and the service's gRPC server sh
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 import anyio.abc
@@ -63,9 +63,13 @@ async def serve_purerpc(
     *,
     handler_class: type[ConnectionHandler] = ConnectionHandler,
     stats: ServerStats | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    grace_seconds: float = 10.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``services`` on ``host:port`` until cancelled.
+    """Serve ``services`` on ``host:port`` until cancelled, or until
+    ``shutdown_trigger`` returns: then the listener closes at once, calls in flight get
+    ``grace_seconds`` to finish, and the connections are closed.
 
     ``port`` 0 picks a free port; ``task_status.started`` reports the bound port once
     the listener accepts connections. A host name that resolves to several addresses
@@ -78,6 +82,20 @@ async def serve_purerpc(
     # purerpc's handler counts connections and errors on a Server; it is never started.
     handler = handler_class(by_name, purerpc.Server(port=port))
     counters = stats if stats is not None else ServerStats()
+
+    in_flight = 0
+    drained = trio.Event()
+
+    async def tracked(request_stream: purerpc.grpc_proto.GRPCProtoStream) -> None:
+        nonlocal in_flight, drained
+        in_flight += 1
+        try:
+            await handler.request_received(request_stream)
+        finally:
+            in_flight -= 1
+            if in_flight == 0:
+                drained.set()
+                drained = trio.Event()
 
     async def serve_connection(stream: anyio.abc.SocketStream) -> None:
         # purerpc's ConnectionHandler.__call__, minus its bare ``except:`` that swallows
@@ -94,7 +112,7 @@ async def serve_purerpc(
                     anyio.create_task_group() as requests,
                 ):
                     async for request_stream in grpc_socket.listen():
-                        requests.start_soon(handler.request_received, request_stream)
+                        requests.start_soon(tracked, request_stream)
         except* Exception as group:  # a peer that breaks the protocol or resets: its problem
             # except*, not except: one bad connection must never end the server, and a
             # shutdown's cancellation mixed into the group must still go on up.
@@ -104,6 +122,26 @@ async def serve_purerpc(
             counters.connections_open -= 1
 
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    async with listener:
+    # Connections live in their own task group so that closing the listener (the
+    # accept scope) leaves the calls already in flight running.
+    async with anyio.create_task_group() as connections:
+        accepting = trio.CancelScope()
+
+        async def accept() -> None:
+            with accepting:
+                async with listener:
+                    await listener.serve(serve_connection, task_group=connections)
+
+        connections.start_soon(accept)
         task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610
-        await listener.serve(serve_connection)
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        else:
+            await shutdown_trigger()
+        accepting.cancel()
+        with trio.move_on_after(grace_seconds):
+            while in_flight:
+                await drained.wait()
+        if in_flight:
+            log.warning("grpc shutdown: calls cut off after the grace", extra={"calls": in_flight})
+        connections.cancel_scope.cancel()

@@ -1,0 +1,187 @@
+"""The create-payment rules of CONTRACT.md, in one place for both transports.
+
+Each failure is an InvalidArgument naming the field; nothing is written before this
+passes.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from payments.errors import InvalidArgument
+from payments.model import (
+    DEFAULT_LIST_LIMIT,
+    MAX_LIST_LIMIT,
+    RECURRING_INTERVALS,
+    CreatePaymentInput,
+    ListFilter,
+    NewPayment,
+    PaymentMethod,
+    PaymentStatus,
+    PaymentType,
+    ProviderType,
+)
+
+# Column sizes in schema.sql; longer values are refused here, not truncated there.
+MAX_ID_LENGTH = 128
+MAX_URL_LENGTH = 2048
+MAX_METADATA_ENTRIES = 50  # Stripe's own limit
+MAX_METADATA_KEY = 40
+MAX_METADATA_VALUE = 500
+MAX_AMOUNT_CENTS = 99_999_999  # Stripe's maximum unit amount
+
+
+def _required(value: str, field: str) -> str:
+    value = value.strip()
+    if not value:
+        raise InvalidArgument(field, "is required")
+    return _bounded(value, field, MAX_ID_LENGTH)
+
+
+def _bounded(value: str, field: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"must be at most {limit} characters")
+    if any(ord(ch) < 32 for ch in value):
+        raise InvalidArgument(field, "must not contain control characters")
+    return value
+
+
+def _url(value: str, field: str, *, required: bool) -> str:
+    value = value.strip()
+    if not value:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return ""
+    _bounded(value, field, MAX_URL_LENGTH)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidArgument(field, "must be an absolute http or https URL")
+    return value
+
+
+E = TypeVar("E", PaymentMethod, PaymentType, ProviderType, PaymentStatus)
+
+
+def _enum(kind: type[E], number: int, field: str) -> E:
+    try:
+        return kind(number)
+    except ValueError:
+        raise InvalidArgument(field, f"unknown value {number}") from None
+
+
+def validate_create(raw: CreatePaymentInput) -> NewPayment:
+    """Check a decoded create request against CONTRACT.md and normalize it."""
+    request_id = _required(raw.request_id, "request_id")
+    caller_service = _required(raw.caller_service, "caller_service")
+    resource_type = _required(raw.resource_type, "resource_type")
+    resource_id = _required(raw.resource_id, "resource_id")
+    customer_ref = _bounded(raw.customer_ref.strip(), "customer_ref", MAX_ID_LENGTH)
+    if raw.amount_cents <= 0:
+        raise InvalidArgument("amount_cents", "must be greater than 0")
+    if raw.amount_cents > MAX_AMOUNT_CENTS:
+        raise InvalidArgument("amount_cents", f"must be at most {MAX_AMOUNT_CENTS}")
+    currency = raw.currency.strip()
+    if len(currency) != 3 or not currency.isascii() or not currency.isalpha():
+        raise InvalidArgument("currency", "must be exactly 3 letters")
+    method = _enum(PaymentMethod, raw.payment_method, "payment_method")
+    if method == PaymentMethod.UNSPECIFIED:
+        raise InvalidArgument("payment_method", "must be HOSTED_CARD or PAYMENT_LINK")
+    payment_type = _enum(PaymentType, raw.payment_type, "payment_type")
+    if payment_type == PaymentType.UNSPECIFIED:
+        raise InvalidArgument("payment_type", "must be ONE_TIME or RECURRING")
+    provider = _enum(ProviderType, raw.provider, "provider")
+    if provider == ProviderType.UNSPECIFIED:
+        provider = ProviderType.STRIPE
+    status_callback_url = _url(raw.status_callback_url, "status_callback_url", required=True)
+    success_url = _url(raw.success_url, "success_url", required=False)
+    cancel_url = _url(raw.cancel_url, "cancel_url", required=False)
+    interval, interval_count = "", 0
+    if payment_type == PaymentType.RECURRING:
+        interval = raw.recurring_interval.strip().lower()
+        if interval not in RECURRING_INTERVALS:
+            raise InvalidArgument("recurring_interval", "must be one of day, week, month, year")
+        if raw.recurring_interval_count <= 0:
+            raise InvalidArgument("recurring_interval_count", "must be greater than 0")
+        interval_count = raw.recurring_interval_count
+    metadata = _metadata(raw.metadata)
+    return NewPayment(
+        request_id=request_id,
+        caller_service=caller_service,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        customer_ref=customer_ref,
+        amount_cents=raw.amount_cents,
+        currency=currency.upper(),
+        payment_method=method,
+        payment_type=payment_type,
+        provider=provider,
+        recurring_interval=interval,
+        recurring_interval_count=interval_count,
+        status_callback_url=status_callback_url,
+        success_url=success_url,
+        cancel_url=cancel_url,
+        metadata=metadata,
+    )
+
+
+# Metadata keys the service adds to the provider object itself.
+RESERVED_METADATA_KEYS = frozenset({"request_id", "callback_hash"})
+
+
+def _metadata(metadata: object) -> dict[str, str]:
+    if not isinstance(metadata, dict):
+        raise InvalidArgument("metadata", "must be an object of strings")
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument("metadata", f"must have at most {MAX_METADATA_ENTRIES} entries")
+    clean: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument("metadata", "keys and values must be strings")
+        if not key.strip() or len(key) > MAX_METADATA_KEY:
+            raise InvalidArgument("metadata", f"keys must be 1..{MAX_METADATA_KEY} characters")
+        if key in RESERVED_METADATA_KEYS:
+            raise InvalidArgument("metadata", f"key {key!r} is reserved")
+        if len(value) > MAX_METADATA_VALUE:
+            raise InvalidArgument(
+                "metadata", f"values must be at most {MAX_METADATA_VALUE} characters"
+            )
+        clean[key] = value
+    return clean
+
+
+def validate_list(
+    *,
+    request_id: str = "",
+    caller_service: str = "",
+    resource_type: str = "",
+    resource_id: str = "",
+    status: int | None = None,
+    provider: int | None = None,
+    limit: int | None = None,
+    offset: int | None = None,
+) -> ListFilter:
+    """Check list filters. ``None`` means not given; limit 0 (proto default) means default."""
+    status_value = None if status is None else _enum(PaymentStatus, status, "status")
+    if status_value == PaymentStatus.UNSPECIFIED:
+        raise InvalidArgument("status", "unknown value 0")
+    provider_value = None
+    if provider is not None and provider != 0:
+        provider_value = _enum(ProviderType, provider, "provider")
+    if limit is None or limit == 0:
+        limit = DEFAULT_LIST_LIMIT
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidArgument("limit", f"must be between 1 and {MAX_LIST_LIMIT}")
+    offset = offset or 0
+    if offset < 0:
+        raise InvalidArgument("offset", "must be >= 0")
+    return ListFilter(
+        request_id=_bounded(request_id.strip(), "request_id", MAX_ID_LENGTH),
+        caller_service=_bounded(caller_service.strip(), "caller_service", MAX_ID_LENGTH),
+        resource_type=_bounded(resource_type.strip(), "resource_type", MAX_ID_LENGTH),
+        resource_id=_bounded(resource_id.strip(), "resource_id", MAX_ID_LENGTH),
+        status=status_value,
+        provider=provider_value,
+        limit=limit,
+        offset=offset,
+    )
