@@ -129,7 +129,7 @@ def idempotency_key(caller_service: str, request_id: str, fingerprint: str) -> s
     a second one; a request refused by Stripe and corrected gets a fresh key instead of
     Stripe's idempotency_error.
     """
-    raw = f"{caller_service}\x00{request_id}\x00{fingerprint}"
+    raw = json.dumps([caller_service, request_id, fingerprint])  # unambiguous framing
     return f"payments-{hashlib.sha256(raw.encode()).hexdigest()[:48]}"
 
 

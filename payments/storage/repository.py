@@ -1,0 +1,313 @@
+"""Payments and their events in MySQL: plain functions over a pooled connection.
+
+The caller owns the transaction (``async with pool.transaction() as conn``), so one use
+case can write a payment, its event and (later) its outbox row atomically. Every
+statement is parameterized (``%s``); only fixed column names are ever put into SQL text.
+
+Row <-> entity mapping lives in the ``_*_to_row`` / ``_*_from_row`` pairs below and
+nowhere else: entities hold timezone-aware UTC datetimes and enums, the database naive
+UTC DATETIME(6) and small ints, metadata as compact JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from payments.errors import NotFound
+from payments.model import (
+    MAX_LIST_LIMIT,
+    EventKind,
+    ListFilter,
+    Payment,
+    PaymentEvent,
+    PaymentMethod,
+    PaymentStatus,
+    PaymentType,
+    ProviderType,
+)
+from payments.storage.pool import Connection
+
+# --- mapping ------------------------------------------------------------------------
+
+# Column names are the Payment field names; a field without a column fails loudly.
+PAYMENT_COLUMNS: tuple[str, ...] = tuple(field.name for field in attrs.fields(Payment))
+_INSERT_COLUMNS = tuple(column for column in PAYMENT_COLUMNS if column != "id")
+_ENUMS: dict[str, type[Any]] = {
+    "status": PaymentStatus,
+    "payment_method": PaymentMethod,
+    "payment_type": PaymentType,
+    "provider": ProviderType,
+}
+_DATETIMES = frozenset({"created_at", "updated_at"})
+
+EVENT_COLUMNS: tuple[str, ...] = (
+    "id",
+    "payment_id",
+    "kind",
+    "from_status",
+    "to_status",
+    "reason",
+    "provider_event_id",
+    "provider_event_type",
+    "created_at",
+)
+
+
+def to_db_datetime(value: datetime) -> datetime:
+    """Aware datetime -> naive UTC for a DATETIME column. A naive one is a bug: refuse it
+    rather than guess its zone."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("naive datetime: entities hold timezone-aware UTC datetimes")
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def from_db_datetime(value: datetime) -> datetime:
+    """Naive UTC from a DATETIME column (the session time_zone is +00:00) -> aware UTC."""
+    return value.replace(tzinfo=UTC)
+
+
+def _metadata_to_db(metadata: dict[str, str]) -> str:
+    # ensure_ascii=False keeps emoji and CJK as utf8mb4 text, not \ud83d escapes.
+    return json.dumps(dict(metadata), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _metadata_from_db(text: str | bytes | None) -> dict[str, str]:
+    if not text:
+        return {}
+    value = json.loads(text)
+    return {str(key): str(item) for key, item in value.items()} if isinstance(value, dict) else {}
+
+
+def _payment_to_row(payment: Payment) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for column in _INSERT_COLUMNS:
+        value = getattr(payment, column)
+        if column in _ENUMS:
+            value = int(value)
+        elif column in _DATETIMES:
+            value = to_db_datetime(value)
+        elif column == "metadata":
+            value = _metadata_to_db(value)
+        row[column] = value
+    return row
+
+
+def _payment_from_row(row: Sequence[Any]) -> Payment:
+    fields: dict[str, Any] = {}
+    for column, value in zip(PAYMENT_COLUMNS, row, strict=True):
+        if column in _ENUMS:
+            value = _ENUMS[column](value)
+        elif column in _DATETIMES:
+            value = from_db_datetime(value)
+        elif column == "metadata":
+            value = _metadata_from_db(value)
+        elif column == "id":
+            value = int(value)
+        fields[column] = value
+    return Payment(**fields)
+
+
+def _event_to_row(event: PaymentEvent) -> dict[str, Any]:
+    return {
+        "payment_id": event.payment_id,
+        "kind": str(event.kind),
+        "from_status": int(event.from_status),
+        "to_status": int(event.to_status),
+        "reason": event.reason,
+        # NULL, not '': the UNIQUE key then allows any number of rows without one.
+        "provider_event_id": event.provider_event_id or None,
+        "provider_event_type": event.provider_event_type,
+        "created_at": to_db_datetime(event.created_at),
+    }
+
+
+def _event_from_row(row: Sequence[Any]) -> PaymentEvent:
+    values = dict(zip(EVENT_COLUMNS, row, strict=True))
+    return PaymentEvent(
+        id=int(values["id"]),
+        payment_id=int(values["payment_id"]),
+        kind=EventKind(values["kind"]),
+        from_status=PaymentStatus(values["from_status"]),
+        to_status=PaymentStatus(values["to_status"]),
+        reason=values["reason"],
+        provider_event_id=values["provider_event_id"] or "",
+        provider_event_type=values["provider_event_type"],
+        created_at=from_db_datetime(values["created_at"]),
+    )
+
+
+_SELECT_PAYMENT = f"SELECT {', '.join(PAYMENT_COLUMNS)} FROM payments"  # noqa: S608 - fixed names
+_SELECT_EVENT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM payment_events"  # noqa: S608
+_LOCK = " FOR UPDATE"
+_SELECT_BY_PROVIDER_REF = (
+    f"SELECT * FROM ({_SELECT_PAYMENT} WHERE provider_payment_id = %s"  # noqa: S608
+    f" UNION {_SELECT_PAYMENT} WHERE provider_subscription_id = %s) AS found"
+    " ORDER BY id DESC LIMIT 1"
+)
+
+
+def _insert_sql(table: str, columns: Sequence[str]) -> str:
+    placeholders = ", ".join(["%s"] * len(columns))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})"  # noqa: S608
+
+
+_INSERT_PAYMENT = _insert_sql("payments", _INSERT_COLUMNS)
+_INSERT_EVENT = _insert_sql("payment_events", EVENT_COLUMNS[1:])
+
+
+async def _one_payment(conn: Connection, sql: str, args: Sequence[Any]) -> Payment | None:
+    row = await conn.fetchone(sql, args)
+    return None if row is None else _payment_from_row(row)
+
+
+# --- payments -----------------------------------------------------------------------
+
+
+async def insert_payment(conn: Connection, payment: Payment) -> int:
+    """Insert a new payment (``payment.id`` is ignored); return its id.
+
+    Raises DuplicateKey (key ``uq_payments_caller_request``) when (caller_service,
+    request_id) already names a payment: the idempotency check of create.
+    """
+    row = _payment_to_row(payment)
+    return await conn.insert(_INSERT_PAYMENT, [row[column] for column in _INSERT_COLUMNS])
+
+
+async def get_payment(
+    conn: Connection, payment_id: int, *, for_update: bool = False
+) -> Payment | None:
+    """The payment with this id, or None. ``for_update`` locks the row until the
+    transaction ends (use it inside ``pool.transaction()``)."""
+    if payment_id <= 0:
+        return None
+    sql = f"{_SELECT_PAYMENT} WHERE id = %s" + (_LOCK if for_update else "")
+    return await _one_payment(conn, sql, (payment_id,))
+
+
+async def get_payment_by_request(
+    conn: Connection, caller_service: str, request_id: str, *, for_update: bool = False
+) -> Payment | None:
+    """The payment (caller_service, request_id) names, or None."""
+    sql = f"{_SELECT_PAYMENT} WHERE caller_service = %s AND request_id = %s" + (
+        _LOCK if for_update else ""
+    )
+    return await _one_payment(conn, sql, (caller_service, request_id))
+
+
+async def get_payment_by_callback_hash(
+    conn: Connection, callback_hash: str, *, for_update: bool = False
+) -> Payment | None:
+    """The payment whose provider callback URL ends in this hash, or None."""
+    if not callback_hash:
+        return None
+    sql = f"{_SELECT_PAYMENT} WHERE provider_callback_hash = %s" + (_LOCK if for_update else "")
+    return await _one_payment(conn, sql, (callback_hash,))
+
+
+async def get_payment_by_provider_ref(
+    conn: Connection, provider_ref: str, *, for_update: bool = False
+) -> Payment | None:
+    """The payment whose provider payment id or subscription id is ``provider_ref``.
+
+    Provider events name a Checkout Session / Payment Link, or for recurring payments
+    a subscription. A UNION of two indexed lookups (an OR across two columns scans);
+    the newest payment wins should two ever share a reference. With ``for_update``
+    the row is then read again by id under its lock (a locking read sees the latest
+    committed version).
+    """
+    if not provider_ref:
+        return None
+    payment = await _one_payment(conn, _SELECT_BY_PROVIDER_REF, (provider_ref, provider_ref))
+    if payment is None or not for_update:
+        return payment
+    return await get_payment(conn, payment.id, for_update=True)
+
+
+def list_query(f: ListFilter) -> tuple[str, list[Any]]:
+    """The SELECT that list_payments runs for ``f`` (public for the EXPLAIN test)."""
+    where: list[str] = []
+    args: list[Any] = []
+    for column in ("caller_service", "request_id", "resource_type", "resource_id"):
+        value = getattr(f, column)
+        if value:
+            where.append(f"{column} = %s")
+            args.append(value)
+    if f.status is not None:
+        where.append("status = %s")
+        args.append(int(f.status))
+    if f.provider is not None:
+        where.append("provider = %s")
+        args.append(int(f.provider))
+    sql = _SELECT_PAYMENT
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT %s OFFSET %s"
+    args += [max(0, min(f.limit, MAX_LIST_LIMIT)), max(0, f.offset)]
+    return sql, args
+
+
+async def list_payments(conn: Connection, f: ListFilter) -> list[Payment]:
+    """Payments matching every non-empty filter, newest first, paged by limit/offset."""
+    sql, args = list_query(f)
+    return [_payment_from_row(row) for row in await conn.fetchall(sql, args)]
+
+
+async def update_payment(conn: Connection, payment: Payment) -> None:
+    """Write what changes after creation: status, provider ids, checkout URL, refunds,
+    updated_at. Raises NotFound when the row is gone (a bug, or a concurrent delete).
+
+    The status machine is the service's job (model.check_transition); the service
+    holds the row lock (``for_update``) while it decides.
+    """
+    matched = await conn.execute(
+        "UPDATE payments SET status = %s, provider_payment_id = %s,"
+        " provider_subscription_id = %s, checkout_url = %s, refunded_cents = %s,"
+        " updated_at = %s WHERE id = %s",
+        (
+            int(payment.status),
+            payment.provider_payment_id,
+            payment.provider_subscription_id,
+            payment.checkout_url,
+            payment.refunded_cents,
+            to_db_datetime(payment.updated_at),
+            payment.id,
+        ),
+    )
+    if matched == 0:
+        raise NotFound("payment not found")
+
+
+async def delete_payment(conn: Connection, payment_id: int) -> None:
+    """Remove a payment and its events (create undoes a row the provider refused)."""
+    await conn.execute("DELETE FROM payment_events WHERE payment_id = %s", (payment_id,))
+    await conn.execute("DELETE FROM payments WHERE id = %s", (payment_id,))
+
+
+# --- events -------------------------------------------------------------------------
+
+
+async def insert_event(conn: Connection, event: PaymentEvent) -> int:
+    """Record one history row; return its id. Raises DuplicateKey (key
+    ``uq_payment_events_provider_event``) for a provider event id already recorded: a
+    replayed event, to acknowledge and ignore."""
+    row = _event_to_row(event)
+    return await conn.insert(_INSERT_EVENT, [row[column] for column in EVENT_COLUMNS[1:]])
+
+
+async def list_events(conn: Connection, payment_id: int) -> list[PaymentEvent]:
+    """A payment's history, oldest first."""
+    rows = await conn.fetchall(f"{_SELECT_EVENT} WHERE payment_id = %s ORDER BY id", (payment_id,))
+    return [_event_from_row(row) for row in rows]
+
+
+# --- health -------------------------------------------------------------------------
+
+
+async def ping(conn: Connection) -> None:
+    """One round trip; DependencyUnavailable when the database does not answer."""
+    await conn.ping()

@@ -1,0 +1,102 @@
+-- The payments service's MySQL/MariaDB schema, applied by `payments migrate`
+-- (payments/storage/migrate.py). It names no database: it runs in the one MYSQL_DSN names.
+--
+-- Layout, for the migration runner:
+--   * The file is a list of steps. A line `-- migrate:step N <title>` starts step N;
+--     steps are numbered 1, 2, 3... in order and are never edited once released:
+--     a schema change is a new step at the end (e.g. step 2 adds callback_outbox and
+--     provider_callbacks, a later one ALTERs a table).
+--   * A step's statements each end with `;` at the end of a line and are sent one by
+--     one. Whole lines that start with `--` are comments, dropped before splitting
+--     (write no trailing comments after SQL on the same line).
+--   * DDL commits implicitly, so a step can stop halfway (crash, lost connection).
+--     Write each statement so it can run again: CREATE TABLE IF NOT EXISTS, and for
+--     later ALTERs the IF [NOT] EXISTS forms (ADD COLUMN IF NOT EXISTS, ...).
+--   * The runner records each applied step in schema_version.
+--
+-- Conventions: InnoDB, utf8mb4 with the binary collation (identifiers such as
+-- request_id compare exactly: 'Order-1' and 'order-1' are two requests), enums as
+-- TINYINT UNSIGNED holding the proto numbers, times as DATETIME(6) in UTC (the pool
+-- sets the session time_zone to +00:00), money as BIGINT cents. Column sizes match
+-- payments/validation.py, which refuses longer values before they get here.
+
+-- migrate:step 1 payments, payment_events, schema_version
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    INT         NOT NULL,
+    applied_at DATETIME(6) NOT NULL,
+    PRIMARY KEY (version)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS payments (
+    id                       BIGINT UNSIGNED  NOT NULL AUTO_INCREMENT,
+    request_id               VARCHAR(128)     NOT NULL,
+    caller_service           VARCHAR(128)     NOT NULL,
+    resource_type            VARCHAR(128)     NOT NULL,
+    resource_id              VARCHAR(128)     NOT NULL,
+    customer_ref             VARCHAR(128)     NOT NULL DEFAULT '',
+    amount_cents             BIGINT           NOT NULL,
+    currency                 CHAR(3)          NOT NULL,
+    -- PaymentStatus, PaymentMethod, PaymentType, ProviderType: the proto numbers
+    status                   TINYINT UNSIGNED NOT NULL,
+    payment_method           TINYINT UNSIGNED NOT NULL,
+    payment_type             TINYINT UNSIGNED NOT NULL,
+    provider                 TINYINT UNSIGNED NOT NULL,
+    recurring_interval       VARCHAR(16)      NOT NULL DEFAULT '',
+    recurring_interval_count INT              NOT NULL DEFAULT 0,
+    status_callback_url      VARCHAR(2048)    NOT NULL,
+    success_url              VARCHAR(2048)    NOT NULL DEFAULT '',
+    cancel_url               VARCHAR(2048)    NOT NULL DEFAULT '',
+    provider_callback_hash   VARCHAR(64)      NOT NULL,
+    provider_callback_url    VARCHAR(2048)    NOT NULL,
+    -- sha256 of the create parameters: the same request_id with another one is a conflict
+    request_fingerprint      CHAR(64)         NOT NULL,
+    -- '' until the provider object exists (so these are not UNIQUE)
+    provider_payment_id      VARCHAR(255)     NOT NULL DEFAULT '',
+    provider_subscription_id VARCHAR(255)     NOT NULL DEFAULT '',
+    checkout_url             VARCHAR(2048)    NOT NULL DEFAULT '',
+    refunded_cents           BIGINT           NOT NULL DEFAULT 0,
+    -- a JSON object of strings (up to 50 entries of 500 characters: more than TEXT holds)
+    metadata                 MEDIUMTEXT       NOT NULL,
+    created_at               DATETIME(6)      NOT NULL,
+    updated_at               DATETIME(6)      NOT NULL,
+    PRIMARY KEY (id),
+    -- idempotency: (caller_service, request_id) names one payment forever
+    UNIQUE KEY uq_payments_caller_request (caller_service, request_id),
+    -- provider callbacks arrive under /webhooks/providers/{provider}/{hash}
+    UNIQUE KEY uq_payments_callback_hash (provider_callback_hash),
+    -- ListPayments: every filter, newest first (ORDER BY id DESC; InnoDB appends the
+    -- primary key to each secondary index, so equality filters come back in id order)
+    KEY ix_payments_caller_id (caller_service, id),
+    KEY ix_payments_caller_status (caller_service, status, id),
+    KEY ix_payments_request_id (request_id),
+    KEY ix_payments_resource (resource_type, resource_id),
+    -- provider events and reconciliation find the payment by the provider's ids
+    KEY ix_payments_provider_payment_id (provider_payment_id),
+    KEY ix_payments_provider_subscription_id (provider_subscription_id),
+    -- jobs: stale PENDING payments to reconcile (updated_at) and to expire (created_at),
+    -- also serves a status-only list filter
+    KEY ix_payments_status_updated (status, updated_at),
+    KEY ix_payments_status_created (status, created_at),
+    CONSTRAINT ck_payments_metadata_json CHECK (JSON_VALID(metadata))
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE IF NOT EXISTS payment_events (
+    id                  BIGINT UNSIGNED  NOT NULL AUTO_INCREMENT,
+    -- no FOREIGN KEY: it would lock the parent row on every insert; the service writes
+    -- events in the payment's own transaction and deletes them with it
+    payment_id          BIGINT UNSIGNED  NOT NULL,
+    -- payments.model.EventKind
+    kind                VARCHAR(32)      NOT NULL,
+    from_status         TINYINT UNSIGNED NOT NULL,
+    to_status           TINYINT UNSIGNED NOT NULL,
+    reason              TEXT             NOT NULL,
+    -- NULL when the row is not from a provider event: the UNIQUE key allows many NULLs
+    -- but only one row per provider event id, so a replayed event is detected
+    provider_event_id   VARCHAR(255)     NULL DEFAULT NULL,
+    provider_event_type VARCHAR(255)     NOT NULL DEFAULT '',
+    created_at          DATETIME(6)      NOT NULL,
+    PRIMARY KEY (id),
+    KEY ix_payment_events_payment (payment_id, id),
+    UNIQUE KEY uq_payment_events_provider_event (provider_event_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
