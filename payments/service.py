@@ -35,9 +35,10 @@ from payments.model import (
     check_transition,
     utcnow,
 )
+from payments.providers.base import CheckoutResult
 from payments.providers.registry import ProviderRegistry
 from payments.storage import repository as repo
-from payments.storage.pool import DuplicateKey, Pool
+from payments.storage.pool import Connection, DuplicateKey, Pool
 
 log = logging.getLogger("payments.service")
 
@@ -46,6 +47,12 @@ MAX_CANCEL_REASON = 500
 
 def _not_found() -> NotFound:
     return NotFound("payment not found")
+
+
+def _apply_checkout(payment: Payment, result: CheckoutResult) -> None:
+    payment.provider_payment_id = result.provider_payment_id
+    payment.provider_subscription_id = result.provider_subscription_id
+    payment.checkout_url = result.checkout_url
 
 
 class PaymentService:
@@ -127,6 +134,7 @@ class PaymentService:
         return existing
 
     async def _open_at_provider(self, payment_id: int) -> Payment:
+        rejected: ProviderRejected | None = None
         async with self._pool.transaction() as conn:
             payment = await repo.get_payment(conn, payment_id, for_update=True)
             if payment is None:  # deleted by a concurrent duplicate that Stripe refused
@@ -136,33 +144,40 @@ class PaymentService:
             provider = self._providers.get(payment.provider)
             try:
                 result = await provider.create_checkout(payment)
-            except ProviderRejected:
+            except ProviderRejected as exc:
                 # The request was bad after all: leave nothing behind, so a corrected
-                # request with the same request_id can go through.
+                # request with the same request_id can go through. The delete must
+                # commit, so the error is raised after the transaction.
                 await repo.delete_payment(conn, payment.id)
-                raise
-            previous = payment.status
-            payment.provider_payment_id = result.provider_payment_id
-            payment.provider_subscription_id = result.provider_subscription_id
-            payment.checkout_url = result.checkout_url
-            payment.status = check_transition(previous, PaymentStatus.PENDING)
-            payment.updated_at = utcnow()
-            await repo.update_payment(conn, payment)
-            await repo.insert_event(
-                conn,
-                PaymentEvent(
-                    payment_id=payment.id,
-                    kind=EventKind.PROVIDER_CREATED,
-                    from_status=previous,
-                    to_status=payment.status,
-                    created_at=payment.updated_at,
-                ),
-            )
+                rejected = exc
+            else:
+                await self._record_opened(conn, payment, result)
+        if rejected is not None:
+            raise rejected
         log.info(
             "payment opened at provider",
             extra={"payment_id": payment.id, "provider_payment_id": payment.provider_payment_id},
         )
         return payment
+
+    @staticmethod
+    async def _record_opened(conn: Connection, payment: Payment, result: CheckoutResult) -> None:
+        """Move a CREATED payment to PENDING with its provider object, and log the event."""
+        previous = payment.status
+        _apply_checkout(payment, result)
+        payment.status = check_transition(previous, PaymentStatus.PENDING)
+        payment.updated_at = utcnow()
+        await repo.update_payment(conn, payment)
+        await repo.insert_event(
+            conn,
+            PaymentEvent(
+                payment_id=payment.id,
+                kind=EventKind.PROVIDER_CREATED,
+                from_status=previous,
+                to_status=payment.status,
+                created_at=payment.updated_at,
+            ),
+        )
 
     # --- read ---------------------------------------------------------------------------
 
@@ -215,9 +230,7 @@ class PaymentService:
                 except ProviderRejected:
                     result = None
                 if result is not None:
-                    payment.provider_payment_id = result.provider_payment_id
-                    payment.provider_subscription_id = result.provider_subscription_id
-                    payment.checkout_url = result.checkout_url
+                    _apply_checkout(payment, result)
             if payment.provider_payment_id:
                 await provider.cancel(payment)
             previous = payment.status
