@@ -1,0 +1,252 @@
+"""The gRPC transport: purerpc servicer of ``payments.PaymentsService`` (CONTRACT.md).
+
+Same semantics as HTTP: ``x-request-id`` metadata is checked first (INVALID_ARGUMENT),
+then ``x-api-key`` (UNAUTHENTICATED / PERMISSION_DENIED through the Auth service);
+domain errors map through one table (payments.api.transport); anything else answers
+INTERNAL ``internal server error`` and is logged with the request id. Each call writes
+one access line.
+
+Echoing ``x-request-id`` in the *initial* response metadata needs more than a servicer:
+purerpc's ``ConnectionHandler.request_received`` sends the response headers before it
+has even read the request's. :class:`PaymentsConnectionHandler` is that method with the
+order swapped (read the request headers, then start the response with the echo) and
+with INTERNAL, not purerpc's CANCELLED-with-a-repr, for anything that escapes a handler.
+Serve it with::
+
+    await serve_purerpc([PaymentsServicer(service, authenticator)], host, port,
+                        handler_class=PaymentsConnectionHandler, task_status=...)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+from purerpc import Cardinality, RpcFailedError, Status, StatusCode
+from purerpc.grpc_proto import GRPCProtoStream
+from purerpc.grpclib.events import RequestReceived
+from purerpc.server import ConnectionHandler
+from purerpc.wrappers import (
+    call_server_stream_stream,
+    call_server_stream_unary,
+    call_server_unary_stream,
+    call_server_unary_unary,
+)
+
+from payments import logs
+from payments.api import wire
+from payments.api.transport import INTERNAL_MESSAGE, Authenticator, domain_error, grpc_status
+from payments.errors import InvalidArgument, Unauthenticated
+from payments.gen import payments_pb2 as pb
+from payments.gen.payments_grpc import PaymentsServiceServicer
+from payments.model import Caller
+from payments.validation import validate_create
+
+if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
+    from payments.service import PaymentService
+
+log = logging.getLogger("payments.api.grpc")
+
+REQUEST_ID_KEY = "x-request-id"
+API_KEY_KEY = "x-api-key"
+SERVICE_NAME = "payments.PaymentsService"
+
+T = TypeVar("T")
+
+
+def metadata_value(request: RequestReceived, key: str) -> str:
+    """The first value of a custom metadata key ("" when absent)."""
+    for name, value in request.custom_metadata:
+        if name == key:
+            return value if isinstance(value, str) else ""
+    return ""
+
+
+@attrs.define
+class CallContext:
+    """What one call learnt, for its access line."""
+
+    request_id: str
+    caller: Caller | None = None
+    payment_id: int = 0
+
+
+class PaymentsServicer(PaymentsServiceServicer):
+    """``payments.PaymentsService`` over the transport-free PaymentService.
+
+    Handlers take ``(message, request)`` so purerpc hands them the request event and its
+    ``custom_metadata``.
+    """
+
+    def __init__(self, service: PaymentService, authenticator: Authenticator) -> None:
+        self._service = service
+        self._authenticator = authenticator
+
+    async def _call(
+        self,
+        request: RequestReceived,
+        method: str,
+        handler: Callable[[Caller, CallContext], Awaitable[T]],
+    ) -> T:
+        """Check metadata, run ``handler``, map errors, write the access line."""
+        started = time.perf_counter()
+        ctx = CallContext(request_id=metadata_value(request, REQUEST_ID_KEY).strip())
+        code = StatusCode.OK
+        try:
+            if not ctx.request_id:
+                raise InvalidArgument(REQUEST_ID_KEY, "metadata is required")
+            api_key = metadata_value(request, API_KEY_KEY).strip()
+            if not api_key:
+                raise Unauthenticated(f"{API_KEY_KEY} metadata is required")
+            ctx.caller = await self._authenticator.authenticate(api_key)
+            return await handler(ctx.caller, ctx)
+        except RpcFailedError as exc:
+            code = exc.status.status_code
+            raise
+        except Exception as exc:
+            error = domain_error(exc)
+            mapped = grpc_status(error) if error is not None else None
+            if error is not None and mapped is not None:
+                code = mapped
+                raise RpcFailedError(Status(mapped, error.message)) from None
+            code = StatusCode.INTERNAL
+            log.error(
+                "unhandled error",
+                exc_info=exc,
+                extra={"request_id": ctx.request_id, "route": f"/{SERVICE_NAME}/{method}"},
+            )
+            raise RpcFailedError(Status(StatusCode.INTERNAL, INTERNAL_MESSAGE)) from None
+        except BaseException:  # cancelled: the peer left, or the server is stopping
+            code = StatusCode.CANCELLED
+            raise
+        finally:
+            extra: dict[str, Any] = {"payment_id": ctx.payment_id} if ctx.payment_id else {}
+            logs.access_log(
+                transport="grpc",
+                route=f"/{SERVICE_NAME}/{method}",
+                status=code.name,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                request_id=ctx.request_id,
+                caller=ctx.caller.service_name if ctx.caller else "",
+                **extra,
+            )
+
+    async def Health(
+        self, message: pb.HealthRequest, request: RequestReceived
+    ) -> pb.HealthResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.HealthResponse:
+            return pb.HealthResponse(status="ok")
+
+        return await self._call(request, "Health", run)
+
+    async def CreatePayment(
+        self, message: pb.CreatePaymentRequest, request: RequestReceived
+    ) -> pb.PaymentEnvelopeResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.PaymentEnvelopeResponse:
+            new = validate_create(wire.create_input_from_proto(message))
+            payment = await self._service.create(caller, new)
+            ctx.payment_id = payment.id
+            return pb.PaymentEnvelopeResponse(payment=wire.payment_to_proto(payment))
+
+        return await self._call(request, "CreatePayment", run)
+
+    async def GetPayment(
+        self, message: pb.GetPaymentRequest, request: RequestReceived
+    ) -> pb.PaymentEnvelopeResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.PaymentEnvelopeResponse:
+            payment = await self._service.get(caller, wire.check_payment_id(message.id))
+            ctx.payment_id = payment.id
+            return pb.PaymentEnvelopeResponse(payment=wire.payment_to_proto(payment))
+
+        return await self._call(request, "GetPayment", run)
+
+    async def ListPayments(
+        self, message: pb.ListPaymentsRequest, request: RequestReceived
+    ) -> pb.ListPaymentsResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.ListPaymentsResponse:
+            payments = await self._service.list(caller, wire.list_filter_from_proto(message))
+            return pb.ListPaymentsResponse(payments=[wire.payment_to_proto(p) for p in payments])
+
+        return await self._call(request, "ListPayments", run)
+
+    async def CancelPayment(
+        self, message: pb.CancelPaymentRequest, request: RequestReceived
+    ) -> pb.PaymentEnvelopeResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.PaymentEnvelopeResponse:
+            number = wire.check_payment_id(message.id)
+            payment = await self._service.cancel(caller, number, message.reason)
+            ctx.payment_id = payment.id
+            return pb.PaymentEnvelopeResponse(payment=wire.payment_to_proto(payment))
+
+        return await self._call(request, "CancelPayment", run)
+
+    async def HandleProviderCallback(
+        self, message: pb.HandleProviderCallbackRequest, request: RequestReceived
+    ) -> pb.MessageResponse:
+        """Provider events arrive in a later issue; until then the method says so."""
+
+        async def run(caller: Caller, ctx: CallContext) -> pb.MessageResponse:
+            raise RpcFailedError(
+                Status(StatusCode.UNIMPLEMENTED, "HandleProviderCallback is not implemented yet")
+            )
+
+        return await self._call(request, "HandleProviderCallback", run)
+
+
+class PaymentsConnectionHandler(ConnectionHandler):
+    """purerpc's per-connection handler, with the response started after the request
+    headers are read (so ``x-request-id`` goes back in the initial metadata) and with
+    INTERNAL for any exception a handler lets out (purerpc answers CANCELLED with the
+    exception's repr, which would leak internals).
+
+    Mirrors purerpc 0.8's ``ConnectionHandler.request_received``; the rest of the class
+    (the h2 socket and the per-connection task group) is purerpc's own.
+    """
+
+    async def request_received(self, stream: GRPCProtoStream) -> None:
+        try:
+            event = await stream.receive_event()
+            if not isinstance(event, RequestReceived):
+                await stream.close(Status(StatusCode.INTERNAL, status_message="Expected headers"))
+                return
+            request_id = metadata_value(event, REQUEST_ID_KEY)
+            echo = ((REQUEST_ID_KEY, request_id),) if request_id else ()
+            await stream.start_response(custom_metadata=echo)
+            service = self.services.get(event.service_name)
+            bound = service.methods.get(event.method_name) if service is not None else None
+            if bound is None:
+                await stream.close(
+                    Status(
+                        StatusCode.UNIMPLEMENTED,
+                        status_message=f"Method {event.service_name}/{event.method_name} "
+                        "is not implemented",
+                    )
+                )
+                return
+            try:
+                method_fn = functools.partial(bound.method_fn, request=event)
+                stream.expect_message_type(bound.signature.request_type)
+                cardinality = bound.signature.cardinality
+                if cardinality == Cardinality.STREAM_STREAM:
+                    await call_server_stream_stream(method_fn, stream)
+                elif cardinality == Cardinality.UNARY_STREAM:
+                    await call_server_unary_stream(method_fn, stream)
+                elif cardinality == Cardinality.STREAM_UNARY:
+                    await call_server_stream_unary(method_fn, stream)
+                else:
+                    await call_server_unary_unary(method_fn, stream)
+            except RpcFailedError as error:
+                await stream.close(error.status)
+            except Exception:
+                log.exception(
+                    "unhandled error in grpc call",
+                    extra={"request_id": request_id, "route": event.method_name},
+                )
+                await stream.close(Status(StatusCode.INTERNAL, status_message=INTERNAL_MESSAGE))
+        except Exception:
+            # The peer went away mid-call, or the stream broke: nothing left to answer.
+            log.warning("grpc stream failed", exc_info=True)

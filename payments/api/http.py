@@ -1,0 +1,273 @@
+"""The HTTP (JSON) transport: quart-trio routes of CONTRACT.md served by hypercorn.
+
+Every route but ``/healthz`` checks ``X-Request-ID`` first (400), then ``X-API-Key``
+(401/403 through the Auth service), then decodes input; the use cases are
+``PaymentService``'s. Errors map through one table (payments.api.transport) and are
+``{"error": "..."}``; even Quart's own (404, 405, 413) are JSON. The request id is
+echoed on every response, errors included, and each request writes one access line.
+
+Body limit: a body over ``PAYMENTS_MAX_BODY_BYTES`` answers **413** ``request body too
+large``, whether announced by Content-Length or streamed chunked (Quart's body buffer
+stops collecting at the limit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from payments import logs
+from payments.api import wire
+from payments.api.transport import (
+    INTERNAL_MESSAGE,
+    Authenticator,
+    domain_error,
+    http_status,
+)
+from payments.config import Settings
+from payments.errors import InvalidArgument, Unauthenticated
+from payments.model import Caller
+from payments.validation import validate_create
+
+if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
+    from payments.service import PaymentService
+
+log = logging.getLogger("payments.api.http")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+API_KEY_HEADER = "X-API-Key"
+# Endpoints that need neither header: the orchestrator's probe.
+_OPEN_ENDPOINTS = frozenset({"healthz"})
+HEALTHZ_DB_TIMEOUT_SECONDS = 2.0
+# Set on the app's config once serve_http's shutdown trigger fires (see finish()).
+DRAINING = "PAYMENTS_DRAINING"
+
+# Messages for Quart/werkzeug's own errors (unknown route, wrong method, ...).
+_HTTP_MESSAGES = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    408: "request timeout",
+    413: "request body too large",
+    431: "request headers too large",
+}
+
+
+def _json(document: Mapping[str, Any], status: int = 200) -> Response:
+    return Response(wire.dumps(document), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+def _caller() -> Caller:
+    caller: Caller | None = g.get("caller")
+    if caller is None:  # only the open endpoints run without one, and they never ask
+        raise Unauthenticated("X-API-Key header is required")
+    return caller
+
+
+async def _body() -> bytes:
+    return await request.get_data(cache=False, as_text=False, parse_form_data=False)
+
+
+def create_http_app(
+    service: PaymentService,
+    authenticator: Authenticator,
+    settings: Settings,
+    health: Callable[[], Mapping[str, Any]] | None = None,
+) -> QuartTrio:
+    """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``."""
+    app = QuartTrio(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        # No unauthenticated OPTIONS answers on the API routes.
+        PROVIDE_AUTOMATIC_OPTIONS=False,
+        BODY_TIMEOUT=30,
+        SHUTDOWN_GRACE_SECONDS=settings.shutdown_grace_seconds,
+    )
+    app.config[DRAINING] = False
+
+    @app.before_request
+    async def begin() -> None:
+        """Request id first, then the key: the order CONTRACT.md fixes."""
+        g.started = time.perf_counter()
+        g.request_id = request.headers.get(REQUEST_ID_HEADER, "").strip()
+        g.caller = None
+        if request.routing_exception is not None or request.endpoint in _OPEN_ENDPOINTS:
+            return  # 404/405 answer as such; /healthz needs no headers
+        if not g.request_id:
+            raise InvalidArgument(REQUEST_ID_HEADER, "header is required")
+        api_key = request.headers.get(API_KEY_HEADER, "").strip()
+        if not api_key:
+            raise Unauthenticated(f"{API_KEY_HEADER} header is required")
+        g.caller = await authenticator.authenticate(api_key)
+
+    @app.after_request
+    async def finish(response: Response) -> Response:
+        """Echo the request id and write the access line."""
+        request_id = g.get("request_id", "")
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        if app.config[DRAINING] and request.http_version.startswith("1"):
+            # A response finished during shutdown: have the client close the connection.
+            # hypercorn's own close of it gets cancelled by quart-trio's request nursery,
+            # so without this a keep-alive client holds the shutdown for the whole grace
+            # period. (HTTP/2 forbids the header; h2 connections get GOAWAY instead.)
+            response.headers["Connection"] = "close"
+        caller: Caller | None = g.get("caller")
+        started = g.get("started", time.perf_counter())
+        rule = request.url_rule.rule if request.url_rule is not None else "-"
+        extra: dict[str, Any] = {"method": request.method, "path": request.path}
+        if g.get("payment_id"):
+            extra["payment_id"] = g.payment_id
+        logs.access_log(
+            transport="http",
+            route=f"{request.method} {rule}",
+            status=response.status_code,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            request_id=request_id,
+            caller=caller.service_name if caller else "",
+            # Orchestrator probes every few seconds would drown the access log.
+            level=logging.DEBUG if request.endpoint in _OPEN_ENDPOINTS else logging.INFO,
+            **extra,
+        )
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_exception(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status >= 500:
+            return _error(status, INTERNAL_MESSAGE)
+        return _error(status, _HTTP_MESSAGES.get(status, (exc.name or "error").lower()))
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        error = domain_error(exc)
+        status = http_status(error) if error is not None else None
+        if error is not None and status is not None:
+            return _error(status, error.message)
+        log.error(
+            "unhandled error",
+            exc_info=exc,
+            extra={"request_id": g.get("request_id", ""), "route": request.path},
+        )
+        return _error(500, INTERNAL_MESSAGE)
+
+    # --- routes -------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health_route() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """Liveness/readiness for orchestrators: 503 when the database does not answer."""
+        document: dict[str, Any] = {}
+        if health is not None:
+            try:
+                document.update(health())
+            except Exception:
+                log.exception("health details failed")
+                document["details"] = "unavailable"
+        database = "ok"
+        try:
+            with trio.fail_after(HEALTHZ_DB_TIMEOUT_SECONDS):
+                await service.ping_database()
+        except Exception as exc:  # TooSlowError, DependencyUnavailable, anything
+            log.warning("database ping failed", extra={"error": type(exc).__name__})
+            database = "unavailable"
+        document["database"] = database
+        document["status"] = "ok" if database == "ok" else "unavailable"
+        return _json(document, 200 if database == "ok" else 503)
+
+    @app.post("/payments")
+    async def create_payment() -> Response:
+        raw = wire.create_input_from_json(wire.parse_json_object(await _body()))
+        if not raw.request_id.strip():
+            raw = attrs.evolve(raw, request_id=g.request_id)
+        payment = await service.create(_caller(), validate_create(raw))
+        g.payment_id = payment.id
+        return _json({"payment": wire.payment_to_json(payment)}, 201)
+
+    @app.get("/payments/<payment_id>")
+    async def get_payment(payment_id: str) -> Response:
+        payment = await service.get(_caller(), wire.parse_payment_id(payment_id))
+        g.payment_id = payment.id
+        return _json({"payment": wire.payment_to_json(payment)})
+
+    @app.get("/payments")
+    async def list_payments() -> Response:
+        filters = wire.list_filter_from_query(request.args)
+        payments = await service.list(_caller(), filters)
+        return _json({"payments": [wire.payment_to_json(p) for p in payments]})
+
+    @app.post("/payments/<payment_id>/cancel")
+    async def cancel_payment(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        reason = wire.cancel_reason_from_json(wire.parse_json_object(await _body(), empty_ok=True))
+        payment = await service.cancel(_caller(), number, reason)
+        g.payment_id = payment.id
+        return _json({"payment": wire.payment_to_json(payment)})
+
+    return app
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _port_of(bind: str) -> int:
+    return int(bind.rsplit(":", 1)[1])
+
+
+async def serve_http(
+    app: QuartTrio,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    grace_seconds: float | None = None,
+) -> None:
+    """Serve ``app`` with hypercorn on host:port until ``shutdown_trigger`` returns.
+
+    Reports the bound port through ``task_status`` (so port 0 works). When the trigger
+    returns, the listener closes and requests in flight get ``grace_seconds`` (default:
+    the app's ``PAYMENTS_SHUTDOWN_GRACE_SECONDS``) to finish. hypercorn's access log is
+    off: the app writes its own, with request id and caller.
+    """
+    config = HypercornConfig()
+    config.bind = [_bind(host, port)]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = (
+        grace_seconds
+        if grace_seconds is not None
+        else float(app.config.get("SHUTDOWN_GRACE_SECONDS", 10.0))
+    )
+    trigger = None
+    if shutdown_trigger is not None:
+        stop = shutdown_trigger
+
+        async def trigger() -> None:
+            await stop()
+            app.config[DRAINING] = True
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(hypercorn_serve, app, config, shutdown_trigger=trigger)
+        )
+        task_status.started(_port_of(binds[0]))

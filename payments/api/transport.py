@@ -1,0 +1,94 @@
+"""What both transports share: the two error tables and the authenticator they call.
+
+Error tables: domain error -> HTTP status, domain error -> gRPC status code. Both
+transports answer the same error the same way, so the tables sit side by side.
+Anything not listed is unexpected: 500 / INTERNAL with the fixed message
+``internal server error`` (the details go to the log, never to the caller).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+from purerpc import StatusCode
+
+from payments.errors import (
+    AlreadyExists,
+    DependencyUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PaymentsError,
+    PermissionDenied,
+    ProviderRejected,
+    ProviderUnavailable,
+    Unauthenticated,
+)
+from payments.model import Caller
+
+INTERNAL_MESSAGE = "internal server error"
+
+
+class Authenticator(Protocol):
+    """Turns a caller's API key into the calling service (payments.api.auth's
+    GrpcAuthenticator). Raises Unauthenticated, PermissionDenied or
+    DependencyUnavailable."""
+
+    async def authenticate(self, api_key: str) -> Caller: ...
+
+
+T = TypeVar("T")
+
+HTTP_STATUS: dict[type[PaymentsError], int] = {
+    InvalidArgument: 400,
+    ProviderRejected: 400,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
+    NotFound: 404,
+    AlreadyExists: 409,
+    FailedPrecondition: 409,
+    ProviderUnavailable: 502,
+    DependencyUnavailable: 503,
+}
+
+GRPC_STATUS: dict[type[PaymentsError], StatusCode] = {
+    InvalidArgument: StatusCode.INVALID_ARGUMENT,
+    ProviderRejected: StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: StatusCode.UNAUTHENTICATED,
+    PermissionDenied: StatusCode.PERMISSION_DENIED,
+    NotFound: StatusCode.NOT_FOUND,
+    AlreadyExists: StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: StatusCode.FAILED_PRECONDITION,
+    ProviderUnavailable: StatusCode.UNAVAILABLE,
+    DependencyUnavailable: StatusCode.UNAVAILABLE,
+}
+
+
+def domain_error(exc: BaseException) -> PaymentsError | None:
+    """The domain error ``exc`` stands for, if any.
+
+    An exception group holding exactly one domain error (a nursery inside storage or a
+    provider may wrap it) counts as that error; anything else is unexpected.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, PaymentsError) and type(exc) is not PaymentsError:
+        return exc
+    return None
+
+
+def _lookup(table: dict[type[PaymentsError], T], exc: PaymentsError) -> T | None:
+    for cls in type(exc).__mro__:
+        if cls in table:
+            return table[cls]  # type: ignore[index]
+    return None
+
+
+def http_status(exc: PaymentsError) -> int | None:
+    """The HTTP status of a domain error; None means unexpected (answer 500)."""
+    return _lookup(HTTP_STATUS, exc)
+
+
+def grpc_status(exc: PaymentsError) -> StatusCode | None:
+    """The gRPC code of a domain error; None means unexpected (answer INTERNAL)."""
+    return _lookup(GRPC_STATUS, exc)

@@ -1,0 +1,342 @@
+"""The JSON and protobuf shapes of CONTRACT.md, in both directions.
+
+Responses: snake_case proto names, enums as numbers, 64-bit integers as JSON numbers,
+zero values left out, timestamps RFC 3339 UTC with microseconds (the same string on
+HTTP and gRPC). Requests: types are checked here, strictly, so a wrong type is a 400
+naming the field and never a 500 further in; the business rules stay in
+payments.validation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from payments.errors import InvalidArgument
+from payments.gen import payments_pb2 as pb
+from payments.model import (
+    CreatePaymentInput,
+    ListFilter,
+    Payment,
+    PaymentMethod,
+    PaymentStatus,
+    PaymentType,
+    ProviderType,
+)
+from payments.validation import validate_list
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT64_MAX = 2**64 - 1
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+_UNSIGNED = re.compile(r"[0-9]{1,20}")
+
+# --- responses --------------------------------------------------------------------------
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC with microseconds, e.g. ``2026-11-26T08:18:56.123456Z``.
+
+    A naive datetime is taken as UTC (that is what the database keeps).
+    """
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def payment_to_json(payment: Payment) -> dict[str, Any]:
+    """The JSON object of a payment, zero values left out (protojson's default)."""
+    fields: tuple[tuple[str, Any], ...] = (
+        ("id", payment.id),
+        ("request_id", payment.request_id),
+        ("caller_service", payment.caller_service),
+        ("resource_type", payment.resource_type),
+        ("resource_id", payment.resource_id),
+        ("customer_ref", payment.customer_ref),
+        ("amount_cents", payment.amount_cents),
+        ("currency", payment.currency),
+        ("status", int(payment.status)),
+        ("payment_method", int(payment.payment_method)),
+        ("payment_type", int(payment.payment_type)),
+        ("provider", int(payment.provider)),
+        ("recurring_interval", payment.recurring_interval),
+        ("recurring_interval_count", payment.recurring_interval_count),
+        ("provider_payment_id", payment.provider_payment_id),
+        ("provider_subscription_id", payment.provider_subscription_id),
+        ("checkout_url", payment.checkout_url),
+        ("provider_callback_hash", payment.provider_callback_hash),
+        ("provider_callback_url", payment.provider_callback_url),
+        ("status_callback_url", payment.status_callback_url),
+        ("refunded_cents", payment.refunded_cents),
+        ("refundable_cents", payment.refundable_cents),
+        ("metadata", dict(payment.metadata)),
+    )
+    out = {name: value for name, value in fields if value}
+    out["created_at"] = format_timestamp(payment.created_at)
+    out["updated_at"] = format_timestamp(payment.updated_at)
+    return out
+
+
+def payment_to_proto(payment: Payment) -> pb.Payment:
+    """The protobuf message of a payment (same values as :func:`payment_to_json`)."""
+    return pb.Payment(
+        id=payment.id,
+        request_id=payment.request_id,
+        caller_service=payment.caller_service,
+        resource_type=payment.resource_type,
+        resource_id=payment.resource_id,
+        customer_ref=payment.customer_ref,
+        amount_cents=payment.amount_cents,
+        currency=payment.currency,
+        status=int(payment.status),
+        payment_method=int(payment.payment_method),
+        payment_type=int(payment.payment_type),
+        provider=int(payment.provider),
+        recurring_interval=payment.recurring_interval,
+        recurring_interval_count=payment.recurring_interval_count,
+        provider_payment_id=payment.provider_payment_id,
+        provider_subscription_id=payment.provider_subscription_id,
+        checkout_url=payment.checkout_url,
+        provider_callback_hash=payment.provider_callback_hash,
+        provider_callback_url=payment.provider_callback_url,
+        status_callback_url=payment.status_callback_url,
+        refunded_cents=payment.refunded_cents,
+        refundable_cents=payment.refundable_cents,
+        metadata=dict(payment.metadata),
+        created_at=format_timestamp(payment.created_at),
+        updated_at=format_timestamp(payment.updated_at),
+    )
+
+
+def dumps(document: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON for a response body (odd values, say in health details, as str)."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+# --- request bodies ---------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(raw: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object.
+
+    ``empty_ok`` lets an empty body mean ``{}`` (the cancel body is optional).
+    NaN/Infinity, invalid UTF-8 and absurd nesting are all a 400, never a 500.
+    """
+    if not raw.strip():
+        if empty_ok:
+            return {}
+        raise InvalidArgument("", "request body must be a JSON object")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidArgument("", "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("", "request body must be a JSON object")
+    return data
+
+
+def _string(value: Any, field: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument(field, "must be a string")
+    return value
+
+
+def _integer(value: Any, field: str, low: int, high: int) -> int:
+    """A JSON integer, an integral float (``100.0``) or a decimal string, like protojson."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise InvalidArgument(field, "must be an integer")
+    integral_float = isinstance(value, float) and value.is_integer()
+    decimal_string = isinstance(value, str) and _INTEGER.fullmatch(value) is not None
+    if not (isinstance(value, int) or integral_float or decimal_string):
+        raise InvalidArgument(field, "must be an integer")
+    number = int(value)
+    if not low <= number <= high:
+        raise InvalidArgument(field, "is out of range")
+    return number
+
+
+_ENUM_PREFIXES: dict[type, str] = {
+    PaymentStatus: "PAYMENT_STATUS_",
+    PaymentMethod: "PAYMENT_METHOD_",
+    PaymentType: "PAYMENT_TYPE_",
+    ProviderType: "PROVIDER_TYPE_",
+}
+
+
+def enum_number(
+    value: Any,
+    field: str,
+    kind: type[PaymentStatus] | type[PaymentMethod] | type[PaymentType] | type[ProviderType],
+) -> int:
+    """The wire number of an enum given as its number, full name or short name.
+
+    ``1``, ``"PAYMENT_METHOD_HOSTED_CARD"`` and ``"hosted_card"`` are the same. An
+    unknown number is passed on (validation names it); an unknown name is refused here.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if _INTEGER.fullmatch(text):
+            return _integer(text, field, INT32_MIN, INT32_MAX)
+        name = text.upper()
+        prefix = _ENUM_PREFIXES[kind]
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+        member = kind.__members__.get(name)
+        if member is None or not name:
+            raise InvalidArgument(field, f"unknown value {value!r}")
+        return int(member)
+    return _integer(value, field, INT32_MIN, INT32_MAX)
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument("metadata", "must be an object of string values")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise InvalidArgument("metadata", f"value of {key!r} must be a string")
+    return value
+
+
+_STRING_FIELDS = (
+    "request_id",
+    "caller_service",
+    "resource_type",
+    "resource_id",
+    "customer_ref",
+    "currency",
+    "recurring_interval",
+    "status_callback_url",
+    "success_url",
+    "cancel_url",
+)
+_EnumKind = type[PaymentMethod] | type[PaymentType] | type[ProviderType]
+_ENUM_FIELDS: tuple[tuple[str, _EnumKind], ...] = (
+    ("payment_method", PaymentMethod),
+    ("payment_type", PaymentType),
+    ("provider", ProviderType),
+)
+
+
+def create_input_from_json(body: Mapping[str, Any]) -> CreatePaymentInput:
+    """Type-check a create body (unknown fields are ignored, as protojson can be told)."""
+    values: dict[str, Any] = {name: _string(body.get(name), name) for name in _STRING_FIELDS}
+    values["amount_cents"] = _integer(
+        body.get("amount_cents"), "amount_cents", INT64_MIN, INT64_MAX
+    )
+    values["recurring_interval_count"] = _integer(
+        body.get("recurring_interval_count"), "recurring_interval_count", INT32_MIN, INT32_MAX
+    )
+    for name, kind in _ENUM_FIELDS:
+        raw = body.get(name)
+        values[name] = 0 if raw is None else enum_number(raw, name, kind)
+    values["metadata"] = _metadata(body.get("metadata"))
+    return CreatePaymentInput(**values)
+
+
+def create_input_from_proto(message: pb.CreatePaymentRequest) -> CreatePaymentInput:
+    """The proto request, already typed by protobuf, as the service's input."""
+    return CreatePaymentInput(
+        request_id=message.request_id,
+        caller_service=message.caller_service,
+        resource_type=message.resource_type,
+        resource_id=message.resource_id,
+        customer_ref=message.customer_ref,
+        amount_cents=message.amount_cents,
+        currency=message.currency,
+        payment_method=message.payment_method,
+        payment_type=message.payment_type,
+        provider=message.provider,
+        recurring_interval=message.recurring_interval,
+        recurring_interval_count=message.recurring_interval_count,
+        status_callback_url=message.status_callback_url,
+        success_url=message.success_url,
+        cancel_url=message.cancel_url,
+        metadata=dict(message.metadata),
+    )
+
+
+def cancel_reason_from_json(body: Mapping[str, Any]) -> str:
+    """The optional ``reason`` of a cancel body."""
+    return _string(body.get("reason"), "reason")
+
+
+# --- ids and list filters ---------------------------------------------------------------
+
+
+def parse_payment_id(text: str) -> int:
+    """A path id: a positive decimal integer that fits in uint64 (proto's id type)."""
+    if not _UNSIGNED.fullmatch(text) or not 0 < int(text) <= UINT64_MAX:
+        raise InvalidArgument("id", "must be a positive integer")
+    return int(text)
+
+
+def check_payment_id(number: int) -> int:
+    """A proto id: 0 is the unset value, hence not an id."""
+    if number <= 0:
+        raise InvalidArgument("id", "must be a positive integer")
+    return number
+
+
+def _query_int(args: Mapping[str, str], name: str) -> int | None:
+    text = args.get(name, "").strip()
+    if not text:
+        return None
+    if not _INTEGER.fullmatch(text):
+        raise InvalidArgument(name, "must be an integer")
+    return int(text)
+
+
+def list_filter_from_query(args: Mapping[str, str]) -> ListFilter:
+    """HTTP list query parameters; an empty parameter counts as not given.
+
+    Unlike the proto request, ``limit=0`` is refused here: the HTTP range is 1..500.
+    """
+    status_text = args.get("status", "").strip()
+    provider_text = args.get("provider", "").strip()
+    limit = _query_int(args, "limit")
+    if limit is not None and limit < 1:
+        raise InvalidArgument("limit", "must be between 1 and 500")
+    offset = _query_int(args, "offset")
+    if offset is not None and offset > INT32_MAX:
+        raise InvalidArgument("offset", "is out of range")
+    if limit is not None and limit > INT32_MAX:
+        raise InvalidArgument("limit", "must be between 1 and 500")
+    return validate_list(
+        request_id=args.get("request_id", ""),
+        caller_service=args.get("caller_service", ""),
+        resource_type=args.get("resource_type", ""),
+        resource_id=args.get("resource_id", ""),
+        status=enum_number(status_text, "status", PaymentStatus) if status_text else None,
+        provider=enum_number(provider_text, "provider", ProviderType) if provider_text else None,
+        limit=limit,
+        offset=offset,
+    )
+
+
+def list_filter_from_proto(message: pb.ListPaymentsRequest) -> ListFilter:
+    """A proto list request. The status filter applies when ``has_status`` is set, or
+    when ``status`` is non-zero (a caller who sets status but forgets has_status means
+    it); ``limit`` 0 is the default."""
+    status = message.status if message.has_status or message.status else None
+    return validate_list(
+        request_id=message.request_id,
+        caller_service=message.caller_service,
+        resource_type=message.resource_type,
+        resource_id=message.resource_id,
+        status=status,
+        provider=message.provider or None,
+        limit=message.limit,
+        offset=message.offset,
+    )

@@ -1,0 +1,233 @@
+"""Structured JSON logging with a redaction guard.
+
+One JSON object per line (time, level, logger, message, then the record's extras such
+as request_id, caller, route, status, latency_ms, payment_id), so log pipelines can
+index them without parsing prose. Every line passes through :class:`RedactingFilter`
+before it is written: API keys, Stripe keys and webhook secrets never reach the log,
+even when some library puts one in an exception message. The transports never log
+headers wholesale; the filter is the second line of defence, not the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from payments.config import Settings
+
+ACCESS_LOGGER = "payments.access"
+MASK = "***"
+# Shorter configured secrets are not masked by substring: masking "ab" everywhere would
+# garble every line while protecting nothing worth the name.
+MIN_SECRET_LENGTH = 4
+
+# Values that look like Stripe secrets whatever their source: secret and restricted
+# keys, webhook signing secrets, and the v1 HMAC of a Stripe-Signature header.
+_SECRET_PATTERNS = re.compile(
+    r"(?:sk|rk)_(?:live|test)_[0-9A-Za-z_]+"
+    r"|whsec_[0-9A-Za-z_+/=]+"
+    r"|(?<=v1=)[0-9a-fA-F]{16,}"
+)
+
+# Attributes every LogRecord has; anything else on a record is an ``extra`` to emit.
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime", "taskName"}
+
+
+class Redactor:
+    """Masks secret-looking values and the configured secrets in text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] = _SECRET_PATTERNS
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Register more secret values (for example keys learnt after start-up)."""
+        new = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}
+        if not new - self._secrets:
+            return
+        self._secrets |= new
+        # Longest first, so a secret containing another is masked whole.
+        literal = "|".join(re.escape(s) for s in sorted(self._secrets, key=len, reverse=True))
+        self._pattern = re.compile(f"{literal}|{_SECRET_PATTERNS.pattern}")
+
+    def text(self, value: str) -> str:
+        return self._pattern.sub(MASK, value)
+
+    def value(self, value: Any) -> Any:
+        """Redact strings inside an extra's value (str, or dict/list/tuple of them)."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.value(k): self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        return value
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record so that its message, extras and traceback hold no secret.
+
+    It renders ``msg % args`` itself (args may carry a secret) and formats the
+    traceback into ``exc_text`` so the formatter only ever sees redacted text.
+    """
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact = self.redactor
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the line
+            message = f"{record.msg!r} {record.args!r}"
+        record.msg = redact.text(message)
+        record.args = None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact.text("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact.text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact.text(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key not in _STANDARD_ATTRS:
+                setattr(record, key, redact.value(value))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, then the extras."""
+
+    def __init__(self, redactor: Redactor | None = None) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key not in entry:
+                entry[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = "".join(traceback.format_exception(*record.exc_info))
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        line = json.dumps(entry, default=str, ensure_ascii=False)
+        # Last pass over the finished line: whatever slipped past the filter (a record
+        # that reached this formatter another way) is still masked.
+        return self.redactor.text(line) if self.redactor is not None else line
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+# Wire-level libraries that log every header they encode or decode at DEBUG (hpack
+# prints `x-api-key` in clear). They stay at WARNING whatever LOG_LEVEL says.
+WIRE_LOGGERS = ("hpack", "h2", "h11", "httpcore")
+
+_installed: logging.Handler | None = None
+_redactor = Redactor()
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every configured secret value that must never be logged."""
+    values = [
+        settings.app_api_key,
+        settings.stripe_secret_key,
+        settings.stripe_webhook_secret,
+        settings.callback_signing_secret,
+    ]
+    if settings.mysql_dsn is not None:
+        values.append(settings.mysql_dsn.password)
+    return [v for v in values if v]
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Mask these values in every log line from now on."""
+    _redactor.add(secrets)
+
+
+def setup_logging(
+    level: str = "info", secrets: Iterable[str] = (), stream: IO[str] | None = None
+) -> logging.Handler:
+    """Send every log record, as JSON, to ``stream`` (stderr by default).
+
+    Calling it again replaces the handler it installed before (tests and the CLI can
+    both call it). Returns the handler, which carries the redaction filter.
+    """
+    global _installed
+    _redactor.add(secrets)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter(_redactor))
+    handler.addFilter(RedactingFilter(_redactor))
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+    root.addHandler(handler)
+    root.setLevel(_LEVELS.get(level.lower(), logging.INFO))
+    for name in WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # hypercorn's own access log is off (we write ours); its error log joins ours.
+    logging.getLogger("hypercorn.access").disabled = True
+    _installed = handler
+    return handler
+
+
+def setup_from_settings(settings: Settings, stream: IO[str] | None = None) -> logging.Handler:
+    """:func:`setup_logging` at ``LOG_LEVEL`` masking every configured secret."""
+    return setup_logging(settings.log_level, secrets_of(settings), stream)
+
+
+def redactor() -> Redactor:
+    """The process-wide redactor (the transports use it for values they echo)."""
+    return _redactor
+
+
+def access_log(
+    *,
+    transport: str,
+    route: str,
+    status: int | str,
+    latency_ms: float,
+    request_id: str = "",
+    caller: str = "",
+    level: int = logging.INFO,
+    **extra: Any,
+) -> None:
+    """Write the one access line of an HTTP request or gRPC call."""
+    logging.getLogger(ACCESS_LOGGER).log(
+        level,
+        f"{transport} {route} {status}",
+        extra={
+            "transport": transport,
+            "route": route,
+            "status": status,
+            "latency_ms": round(latency_ms, 3),
+            "request_id": request_id,
+            "caller": caller,
+            **extra,
+        },
+    )

@@ -1,0 +1,217 @@
+"""JSON logging and the redaction guard: no key or signature reaches the log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+import trio
+
+from payments import logs
+from payments.config import MysqlDsn, Settings, parse_mysql_dsn
+from payments.gen import payments_pb2 as pb
+from payments.gen import payments_pb2_grpc as pb_grpc
+from payments.providers.registry import ProviderRegistry
+from payments.service import PaymentService
+from payments.storage.pool import Pool
+from tests.fixtures.app import KEY_A, KEY_B, Stack
+from tests.fixtures.auth import APP_API_KEY
+from tests.fixtures.sandbox import SANDBOX_SECRET_KEY
+
+STRIPE_KEY = "sk_test_51Hx9TopSecretStripeKey0123456789"
+WEBHOOK_SECRET = "whsec_Q2hlY2tTaWduYXR1cmVTZWNyZXQ"
+APP_KEY = "app-own-key-7f3e9a"
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    level = logging.getLogger().level
+    handler = logs.setup_logging("debug", secrets=[APP_KEY], stream=stream)
+    yield stream
+    logging.getLogger().removeHandler(handler)
+    logging.getLogger().setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line]
+
+
+def test_one_json_object_per_line_with_extras(captured: io.StringIO) -> None:
+    logging.getLogger("payments.test").info(
+        "payment opened", extra={"request_id": "r-1", "payment_id": 7, "latency_ms": 1.5}
+    )
+    (entry,) = lines(captured)
+    assert entry["level"] == "info"
+    assert entry["logger"] == "payments.test"
+    assert entry["message"] == "payment opened"
+    assert entry["request_id"] == "r-1" and entry["payment_id"] == 7
+    assert str(entry["time"]).endswith("Z")
+
+
+def test_level_comes_from_settings() -> None:
+    stream = io.StringIO()
+    handler = logs.setup_from_settings(Settings(log_level="warning"), stream=stream)
+    try:
+        logging.getLogger("payments.test").info("quiet")
+        logging.getLogger("payments.test").warning("loud")
+        assert [e["message"] for e in lines(stream)] == ["loud"]
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def test_stripe_looking_values_are_masked_everywhere(captured: io.StringIO) -> None:
+    log = logging.getLogger("payments.test")
+    log.info("calling stripe with %s", STRIPE_KEY)
+    log.info(
+        "sig", extra={"header": f"t=1700000000,v1={'ab' * 32}", "nested": {"k": [WEBHOOK_SECRET]}}
+    )
+    try:
+        raise RuntimeError(f"Invalid API Key provided: {STRIPE_KEY} / rk_live_abcdef123456")
+    except RuntimeError:
+        log.exception("provider failed")
+    output = captured.getvalue()
+    assert "sk_test_" not in output and "rk_live_" not in output
+    assert "whsec_" not in output
+    assert "ab" * 32 not in output
+    assert output.count(logs.MASK) >= 4
+    assert "RuntimeError" in output  # the traceback itself is kept
+
+
+def test_configured_secrets_are_masked(captured: io.StringIO) -> None:
+    settings = Settings(
+        app_api_key=APP_KEY,
+        stripe_secret_key="custom-stripe-secret-value",
+        mysql_dsn=parse_mysql_dsn("payments:dbpassw0rd@tcp(db:3306)/payments"),
+    )
+    logs.add_secrets(logs.secrets_of(settings))
+    logging.getLogger("payments.test").error(
+        "dsn %s key %s",
+        "payments:dbpassw0rd@db",
+        "custom-stripe-secret-value",
+        extra={"own": APP_KEY},
+    )
+    output = captured.getvalue()
+    for secret in ("dbpassw0rd", "custom-stripe-secret-value", APP_KEY):
+        assert secret not in output
+
+
+def test_a_record_reaching_the_formatter_unfiltered_is_still_masked() -> None:
+    formatter = logs.JsonFormatter(logs.Redactor(["s3cr3t-value"]))
+    record = logging.LogRecord("x", logging.INFO, "x", 1, "a %s b", (STRIPE_KEY,), None)
+    record.extra_field = "s3cr3t-value"
+    line = formatter.format(record)
+    assert STRIPE_KEY not in line and "s3cr3t-value" not in line
+
+
+def test_access_log_line(captured: io.StringIO) -> None:
+    logs.access_log(
+        transport="http",
+        route="GET /payments",
+        status=200,
+        latency_ms=1.23456,
+        request_id="r-9",
+        caller="svc-a",
+    )
+    (entry,) = lines(captured)
+    assert entry["logger"] == logs.ACCESS_LOGGER
+    assert {k: entry[k] for k in ("transport", "route", "status", "request_id", "caller")} == {
+        "transport": "http",
+        "route": "GET /payments",
+        "status": 200,
+        "request_id": "r-9",
+        "caller": "svc-a",
+    }
+    assert entry["latency_ms"] == 1.235
+
+
+# --- the running service ----------------------------------------------------------------
+
+
+@pytest.fixture
+def service_log(stack: Stack) -> Iterator[io.StringIO]:
+    """Everything the service logs during the test, at DEBUG, as the CLI would set it up
+    (every configured secret registered with the redactor)."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    handler = logs.setup_logging("debug", logs.secrets_of(stack.settings), stream)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+async def test_requests_leave_no_secret_in_the_log(stack: Stack, service_log: io.StringIO) -> None:
+    leaked_key = "sk_test_callerSentAStripeKeyByMistake123"
+    stack.sandbox.faults.fail(
+        401,
+        error_type="authentication_error",
+        message=f"Invalid API Key provided: {SANDBOX_SECRET_KEY}",
+        path="/v1/payment_links",
+    )
+    async with httpx.AsyncClient(base_url=stack.http_url, timeout=10) as http:
+        body = {
+            "caller_service": "svc-a",
+            "resource_type": "order",
+            "resource_id": "1",
+            "amount_cents": 100,
+            "currency": "eur",
+            "payment_method": 1,
+            "payment_type": 1,
+            "status_callback_url": "https://svc-a.internal/cb",
+        }
+        created = await http.post("/payments", json=body, headers=stack.headers(request_id="h-1"))
+        assert created.status_code == 201
+        payment_id = created.json()["payment"]["id"]
+        assert (await http.get(f"/payments/{payment_id}", headers=stack.headers())).is_success
+        refused = await http.get("/health", headers=stack.headers(key=leaked_key))
+        assert refused.status_code == 401
+        link = {**body, "payment_method": 2, "resource_id": "2"}
+        failed = await http.post("/payments", json=link, headers=stack.headers(request_id="h-2"))
+        assert failed.status_code == 502
+        assert SANDBOX_SECRET_KEY not in failed.text
+
+    def grpc_call() -> None:
+        with grpc.insecure_channel(stack.grpc_target) as channel:
+            stub = pb_grpc.PaymentsServiceStub(channel)
+            metadata = [("x-request-id", "g-1"), ("x-api-key", KEY_B)]
+            stub.Health(pb.HealthRequest(), metadata=metadata, timeout=5)
+
+    await trio.to_thread.run_sync(grpc_call)
+
+    output = service_log.getvalue()
+    for secret in (KEY_A, KEY_B, APP_API_KEY, SANDBOX_SECRET_KEY, leaked_key, "sk_test_"):
+        assert secret not in output, secret
+    access = [e for e in lines(service_log) if e["logger"] == logs.ACCESS_LOGGER]
+    seen = {(e["transport"], e["request_id"], e["status"], e["caller"]) for e in access}
+    assert ("http", "h-1", 201, "svc-a") in seen
+    assert ("http", "rid-1", 401, "") in seen
+    assert ("http", "h-2", 502, "svc-a") in seen
+    assert ("grpc", "g-1", "OK", "svc-b") in seen
+    assert all(isinstance(e["latency_ms"], float | int) for e in access)
+
+
+async def test_an_unexpected_error_is_logged_with_its_request_id_but_answered_plainly(
+    stack: Stack, service_log: io.StringIO, empty_db_dsn: MysqlDsn
+) -> None:
+    """A database without the schema: the SQL error goes to the log, not the caller."""
+    pool = Pool(empty_db_dsn, 2, 1, 0)
+    service = PaymentService(pool, ProviderRegistry({}), stack.settings.provider_callback_base_url)
+    server = await stack.start_http(service=service)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            response = await http.get("/payments/1", headers=stack.headers(request_id="rid-500"))
+    finally:
+        await pool.aclose()
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error"}
+    assert response.headers["X-Request-ID"] == "rid-500"
+    (error,) = [e for e in lines(service_log) if e["message"] == "unhandled error"]
+    assert error["request_id"] == "rid-500" and error["level"] == "error"
+    assert "Traceback" in str(error["exception"]) and "payments" in str(error["exception"])
