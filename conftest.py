@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.db",
     "tests.fixtures.sandbox",
     "tests.fixtures.auth",
+    "tests.fixtures.app",
 ]
