@@ -100,3 +100,72 @@ CREATE TABLE IF NOT EXISTS payment_events (
     KEY ix_payment_events_payment (payment_id, id),
     UNIQUE KEY uq_payment_events_provider_event (provider_event_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- migrate:step 2 callback_outbox, callback_attempts, provider_callbacks
+
+-- One row per status callback owed to a caller, written in the transaction that moved
+-- the payment to a terminal status. The dispatcher claims due rows with a lease
+-- (claimed_by / claimed_until), so replicas never deliver one row at the same time.
+CREATE TABLE IF NOT EXISTS callback_outbox (
+    id              BIGINT UNSIGNED  NOT NULL AUTO_INCREMENT,
+    payment_id      BIGINT UNSIGNED  NOT NULL,
+    -- the payment status this callback announces
+    status          TINYINT UNSIGNED NOT NULL,
+    -- webhook-id of Standard Webhooks: the same on every retry of this delivery
+    delivery_id     VARCHAR(64)      NOT NULL,
+    url             VARCHAR(2048)    NOT NULL,
+    request_id      VARCHAR(128)     NOT NULL,
+    -- the JSON body, fixed when the status changed
+    payload         MEDIUMTEXT       NOT NULL,
+    -- pending, delivered, failed
+    state           VARCHAR(16)      NOT NULL,
+    attempts        INT              NOT NULL DEFAULT 0,
+    next_attempt_at DATETIME(6)      NOT NULL,
+    claimed_by      VARCHAR(64)      NOT NULL DEFAULT '',
+    claimed_until   DATETIME(6)      NULL DEFAULT NULL,
+    last_error      VARCHAR(500)     NOT NULL DEFAULT '',
+    created_at      DATETIME(6)      NOT NULL,
+    updated_at      DATETIME(6)      NOT NULL,
+    delivered_at    DATETIME(6)      NULL DEFAULT NULL,
+    PRIMARY KEY (id),
+    UNIQUE KEY uq_callback_outbox_delivery (delivery_id),
+    -- a payment announces each terminal status once
+    UNIQUE KEY uq_callback_outbox_payment_status (payment_id, status),
+    -- the dispatcher's sweep: due pending rows, oldest first
+    KEY ix_callback_outbox_due (state, next_attempt_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Every delivery attempt of a status callback: when, what came back, how long it took.
+CREATE TABLE IF NOT EXISTS callback_attempts (
+    id           BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+    outbox_id    BIGINT UNSIGNED NOT NULL,
+    attempt      INT             NOT NULL,
+    attempted_at DATETIME(6)     NOT NULL,
+    -- NULL when no HTTP answer came (connection refused, timeout, ...)
+    status_code  INT             NULL DEFAULT NULL,
+    error        VARCHAR(500)    NOT NULL DEFAULT '',
+    latency_ms   INT             NOT NULL,
+    PRIMARY KEY (id),
+    KEY ix_callback_attempts_outbox (outbox_id, id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Every inbound provider callback (webhook), processed or rejected with its reason.
+CREATE TABLE IF NOT EXISTS provider_callbacks (
+    id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
+    provider      VARCHAR(32)     NOT NULL,
+    callback_hash VARCHAR(64)     NOT NULL,
+    -- NULL when the body could not be read as an event
+    event_id      VARCHAR(255)    NULL DEFAULT NULL,
+    event_type    VARCHAR(255)    NOT NULL DEFAULT '',
+    payment_id    BIGINT UNSIGNED NULL DEFAULT NULL,
+    -- processed, duplicate, rejected
+    outcome       VARCHAR(16)     NOT NULL,
+    reason        VARCHAR(500)    NOT NULL DEFAULT '',
+    request_id    VARCHAR(128)    NOT NULL DEFAULT '',
+    payload       MEDIUMTEXT      NOT NULL,
+    received_at   DATETIME(6)     NOT NULL,
+    PRIMARY KEY (id),
+    KEY ix_provider_callbacks_event (event_id),
+    KEY ix_provider_callbacks_payment (payment_id, id),
+    KEY ix_provider_callbacks_received (received_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

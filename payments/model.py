@@ -251,3 +251,33 @@ def check_transition(current: PaymentStatus, new: PaymentStatus) -> PaymentStatu
     if not can_transition(current, new):
         raise TransitionRefused(f"{current.name} -> {new.name} is not allowed")
     return new
+
+
+class OutboxState(enum.StrEnum):
+    """Where a status callback stands."""
+
+    PENDING = "pending"  # due at next_attempt_at
+    DELIVERED = "delivered"  # the caller answered 2xx
+    FAILED = "failed"  # PAYMENTS_CALLBACK_MAX_ATTEMPTS used up
+
+
+@attrs.define
+class OutboxEntry:
+    """A status callback owed to a caller (a row of callback_outbox)."""
+
+    payment_id: int
+    status: PaymentStatus
+    delivery_id: str  # webhook-id: stable across retries
+    url: str
+    request_id: str
+    payload: str  # the JSON body, fixed when the status changed
+    state: OutboxState
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    attempts: int = 0
+    claimed_by: str = ""
+    claimed_until: datetime | None = None
+    last_error: str = ""
+    delivered_at: datetime | None = None
+    id: int = 0

@@ -23,6 +23,7 @@ from payments.errors import (
     PermissionDenied,
     ProviderRejected,
 )
+from payments.lifecycle import change_status
 from payments.model import (
     CANCELABLE_STATUSES,
     Caller,
@@ -233,20 +234,8 @@ class PaymentService:
                     _apply_checkout(payment, result)
             if payment.provider_payment_id:
                 await provider.cancel(payment)
-            previous = payment.status
-            payment.status = check_transition(previous, PaymentStatus.CANCELED)
-            payment.updated_at = utcnow()
-            await repo.update_payment(conn, payment)
-            await repo.insert_event(
-                conn,
-                PaymentEvent(
-                    payment_id=payment.id,
-                    kind=EventKind.STATUS_CHANGED,
-                    from_status=previous,
-                    to_status=payment.status,
-                    created_at=payment.updated_at,
-                    reason=reason or "canceled by caller",
-                ),
+            await change_status(
+                conn, payment, PaymentStatus.CANCELED, reason=reason or "canceled by caller"
             )
         self._on_terminal(payment)
         log.info("payment canceled", extra={"payment_id": payment.id})

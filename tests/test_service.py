@@ -7,6 +7,7 @@ event row with every change.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import attrs
@@ -27,6 +28,7 @@ from payments.model import (
     EventKind,
     ListFilter,
     NewPayment,
+    OutboxState,
     PaymentStatus,
     ProviderType,
 )
@@ -34,6 +36,7 @@ from payments.providers.registry import ProviderRegistry
 from payments.providers.stripe import StripeProvider
 from payments.sandbox import Sandbox
 from payments.service import PaymentService
+from payments.storage import outbox
 from payments.storage import repository as repo
 from payments.storage.pool import Pool
 from payments.validation import validate_create
@@ -231,6 +234,12 @@ async def test_cancel_expires_the_session_and_is_idempotent(
     assert events[-1].to_status == PaymentStatus.CANCELED
     assert events[-1].reason == "changed my mind"
     assert len(events) == 3
+    async with db_pool.connection() as conn:
+        (entry,) = await outbox.entries_for_payment(conn, payment.id)
+    assert entry.state == OutboxState.PENDING and entry.status == PaymentStatus.CANCELED
+    assert entry.url == payment.status_callback_url and entry.request_id == payment.request_id
+    body = json.loads(entry.payload)["payment"]
+    assert body["id"] == payment.id and body["status"] == int(PaymentStatus.CANCELED)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,14 @@ from payments.storage.migrate import (
 )
 from payments.storage.pool import Pool
 
-EXPECTED_TABLES = {"schema_version", "payments", "payment_events"}
+EXPECTED_TABLES = {
+    "schema_version",
+    "payments",
+    "payment_events",
+    "callback_outbox",
+    "callback_attempts",
+    "provider_callbacks",
+}
 
 
 async def tables(pool: Pool) -> dict[str, tuple[str, str]]:
