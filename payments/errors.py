@@ -20,6 +20,13 @@ class InvalidArgument(PaymentsError):
         self.field = field
 
 
+class BadSignature(InvalidArgument):
+    """A provider callback whose signature is missing, wrong or stale: 400."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("signature", problem)
+
+
 class Unauthenticated(PaymentsError):
     """Missing or unknown API key: 401 / UNAUTHENTICATED."""
 

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from payments.model import Payment
+from payments.model import Payment, PaymentStatus
 
 
 @attrs.frozen
@@ -23,6 +23,41 @@ class CheckoutResult:
     provider_payment_id: str  # checkout session id, or payment link id
     checkout_url: str
     provider_subscription_id: str = ""
+
+
+@attrs.frozen
+class ProviderEvent:
+    """A provider event (webhook) after its signature was checked."""
+
+    event_id: str
+    event_type: str
+    created: int  # the provider's unix time of the event
+    # Provider object ids the event is about (session, payment link, subscription):
+    # the payment is found by these or by ``callback_hash``.
+    refs: tuple[str, ...]
+    callback_hash: str  # metadata.callback_hash, when the object carries it
+    # What the event means for the payment (CONTRACT.md's mapping); None: record only.
+    target_status: PaymentStatus | None
+    subscription_id: str = ""  # a subscription the event reveals (recurring checkout)
+
+
+@attrs.frozen
+class ProviderState:
+    """What the provider says of a payment now (the reconciler's question)."""
+
+    status: PaymentStatus | None  # None: nothing to conclude yet
+    subscription_id: str = ""
+
+
+@runtime_checkable
+class EventParser(Protocol):
+    def parse(self, payload: bytes, signature: str) -> ProviderEvent:
+        """Check the signature of a raw event body and read it.
+
+        Raises payments.errors.BadSignature for a missing, wrong or stale signature,
+        and payments.errors.InvalidArgument for a body that is not an event.
+        """
+        ...
 
 
 @runtime_checkable
@@ -38,6 +73,11 @@ class Provider(Protocol):
     async def cancel(self, payment: Payment) -> None:
         """Close the payment at the provider (expire the session, deactivate the link,
         cancel the subscription). Already closed counts as success."""
+        ...
+
+    async def fetch_state(self, payment: Payment) -> ProviderState:
+        """Ask the provider where the payment stands (Checkout Session; a payment link's
+        sessions; a subscription), for the reconciler."""
         ...
 
     async def aclose(self) -> None:
