@@ -2,16 +2,35 @@
 
 Rows are written by payments.lifecycle in the status-change transaction and worked by
 the dispatcher (payments/jobs/dispatcher.py), which claims due rows with a lease.
+
+Why a lease and not only a row lock: a delivery is an HTTP call of up to
+PAYMENTS_CALLBACK_HTTP_TIMEOUT_SECONDS, far too long to hold a transaction open. So
+:func:`claim_due` locks due rows for one short transaction (``FOR UPDATE SKIP LOCKED``:
+a second replica skips them instead of waiting) and stamps them ``claimed_by`` /
+``claimed_until``; other replicas leave a row alone while its lease runs. A replica
+that dies mid-delivery leaves a lease that expires, and another takes the row over:
+delivery is at-least-once, and the receiver deduplicates on ``webhook-id``.
+:func:`record_attempt` writes the outcome only while the lease it was claimed under
+is still the row's, so a slow replica whose lease was taken over cannot overwrite the
+newer owner's work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
+import attrs
+
 from payments.model import OutboxEntry, OutboxState, PaymentStatus
-from payments.storage.pool import Connection, DuplicateKey
+from payments.storage.pool import Connection, DuplicateKey, Pool
 from payments.storage.repository import from_db_datetime, to_db_datetime
+
+# VARCHAR(500) of last_error and callback_attempts.error (strict mode refuses longer).
+ERROR_MAX_CHARS = 500
+# A claimer's worker id must fit claimed_by VARCHAR(64).
+WORKER_ID_MAX_CHARS = 64
 
 OUTBOX_COLUMNS = (
     "id",
@@ -92,3 +111,196 @@ async def entries_for_payment(conn: Connection, payment_id: int) -> list[OutboxE
     """A payment's callbacks, oldest first."""
     rows = await conn.fetchall(f"{SELECT_OUTBOX} WHERE payment_id = %s ORDER BY id", (payment_id,))
     return [entry_from_row(row) for row in rows]
+
+
+async def get_entry(conn: Connection, outbox_id: int) -> OutboxEntry | None:
+    """The outbox row with this id, or None."""
+    row = await conn.fetchone(f"{SELECT_OUTBOX} WHERE id = %s", (outbox_id,))
+    return None if row is None else entry_from_row(row)
+
+
+# The due rows, oldest first. FORCE INDEX because this is a locking read: a table scan
+# would lock (and make other replicas skip) every row it passed, not just the batch.
+# ix_callback_outbox_due is (state, next_attempt_at) and InnoDB appends id, so the
+# range scan already yields ORDER BY next_attempt_at, id without a sort.
+DUE_QUERY = (
+    f"{SELECT_OUTBOX} FORCE INDEX (ix_callback_outbox_due)"
+    " WHERE state = 'pending' AND next_attempt_at <= %s"
+    " AND (claimed_until IS NULL OR claimed_until <= %s)"
+    " ORDER BY next_attempt_at, id LIMIT %s"
+)
+
+
+async def claim_due(
+    pool: Pool, worker_id: str, now: datetime, lease_seconds: float, limit: int
+) -> list[OutboxEntry]:
+    """Claim up to ``limit`` pending rows due at ``now`` whose lease is free or expired.
+
+    One short transaction: lock the rows (skipping rows another replica is claiming
+    right now), stamp them with ``worker_id`` and a lease ending ``now +
+    lease_seconds``, commit. The entries come back carrying that lease, which
+    :func:`record_attempt` and :func:`release` check.
+    """
+    if not worker_id or len(worker_id) > WORKER_ID_MAX_CHARS:
+        raise ValueError(f"worker_id must be 1..{WORKER_ID_MAX_CHARS} characters")
+    if limit <= 0:
+        return []
+    until = now + timedelta(seconds=lease_seconds)
+    db_now = to_db_datetime(now)
+    async with pool.transaction() as conn:
+        rows = await conn.fetchall(f"{DUE_QUERY} FOR UPDATE SKIP LOCKED", (db_now, db_now, limit))
+        if not rows:
+            return []
+        entries = [entry_from_row(row) for row in rows]
+        ids = [entry.id for entry in entries]
+        marks = ", ".join(["%s"] * len(ids))
+        await conn.execute(
+            f"UPDATE callback_outbox SET claimed_by = %s, claimed_until = %s WHERE id IN ({marks})",  # noqa: S608
+            (worker_id, to_db_datetime(until), *ids),
+        )
+    for entry in entries:
+        entry.claimed_by = worker_id
+        entry.claimed_until = until
+    return entries
+
+
+@attrs.frozen
+class CallbackAttempt:
+    """One delivery attempt (a row of callback_attempts).
+
+    ``status_code`` is None when no HTTP answer came (timeout, connection error, or a
+    URL refused before any request); ``error`` then says why.
+    """
+
+    outbox_id: int
+    attempt: int  # 1 for the first try
+    attempted_at: datetime
+    status_code: int | None
+    error: str
+    latency_ms: int
+    id: int = 0
+
+
+ATTEMPT_COLUMNS = (
+    "id",
+    "outbox_id",
+    "attempt",
+    "attempted_at",
+    "status_code",
+    "error",
+    "latency_ms",
+)
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= ERROR_MAX_CHARS else text[: ERROR_MAX_CHARS - 3] + "..."
+
+
+def _lease_guard(entry: OutboxEntry, worker_id: str) -> tuple[Any, ...]:
+    if entry.claimed_until is None or entry.claimed_by != worker_id:
+        raise ValueError("the entry was not claimed by this worker (use claim_due)")
+    return (entry.id, worker_id, to_db_datetime(entry.claimed_until))
+
+
+# The lease an entry was claimed under is (claimed_by, claimed_until): claimed_until is
+# new on every claim, so this also refuses this same worker's own expired, re-claimed
+# lease.
+_RECORD = (
+    "UPDATE callback_outbox SET state = %s, attempts = %s, next_attempt_at = %s,"
+    " last_error = %s, delivered_at = %s, updated_at = %s, claimed_by = '', claimed_until = NULL"
+    " WHERE id = %s AND state = 'pending' AND claimed_by = %s AND claimed_until = %s"
+)
+_RELEASE = (
+    "UPDATE callback_outbox SET claimed_by = '', claimed_until = NULL"
+    " WHERE id = %s AND state = 'pending' AND claimed_by = %s AND claimed_until = %s"
+)
+
+
+async def record_attempt(
+    conn: Connection,
+    entry: OutboxEntry,
+    worker_id: str,
+    attempt: CallbackAttempt,
+    state: OutboxState,
+    next_attempt_at: datetime,
+) -> bool:
+    """Write ``attempt`` and move the row to ``state``, releasing the claim.
+
+    Use inside ``pool.transaction()``, so the row and its attempt are written together.
+    Returns False, writing nothing, when the row is no longer held under the lease
+    ``entry`` was claimed with (it expired and another worker, or a later claim, took
+    it over, or it is no longer pending): the newer owner's outcome stands.
+    ``delivered_at`` is set to the attempt time when ``state`` is DELIVERED.
+    """
+    error = _clip(attempt.error)
+    delivered_at = attempt.attempted_at if state == OutboxState.DELIVERED else None
+    matched = await conn.execute(
+        _RECORD,
+        (
+            str(state),
+            attempt.attempt,
+            to_db_datetime(next_attempt_at),
+            error if state != OutboxState.DELIVERED else "",
+            None if delivered_at is None else to_db_datetime(delivered_at),
+            to_db_datetime(attempt.attempted_at),
+            *_lease_guard(entry, worker_id),
+        ),
+    )
+    if matched != 1:
+        return False
+    await conn.insert(
+        "INSERT INTO callback_attempts (outbox_id, attempt, attempted_at, status_code, error,"
+        " latency_ms) VALUES (%s, %s, %s, %s, %s, %s)",
+        (
+            entry.id,
+            attempt.attempt,
+            to_db_datetime(attempt.attempted_at),
+            attempt.status_code,
+            error,
+            attempt.latency_ms,
+        ),
+    )
+    return True
+
+
+async def release(conn: Connection, entry: OutboxEntry, worker_id: str) -> bool:
+    """Give a claimed row back untouched (not attempted: shutting down, lease too
+    short), so another replica need not wait for the lease to expire. False when the
+    lease was no longer ours."""
+    matched = await conn.execute(_RELEASE, _lease_guard(entry, worker_id))
+    return matched == 1
+
+
+async def attempts_for(conn: Connection, outbox_id: int) -> list[CallbackAttempt]:
+    """A callback's delivery attempts, first first."""
+    rows = await conn.fetchall(
+        f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM callback_attempts"  # noqa: S608
+        " WHERE outbox_id = %s ORDER BY id",
+        (outbox_id,),
+    )
+    return [
+        CallbackAttempt(
+            id=int(row[0]),
+            outbox_id=int(row[1]),
+            attempt=int(row[2]),
+            attempted_at=from_db_datetime(row[3]),
+            status_code=None if row[4] is None else int(row[4]),
+            error=row[5],
+            latency_ms=int(row[6]),
+        )
+        for row in rows
+    ]
+
+
+async def next_due_at(conn: Connection, horizon: datetime) -> datetime | None:
+    """When the earliest pending row up to ``horizon`` becomes claimable (its due time,
+    or its lease end if later), or None. Lets the dispatcher sleep until a retry is due
+    instead of until its next sweep; only rows due by ``horizon`` are read (an index
+    range on ix_callback_outbox_due), so a large backlog further out costs nothing."""
+    row = await conn.fetchone(
+        "SELECT MIN(GREATEST(next_attempt_at, COALESCE(claimed_until, next_attempt_at)))"
+        " FROM callback_outbox FORCE INDEX (ix_callback_outbox_due)"
+        " WHERE state = 'pending' AND next_attempt_at <= %s",
+        (to_db_datetime(horizon),),
+    )
+    return None if row is None or row[0] is None else from_db_datetime(row[0])
