@@ -259,6 +259,14 @@ def _dsn(value: str, name: str) -> MysqlDsn | None:
     return parse_mysql_dsn(value, name) if value.strip() else None
 
 
+def _signing_secret(value: str, name: str) -> str:
+    # Checked here so a bad secret stops the start; the rule is payments.jobs.signing's.
+    from payments.jobs.signing import parse_signing_secret
+
+    parse_signing_secret(value)
+    return value.strip()
+
+
 # variable -> (Settings field, parser). Port 0 lets tests ask for any free port.
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "APP_SERVICE_NAME": ("app_service_name", _str),
@@ -283,7 +291,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "PAYMENTS_CALLBACK_MAX_ATTEMPTS": ("callback_max_attempts", _int(1)),
     "PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES": ("callback_retry_interval_minutes", _float(0)),
     "PAYMENTS_CALLBACK_HTTP_TIMEOUT_SECONDS": ("callback_http_timeout_seconds", _float(0.001)),
-    "PAYMENTS_CALLBACK_SIGNING_SECRET": ("callback_signing_secret", _str),
+    "PAYMENTS_CALLBACK_SIGNING_SECRET": ("callback_signing_secret", _signing_secret),
     "PAYMENTS_CALLBACK_ALLOWED_HOSTS": ("callback_allowed_hosts", _list),
     "PAYMENTS_PENDING_TIMEOUT_MINUTES": ("pending_timeout_minutes", _float(0)),
     "PAYMENTS_RECONCILE_STALE_AFTER_MINUTES": ("reconcile_stale_after_minutes", _float(0)),

@@ -106,7 +106,7 @@ def test_every_variable_sets_its_field() -> None:
         "PAYMENTS_CALLBACK_MAX_ATTEMPTS": "8",
         "PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES": "9",
         "PAYMENTS_CALLBACK_HTTP_TIMEOUT_SECONDS": "11",
-        "PAYMENTS_CALLBACK_SIGNING_SECRET": "sign",
+        "PAYMENTS_CALLBACK_SIGNING_SECRET": SIGNING_SECRET,
         "PAYMENTS_CALLBACK_ALLOWED_HOSTS": "a.internal",
         "PAYMENTS_PENDING_TIMEOUT_MINUTES": "12",
         "PAYMENTS_RECONCILE_STALE_AFTER_MINUTES": "13",
@@ -130,16 +130,26 @@ def test_every_variable_sets_its_field() -> None:
     assert unchanged == []
 
 
+SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # 24 bytes, base64
+
+
+def test_signing_secret_must_be_base64_of_enough_bytes() -> None:
+    for bad in ("sign", "whsec_abc", "whsec_" + "A" * 8):
+        with pytest.raises(ConfigError, match="PAYMENTS_CALLBACK_SIGNING_SECRET") as caught:
+            load(PAYMENTS_CALLBACK_SIGNING_SECRET=bad)
+        assert bad.removeprefix("whsec_") not in str(caught.value)
+
+
 def test_secrets_stay_out_of_repr() -> None:
     settings = load(
         APP_API_KEY="own-key-123",
         STRIPE_SECRET_KEY="sk_test_abc",
         STRIPE_WEBHOOK_SECRET="whsec_abc",
-        PAYMENTS_CALLBACK_SIGNING_SECRET="signing-abc",
+        PAYMENTS_CALLBACK_SIGNING_SECRET=SIGNING_SECRET,
         MYSQL_DSN="u:dbpass-abc@tcp(db:3306)/payments",
     )
     text = repr(settings)
-    for secret in ("own-key-123", "sk_test_abc", "whsec_abc", "signing-abc", "dbpass-abc"):
+    for secret in ("own-key-123", "sk_test_abc", "whsec_abc", SIGNING_SECRET[6:], "dbpass-abc"):
         assert secret not in text
     assert settings.mysql_dsn is not None
     assert "dbpass-abc" not in settings.mysql_dsn.redacted()
