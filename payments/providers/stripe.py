@@ -17,6 +17,11 @@ httpx request (connect, read, write and pool each); ``max_network_retries`` on t
 StripeClient makes the SDK retry connection errors (timeouts included), 409 and 5xx
 answers with exponential backoff (0.5 s doubling, jittered, at most 5 s).
 
+Reading state (``fetch_state``, for the reconciler and the expirer): a Checkout
+Session's ``status`` / ``payment_status``; a payment link's completed sessions; and once
+a subscription exists, the subscription, whose status is the truth of a recurring
+payment from then on (see ``SUBSCRIPTION_STATUS`` for the mapping and why).
+
 Errors: Stripe refusing the request (invalid request, card, idempotency mismatch) is
 :class:`ProviderRejected` with Stripe's message; anything else is
 :class:`ProviderUnavailable` with a generic message. Stripe's own messages for auth
@@ -32,15 +37,35 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import stripe
+from stripe.params.checkout import SessionListParams
 
 from payments.errors import ProviderRejected, ProviderUnavailable
-from payments.model import Payment, PaymentMethod, PaymentType
-from payments.providers.base import CheckoutResult
+from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType
+from payments.providers.base import CheckoutResult, ProviderState
 
 log = logging.getLogger("payments.providers.stripe")
 
 UNAVAILABLE_MESSAGE = "payment provider unavailable"
 _REJECTED = (stripe.InvalidRequestError, stripe.CardError, stripe.IdempotencyError)
+_LIST_PAGE = 100  # Stripe's largest page
+
+# What a subscription's status says of the payment that started it. The payment stands
+# for the first charge, so every status Stripe only reaches after that charge succeeded
+# (past_due and unpaid come only from active: a renewal failed) is PAID; the renewals'
+# fate is the subscription's life, told by its own events. ``incomplete`` is a first
+# charge still under way; ``paused`` (a trial ended without a payment method) has not
+# charged yet and concludes nothing.
+SUBSCRIPTION_STATUS: dict[str, PaymentStatus | None] = {
+    "active": PaymentStatus.PAID,
+    "trialing": PaymentStatus.PAID,
+    "past_due": PaymentStatus.PAID,
+    "unpaid": PaymentStatus.PAID,
+    "canceled": PaymentStatus.CANCELED,
+    "incomplete_expired": PaymentStatus.EXPIRED,
+    "incomplete": PaymentStatus.PROCESSING,
+    "paused": None,
+}
+_PAID = frozenset({"paid", "no_payment_required"})
 
 
 def with_state(url: str, state: str) -> str:
@@ -224,6 +249,21 @@ class StripeProvider:
             params={"active": False},
             options={"idempotency_key": f"{payment.idempotency_key}:deactivate"},
         )
+        # Deactivating stops new sessions; one a customer opened before may still be on
+        # screen. Expire those too, so closing the link leaves nothing payable.
+        sessions = self._client.v1.checkout.sessions
+        for session in await self._link_sessions(payment.provider_payment_id, "open"):
+            try:
+                await sessions.expire_async(
+                    session.id,
+                    options={"idempotency_key": f"{payment.idempotency_key}:expire:{session.id}"},
+                )
+            except stripe.InvalidRequestError:
+                # Completed or expired meanwhile: not open any more, which is the aim.
+                # (A completed one is found by fetch_state, which the expirer asks next.)
+                current = await sessions.retrieve_async(session.id)
+                if current.status == "open":
+                    raise
 
     async def _cancel_subscription(self, subscription_id: str) -> None:
         subscriptions = self._client.v1.subscriptions
@@ -236,8 +276,89 @@ class StripeProvider:
                 return
             raise
 
+    # --- state ------------------------------------------------------------------------
+
+    async def fetch_state(self, payment: Payment) -> ProviderState:
+        """Where the payment stands at Stripe; ``status`` None means nothing to conclude
+        yet (the checkout is still open, or there is no provider object to ask about)."""
+        try:
+            if payment.provider_subscription_id:
+                # Known subscription: its status is the payment's truth from now on.
+                return await self._subscription_state(payment.provider_subscription_id)
+            if not payment.provider_payment_id:
+                return ProviderState(None)
+            if payment.payment_method == PaymentMethod.HOSTED_CARD:
+                return await self._session_state(payment.provider_payment_id)
+            if payment.payment_method == PaymentMethod.PAYMENT_LINK:
+                return await self._link_state(payment.provider_payment_id)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "fetch_state", payment)
+        raise ProviderRejected(
+            f"payment method {payment.payment_method.name} is not supported by Stripe"
+        )
+
+    async def _session_state(self, session_id: str) -> ProviderState:
+        session = await self._client.v1.checkout.sessions.retrieve_async(session_id)
+        if session.status == "expired":
+            return ProviderState(PaymentStatus.EXPIRED)
+        return await self._completed_state(session)
+
+    async def _link_state(self, link_id: str) -> ProviderState:
+        """A link is paid when one of its sessions is: a paid one wins over one whose
+        money is still on its way; none completed concludes nothing (a deactivated link
+        included: whoever deactivated it also moved the payment)."""
+        under_way: ProviderState | None = None
+        for session in await self._link_sessions(link_id, "complete"):
+            state = await self._completed_state(session)
+            if state.status == PaymentStatus.PAID:
+                return state
+            if under_way is None and state.status is not None:
+                under_way = state
+        return under_way or ProviderState(None)
+
+    async def _completed_state(self, session: Any) -> ProviderState:
+        """The state of a (possibly) completed session: its subscription's once it has one,
+        else its payment_status (complete but unpaid: a delayed method, money on its way)."""
+        subscription_id = _object_id(session.subscription)
+        if subscription_id:
+            return await self._subscription_state(subscription_id)
+        if session.payment_status in _PAID:
+            return ProviderState(PaymentStatus.PAID)
+        if session.status == "complete":
+            return ProviderState(PaymentStatus.PROCESSING)
+        return ProviderState(None)
+
+    async def _subscription_state(self, subscription_id: str) -> ProviderState:
+        subscription = await self._client.v1.subscriptions.retrieve_async(subscription_id)
+        return ProviderState(
+            SUBSCRIPTION_STATUS.get(subscription.status), subscription_id=subscription.id
+        )
+
+    async def _link_sessions(self, link_id: str, status: str) -> list[Any]:
+        """Every session of a payment link in ``status``, newest first (all pages)."""
+        params = SessionListParams(payment_link=link_id, status=status, limit=_LIST_PAGE)
+        found: list[Any] = []
+        while True:
+            page = await self._client.v1.checkout.sessions.list_async(params=params)
+            found.extend(page.data)
+            if not page.has_more or not page.data:
+                return found
+            params = SessionListParams(
+                payment_link=link_id,
+                status=status,
+                limit=_LIST_PAGE,
+                starting_after=page.data[-1].id,
+            )
+
     async def aclose(self) -> None:
         await self._http.close_async()
+
+
+def _object_id(value: Any) -> str:
+    """The id of a reference Stripe sends as an id string or, when expanded, an object."""
+    if not value:
+        return ""
+    return value if isinstance(value, str) else str(value.id)
 
 
 def _quiet_sdk_logger() -> None:

@@ -1,0 +1,291 @@
+"""What the reconciler and the expirer share: the pass over claimed payments, its
+summary, the rate limit on provider calls, and the supervised loop.
+
+A pass fixes its cutoff once, then reads candidates in batches (payments.storage.claims:
+keyset order, so it drains a backlog of any size and never revisits a row) and works
+each candidate in its own transaction under its row lock. Up to ``concurrency`` items
+run at once, because a pass is bound by the provider's latency, not by CPU; each holds
+one database session while it runs. One item failing (provider down, provider refusing,
+even a bug) is counted and logged and the pass goes on: one bad payment must not stop
+the others from being settled. A stop request is honoured between items: no new item
+starts, the ones in flight finish.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+import trio
+
+from payments.config import Settings
+from payments.errors import DependencyUnavailable, PaymentsError
+from payments.model import Payment, PaymentStatus, utcnow
+from payments.providers.registry import ProviderRegistry
+from payments.storage import claims
+from payments.storage.pool import Pool
+from supervisor import ChildContext
+
+T = TypeVar("T")
+
+# Stripe allows 100 requests/s in live mode (25 in test mode) per account, shared with
+# the API's own creates and cancels; each replica runs its own bucket.
+DEFAULT_RATE_PER_SECOND = 20.0
+# Items of one batch in flight at once; each holds a database session while it waits on
+# the provider, so keep (jobs x concurrency) well under MYSQL_MAX_OPEN_CONNS.
+DEFAULT_CONCURRENCY = 4
+
+
+class Outcome(enum.Enum):
+    """How one claimed candidate ended (errors are raised, not returned)."""
+
+    CHANGED = "changed"  # its status moved
+    UNCHANGED = "unchanged"  # looked at, nothing to move
+    SKIPPED = "skipped"  # busy elsewhere, or no longer a candidate under the lock
+
+
+@attrs.frozen
+class ItemResult:
+    outcome: Outcome
+    status: PaymentStatus | None = None  # the new status, for CHANGED
+
+
+@attrs.define
+class JobSummary:
+    """What one pass did. ``checked`` = changed + unchanged + skipped + errors."""
+
+    job: str
+    checked: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    errors: int = 0
+    batches: int = 0
+    stopped: bool = False  # ended early on a stop request
+    moved_to: Counter[str] = attrs.field(factory=Counter)  # status name -> count
+
+    @property
+    def expired(self) -> int:
+        """Payments this pass moved to EXPIRED."""
+        return self.moved_to[PaymentStatus.EXPIRED.name]
+
+    @property
+    def failed(self) -> bool:
+        """True when some payment could not be worked (the CLI exits non-zero)."""
+        return self.errors > 0
+
+    def record(self, result: ItemResult) -> None:
+        if result.outcome is Outcome.CHANGED:
+            self.changed += 1
+            if result.status is not None:
+                self.moved_to[result.status.name] += 1
+        elif result.outcome is Outcome.UNCHANGED:
+            self.unchanged += 1
+        else:
+            self.skipped += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "checked": self.checked,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "batches": self.batches,
+            "stopped": self.stopped,
+            "moved_to": dict(self.moved_to),
+        }
+
+    def __str__(self) -> str:
+        moved = ", ".join(f"{name} {count}" for name, count in sorted(self.moved_to.items()))
+        return (
+            f"{self.job}: checked {self.checked}, changed {self.changed}"
+            + (f" ({moved})" if moved else "")
+            + f", unchanged {self.unchanged}, skipped {self.skipped}, errors {self.errors}"
+            + (" (stopped early)" if self.stopped else "")
+        )
+
+
+class TokenBucket:
+    """At most ``rate`` acquisitions per second on trio's clock, after a burst of
+    ``burst``. Waiters are served in arrival order (trio.Lock is fair).
+
+    Kept as the time the next acquisition is due (GCRA) rather than a float count of
+    tokens: sleeping until an absolute deadline cannot stall on rounding.
+    """
+
+    def __init__(self, rate: float, burst: int = 1) -> None:
+        if not rate > 0 or math.isinf(rate):
+            raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+        self._interval = 1 / rate
+        self._slack = (max(1, burst) - 1) * self._interval
+        self._due = -math.inf
+        self._lock = trio.Lock()
+
+    @property
+    def rate(self) -> float:
+        return 1 / self._interval
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            due = max(self._due, trio.current_time())
+            await trio.sleep_until(due - self._slack)
+            self._due = due + self._interval
+
+
+class PaymentJob:
+    """Base of the reconciler and the expirer: a pass over ``selection`` and the loop.
+
+    Subclasses give ``selection``, ``_cutoff_minutes``, ``_interval_minutes`` and
+    ``_work`` (one claimed candidate, in its own transaction).
+    """
+
+    selection: ClassVar[claims.Selection]
+
+    def __init__(
+        self,
+        pool: Pool,
+        providers: ProviderRegistry,
+        settings: Settings,
+        on_terminal: Callable[[Payment], object] | None = None,
+        rate_per_second: float | None = DEFAULT_RATE_PER_SECOND,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self._pool = pool
+        self._providers = providers
+        self._settings = settings
+        self._on_terminal = on_terminal
+        self._bucket = TokenBucket(rate_per_second) if rate_per_second else None
+        self._concurrency = concurrency
+        self._log = logging.getLogger(f"payments.jobs.{self.selection.job}")
+        self.passes = 0
+        self.last_summary: JobSummary | None = None
+
+    # --- what a subclass says -----------------------------------------------------------
+
+    def _cutoff_minutes(self) -> float:
+        raise NotImplementedError
+
+    def _interval_minutes(self) -> float:
+        raise NotImplementedError
+
+    async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
+        raise NotImplementedError
+
+    # --- helpers for subclasses ---------------------------------------------------------
+
+    async def _provider_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """One provider operation, after the rate limit lets it through."""
+        if self._bucket is not None:
+            await self._bucket.acquire()
+        return await call()
+
+    def _notify(self, payment: Payment) -> None:
+        """Tell the dispatcher a payment ended (after the commit). The notifier must not
+        block; should it fail, the dispatcher's sweep still finds the outbox row."""
+        if self._on_terminal is None or not payment.status.is_terminal:
+            return
+        try:
+            self._on_terminal(payment)
+        except Exception:
+            self._log.exception("on_terminal failed", extra={"payment_id": payment.id})
+
+    # --- the pass -----------------------------------------------------------------------
+
+    async def run_pass(
+        self,
+        *,
+        stopping: trio.Event | None = None,
+        on_progress: Callable[[JobSummary], None] | None = None,
+    ) -> JobSummary:
+        """Work every candidate older than the cutoff (fixed now), in batches of
+        PAYMENTS_JOB_BATCH_SIZE; ``on_progress`` after each batch (a CLI progress line).
+
+        Raises DependencyUnavailable when the database cannot be read for a batch.
+        """
+        summary = JobSummary(self.selection.job)
+        cutoff = utcnow() - timedelta(minutes=self._cutoff_minutes())
+        batch_size = self._settings.job_batch_size
+        after: claims.Candidate | None = None
+        slots = trio.Semaphore(self._concurrency)
+
+        def stop_requested() -> bool:
+            if stopping is not None and stopping.is_set():
+                summary.stopped = True
+            return summary.stopped
+
+        async def work_one(candidate: claims.Candidate) -> None:
+            try:
+                result = await self._work(candidate, cutoff)
+                summary.record(result)
+                if result.outcome is Outcome.CHANGED and result.status is not None:
+                    self._log.info(
+                        "%s moved a payment to %s",
+                        self.selection.job,
+                        result.status.name,
+                        extra={"payment_id": candidate.id, "status": result.status.name},
+                    )
+            except Exception as exc:
+                summary.errors += 1
+                extra = {"payment_id": candidate.id, "error_type": type(exc).__name__}
+                if isinstance(exc, PaymentsError):
+                    self._log.warning("%s failed: %s", self.selection.job, exc.message, extra=extra)
+                else:
+                    self._log.exception("%s failed", self.selection.job, extra=extra)
+            finally:
+                slots.release()
+
+        while not stop_requested():
+            async with self._pool.connection() as conn:
+                batch = await claims.candidates(conn, self.selection, cutoff, after, batch_size)
+            if not batch:
+                break
+            summary.batches += 1
+            async with trio.open_nursery() as nursery:
+                for candidate in batch:
+                    await slots.acquire()
+                    if stop_requested():
+                        slots.release()
+                        break
+                    summary.checked += 1
+                    nursery.start_soon(work_one, candidate)
+            if on_progress is not None:
+                on_progress(summary)
+            if len(batch) < batch_size:
+                break
+            after = batch[-1]
+        self.passes += 1
+        self.last_summary = summary
+        return summary
+
+    # --- the supervised actor -----------------------------------------------------------
+
+    async def run(self, ctx: ChildContext) -> None:
+        """Run a pass every interval (start to start) until the supervisor asks to stop.
+
+        A database outage skips the pass (logged) instead of crashing the child: restarts
+        would burn the supervisor's restart budget and take the healthy servers down with
+        the process. Anything else unexpected propagates, and the supervisor restarts us.
+        """
+        ctx.started()
+        interval = self._interval_minutes() * 60
+        while not ctx.stop_requested:
+            started = trio.current_time()
+            try:
+                summary = await self.run_pass(stopping=ctx.stopping)
+            except DependencyUnavailable as exc:
+                self._log.warning("%s pass skipped: %s", self.selection.job, exc.message)
+            else:
+                level = logging.INFO if summary.checked or summary.stopped else logging.DEBUG
+                self._log.log(level, "%s", summary, extra=summary.as_dict())
+            with trio.move_on_at(started + interval):
+                await ctx.stopping.wait()

@@ -1,0 +1,131 @@
+"""The expirer: ends payments nobody completed within PAYMENTS_PENDING_TIMEOUT_MINUTES.
+
+Every PAYMENTS_EXPIRE_PENDING_INTERVAL_MINUTES each CREATED, PENDING or PROCESSING
+payment older than the timeout (by ``created_at``) is closed at the provider and then
+moved to EXPIRED (event row, payment and callback-outbox row in one transaction; the
+dispatcher is told after the commit).
+
+The order is chosen for money: a payment is marked EXPIRED only once no one can pay it
+any more, and never when it was paid.
+
+* Close first, then conclude. Expiring a Checkout Session is atomic at Stripe: it
+  fails for a session that completed. That failure (ProviderRejected) means the
+  customer got there first, so the payment is reconciled instead (fetch_state: PAID,
+  or PROCESSING while a delayed payment is on its way), never expired.
+* A payment link is deactivated (and its open sessions expired), then its sessions are
+  read: one paid before the close (its event missed) makes the payment PAID.
+* Money possibly under way is asked about before anything is closed: a PROCESSING
+  payment (its checkout completed, the money not yet in) or one with a subscription
+  (cancelling an active subscription would undo a sale). If the provider says it is
+  paid or still processing, that is followed and nothing is cancelled.
+* The provider unreachable: the payment is left as it is (an error in the summary)
+  and tried on the next pass; it is never expired while its checkout may be payable.
+* A CREATED payment (its create crashed or met an outage and was never retried) has
+  its create replayed with the same idempotency key, so Stripe hands back any object it
+  made, which is then closed like the others. Beyond Stripe's 24 h idempotency window
+  the replay makes a fresh object, closed at once; harmless, and only after a long
+  expirer outage.
+
+A provider that refuses to close or to describe a payment (say "no such session", as
+after a Stripe account change) leaves it untouched and counted as an error each pass:
+expiring it could hide a checkout still payable elsewhere, so an operator should look.
+A PROCESSING payment whose delayed payment is still on its way stays PROCESSING: the
+provider's success or failure event (or the reconciler) settles it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from payments.errors import ProviderRejected
+from payments.jobs.batch import ItemResult, Outcome, PaymentJob
+from payments.lifecycle import change_status
+from payments.model import Payment, PaymentMethod, PaymentStatus, can_transition
+from payments.providers.base import Provider, ProviderState
+from payments.storage import claims
+from payments.storage import repository as repo
+
+RECONCILED = "reconciled"
+
+
+class Expirer(PaymentJob):
+    """``Expirer(pool, providers, settings, on_terminal=None, rate_per_second=20,
+    concurrency=4)``; ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
+
+    selection = claims.STUCK
+
+    def _cutoff_minutes(self) -> float:
+        return self._settings.pending_timeout_minutes
+
+    def _interval_minutes(self) -> float:
+        return self._settings.expire_pending_interval_minutes
+
+    async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
+        async with self._pool.transaction() as conn:
+            payment = await claims.claim(conn, self.selection, candidate.id, cutoff)
+            if payment is None:
+                return ItemResult(Outcome.SKIPPED)
+            known = _provider_refs(payment)
+            target, reason = await self._settle(self._providers.get(payment.provider), payment)
+            if target is not None and can_transition(payment.status, target):
+                await change_status(conn, payment, target, reason=reason)
+                result = ItemResult(Outcome.CHANGED, target)
+            else:
+                if _provider_refs(payment) != known:
+                    # Nothing to move, but the provider object it learned is kept.
+                    await repo.update_payment(conn, payment)
+                result = ItemResult(Outcome.UNCHANGED)
+        if result.outcome is Outcome.CHANGED:
+            self._notify(payment)
+        return result
+
+    async def _settle(
+        self, provider: Provider, payment: Payment
+    ) -> tuple[PaymentStatus | None, str]:
+        """Close the payment at the provider unless it was paid; what it becomes, and why.
+
+        ProviderUnavailable propagates: nothing is written and the next pass retries.
+        """
+        if payment.status == PaymentStatus.CREATED:
+            await self._find_created_object(provider, payment)
+        if payment.status == PaymentStatus.PROCESSING or payment.provider_subscription_id:
+            state = await self._fetch(provider, payment)
+            if state.status is not None:
+                return state.status, RECONCILED
+        if payment.provider_payment_id:
+            try:
+                await self._provider_call(lambda: provider.cancel(payment))
+            except ProviderRejected:
+                # Stripe would not close it: it completed. Its money decides, not the clock.
+                state = await self._fetch(provider, payment)
+                return state.status, RECONCILED
+            if payment.payment_method == PaymentMethod.PAYMENT_LINK:
+                # Closing a link proves nothing about sessions paid before the close.
+                state = await self._fetch(provider, payment)
+                if state.status is not None:
+                    return state.status, RECONCILED
+        return PaymentStatus.EXPIRED, self._reason()
+
+    async def _find_created_object(self, provider: Provider, payment: Payment) -> None:
+        """Replay the create of a CREATED payment (same idempotency key) to learn the
+        provider object a crashed create may have left; refused means there is none."""
+        try:
+            result = await self._provider_call(lambda: provider.create_checkout(payment))
+        except ProviderRejected:
+            return
+        payment.provider_payment_id = result.provider_payment_id
+        payment.provider_subscription_id = result.provider_subscription_id
+        payment.checkout_url = result.checkout_url
+
+    async def _fetch(self, provider: Provider, payment: Payment) -> ProviderState:
+        state = await self._provider_call(lambda: provider.fetch_state(payment))
+        if state.subscription_id:
+            payment.provider_subscription_id = state.subscription_id
+        return state
+
+    def _reason(self) -> str:
+        return f"not completed within {self._settings.pending_timeout_minutes:g} minutes"
+
+
+def _provider_refs(payment: Payment) -> tuple[str, str, str]:
+    return (payment.provider_payment_id, payment.provider_subscription_id, payment.checkout_url)
