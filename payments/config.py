@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -172,24 +172,33 @@ class Settings:
     reconcile_interval_minutes: float = 2
     callback_dispatch_interval_minutes: float = 1
     expire_pending_interval_minutes: float = 5
+    reconcile_rate_per_second: float = 20
+    job_concurrency: int = 4
     trusted_callers: tuple[str, ...] = ()
     auth_cache_ttl_seconds: float = 30
     auth_timeout_seconds: float = 5
     max_body_bytes: int = 256 * 1024
     shutdown_grace_seconds: float = 10
 
+    def missing_for(self, parts: Iterable[str]) -> list[str]:
+        """Settings without which these parts of the service must not start.
+
+        Parts: http, grpc, reconcile, dispatch, expire (a later issue adds defaults).
+        """
+        parts = set(parts)
+        needed = {"MYSQL_DSN": self.mysql_dsn is not None}
+        if parts & {"http", "grpc", "reconcile", "expire"}:
+            needed["STRIPE_SECRET_KEY"] = bool(self.stripe_secret_key)
+        if parts & {"http", "grpc"}:
+            needed["PAYMENTS_PROVIDER_CALLBACK_BASE_URL"] = bool(self.provider_callback_base_url)
+            needed["STRIPE_WEBHOOK_SECRET"] = bool(self.stripe_webhook_secret)
+        if parts & {"http", "grpc", "dispatch"}:
+            needed["APP_API_KEY"] = bool(self.app_api_key)
+        return [name for name, present in needed.items() if not present]
+
     def missing_for_serve(self) -> list[str]:
-        """Settings without which ``serve`` must not start (a later issue adds defaults)."""
-        missing = []
-        if self.mysql_dsn is None:
-            missing.append("MYSQL_DSN")
-        if not self.stripe_secret_key:
-            missing.append("STRIPE_SECRET_KEY")
-        if not self.provider_callback_base_url:
-            missing.append("PAYMENTS_PROVIDER_CALLBACK_BASE_URL")
-        if not self.app_api_key:
-            missing.append("APP_API_KEY")
-        return missing
+        """Settings without which a full ``serve`` must not start."""
+        return self.missing_for(("http", "grpc", "reconcile", "dispatch", "expire"))
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -302,6 +311,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
         _float(0.001),
     ),
     "PAYMENTS_EXPIRE_PENDING_INTERVAL_MINUTES": ("expire_pending_interval_minutes", _float(0.001)),
+    "PAYMENTS_RECONCILE_RATE_PER_SECOND": ("reconcile_rate_per_second", _float(0.001)),
+    "PAYMENTS_JOB_CONCURRENCY": ("job_concurrency", _int(1, 256)),
     "PAYMENTS_TRUSTED_CALLERS": ("trusted_callers", _list),
     "PAYMENTS_AUTH_CACHE_TTL_SECONDS": ("auth_cache_ttl_seconds", _float(0)),
     "PAYMENTS_AUTH_TIMEOUT_SECONDS": ("auth_timeout_seconds", _float(0.001)),

@@ -146,7 +146,7 @@ _LEVELS = {
 
 # Wire-level libraries that log every header they encode or decode at DEBUG (hpack
 # prints `x-api-key` in clear). They stay at WARNING whatever LOG_LEVEL says.
-WIRE_LOGGERS = ("hpack", "h2", "h11", "httpcore")
+WIRE_LOGGERS = ("hpack", "h2", "h11", "httpcore", "httpx")
 
 _installed: logging.Handler | None = None
 _redactor = Redactor()
