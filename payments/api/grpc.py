@@ -54,6 +54,7 @@ log = logging.getLogger("payments.api.grpc")
 REQUEST_ID_KEY = "x-request-id"
 API_KEY_KEY = "x-api-key"
 SERVICE_NAME = "payments.PaymentsService"
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024  # PAYMENTS_MAX_BODY_BYTES's default
 
 T = TypeVar("T")
 
@@ -82,9 +83,17 @@ class PaymentsServicer(PaymentsServiceServicer):
     ``custom_metadata``.
     """
 
-    def __init__(self, service: PaymentService, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        service: PaymentService,
+        authenticator: Authenticator,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
         self._service = service
         self._authenticator = authenticator
+        # HandleProviderCallback's payload bound (give it PAYMENTS_MAX_BODY_BYTES).
+        self._max_payload_bytes = max_payload_bytes
 
     async def _call(
         self,
@@ -187,12 +196,22 @@ class PaymentsServicer(PaymentsServiceServicer):
     async def HandleProviderCallback(
         self, message: pb.HandleProviderCallbackRequest, request: RequestReceived
     ) -> pb.MessageResponse:
-        """Provider events arrive in a later issue; until then the method says so."""
+        """A provider event forwarded by the gateway: the HTTP route's semantics. The
+        record keeps the message's ``request_id``, or the metadata's when it is blank."""
 
         async def run(caller: Caller, ctx: CallContext) -> pb.MessageResponse:
-            raise RpcFailedError(
-                Status(StatusCode.UNIMPLEMENTED, "HandleProviderCallback is not implemented yet")
+            received = wire.provider_callback_from_proto(message, self._max_payload_bytes)
+            text, payment = await self._service.handle_provider_callback(
+                message.provider,
+                message.callback_hash,
+                received.payload,
+                received.signature,
+                message.request_id.strip() or ctx.request_id,
             )
+            if payment is None:
+                return pb.MessageResponse(message=text)
+            ctx.payment_id = payment.id
+            return pb.MessageResponse(message=text, payment=wire.payment_to_proto(payment))
 
         return await self._call(request, "HandleProviderCallback", run)
 

@@ -9,6 +9,17 @@ echoed on every response, errors included, and each request writes one access li
 Body limit: a body over ``PAYMENTS_MAX_BODY_BYTES`` answers **413** ``request body too
 large``, whether announced by Content-Length or streamed chunked (Quart's body buffer
 stops collecting at the limit).
+
+Provider callbacks (``POST /webhooks/providers/{provider}/{hash}``) keep both headers,
+as CONTRACT.md says of every route. Stripe cannot call the route itself: its webhook
+endpoints are fixed URLs, while the hash differs per payment, so an upstream gateway
+receives Stripe's events and forwards each to its payment's URL, adding
+``X-Request-ID`` and its ``X-API-Key`` like on any call (or wrapping the event in the
+envelope form). The key says who forwards; the provider's signature, checked by the
+service, says the event is genuine; neither stands in for the other. The answer is
+``{"message": "Provider callback processed", "payment": {...}}`` (the payment, as
+gRPC's MessageResponse carries it, is an addition); a replayed event is answered the
+same way and changes nothing.
 """
 
 from __future__ import annotations
@@ -221,6 +232,19 @@ def create_http_app(
         payment = await service.cancel(_caller(), number, reason)
         g.payment_id = payment.id
         return _json({"payment": wire.payment_to_json(payment)})
+
+    @app.post("/webhooks/providers/<provider>/<callback_hash>")
+    async def provider_callback(provider: str, callback_hash: str) -> Response:
+        """A provider event, forwarded by the gateway (see the module docstring)."""
+        received = wire.provider_callback_from_http(await _body(), request.headers)
+        message, payment = await service.handle_provider_callback(
+            provider, callback_hash, received.payload, received.signature, g.request_id
+        )
+        document: dict[str, Any] = {"message": message}
+        if payment is not None:
+            g.payment_id = payment.id
+            document["payment"] = wire.payment_to_json(payment)
+        return _json(document)
 
     return app
 

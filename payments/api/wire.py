@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 from payments.errors import InvalidArgument
 from payments.gen import payments_pb2 as pb
 from payments.model import (
@@ -299,3 +301,66 @@ def list_filter_from_proto(message: pb.ListPaymentsRequest) -> ListFilter:
         limit=message.limit,
         offset=message.offset,
     )
+
+
+# --- provider callbacks -----------------------------------------------------------------
+
+# Where the raw form carries the provider's signature header (first non-blank wins).
+SIGNATURE_HEADERS = ("Stripe-Signature", "X-Provider-Signature")
+
+
+@attrs.frozen
+class ProviderCallbackInput:
+    """A provider callback as the transport received it, in either body form."""
+
+    payload: bytes  # the raw event text, exactly as signed
+    signature: str  # "" when none came: the service refuses (and records) it
+
+
+def provider_callback_from_http(body: bytes, headers: Mapping[str, str]) -> ProviderCallbackInput:
+    """The two body forms of CONTRACT.md: the raw event with its signature in a header,
+    or the gateway's envelope ``{"payload": "<raw event>", "signature": "<header>"}``.
+
+    A body is an envelope when it is a JSON object with a ``payload`` member and no
+    ``object`` member (a Stripe event always has ``"object": "event"`` and never a
+    ``payload``). The envelope's signature wins; a header fills in when it has none.
+    """
+    header = next(
+        (value for name in SIGNATURE_HEADERS if (value := headers.get(name, "").strip())), ""
+    )
+    envelope = _envelope(body)
+    if envelope is None:
+        return ProviderCallbackInput(body, header)
+    payload = _string(envelope.get("payload"), "payload")
+    signature = _string(envelope.get("signature"), "signature").strip() or header
+    return ProviderCallbackInput(_utf8(payload), signature)
+
+
+def _envelope(body: bytes) -> dict[str, Any] | None:
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the raw form, which the signature check then refuses
+    if isinstance(document, dict) and "payload" in document and "object" not in document:
+        return document
+    return None
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escaped in JSON
+        raise InvalidArgument("payload", "is not UTF-8 text") from None
+
+
+def provider_callback_from_proto(
+    message: pb.HandleProviderCallbackRequest, max_payload_bytes: int
+) -> ProviderCallbackInput:
+    """The gRPC form: payload and signature are fields. The payload is bounded like an
+    HTTP body (purerpc itself would take 32 MiB)."""
+    payload = message.payload.encode("utf-8")
+    if len(payload) > max_payload_bytes:
+        raise InvalidArgument("payload", f"must be at most {max_payload_bytes} bytes")
+    return ProviderCallbackInput(payload, message.signature.strip())

@@ -3,6 +3,12 @@
 Prints ``payments-sandbox listening on <url>`` (flushed) once it accepts connections, so
 a parent process can wait for that line (``--port 0`` picks a free port and the line
 tells which). Stops cleanly on SIGINT or SIGTERM.
+
+With ``--webhook-url`` (the service's provider callback base, e.g.
+``http://127.0.0.1:8080/webhooks/providers/stripe``) and ``--webhook-secret`` every event
+is posted there signed, with the gateway's ``X-Request-ID`` and ``--gateway-api-key``
+headers, or in the envelope form with ``--envelope``. The control API
+(``POST /_sandbox/webhook``) can set or change that later.
 """
 
 from __future__ import annotations
@@ -31,6 +37,26 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_SECRET_KEY})",
     )
     parser.add_argument("--public-url", default=None, help="base URL put in objects' url fields")
+    parser.add_argument(
+        "--webhook-url",
+        default=None,
+        help="post every event here (+ /<metadata.callback_hash>, or fill {callback_hash})",
+    )
+    parser.add_argument(
+        "--webhook-secret",
+        default=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
+        help="signing secret of the events (default: $STRIPE_WEBHOOK_SECRET)",
+    )
+    parser.add_argument(
+        "--gateway-api-key",
+        default="",
+        help="X-API-Key sent with each event, as the forwarding gateway does",
+    )
+    parser.add_argument(
+        "--envelope",
+        action="store_true",
+        help='post {"payload": <event>, "signature": <header>} as the gateway forwards it',
+    )
     return parser
 
 
@@ -42,6 +68,10 @@ async def _run(args: argparse.Namespace) -> None:
                 args.port,
                 secret_key=args.secret_key,
                 public_url=args.public_url,
+                webhook_url=args.webhook_url,
+                webhook_secret=args.webhook_secret if args.webhook_url else None,
+                gateway_api_key=args.gateway_api_key,
+                envelope=args.envelope,
                 task_status=task_status,
             )
         )
@@ -53,7 +83,10 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.webhook_url and not args.webhook_secret:
+        parser.error("--webhook-url needs --webhook-secret (or $STRIPE_WEBHOOK_SECRET)")
     try:
         trio.run(_run, args)
     except OSError as exc:

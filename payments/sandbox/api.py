@@ -281,6 +281,7 @@ class StripeApi:
             ("POST", "/v1/checkout/sessions/{id}/expire", self.expire_session),
             ("GET", "/v1/checkout/sessions/{id}/line_items", self.session_line_items),
             ("GET", "/v1/subscriptions/{id}", self.retrieve_subscription),
+            ("GET", "/v1/invoices/{id}", self.retrieve_invoice),
             ("DELETE", "/v1/subscriptions/{id}", self.cancel_subscription),
         ]
 
@@ -847,6 +848,13 @@ class StripeApi:
         if subscription is None:
             raise no_such("subscription", subscription_id)
         return subscription
+
+    def retrieve_invoice(self, params: Json, invoice_id: str) -> Json:
+        P.coerce(params, _EXPAND_ONLY, "")
+        invoice = self.state.invoices.get(invoice_id)
+        if invoice is None:
+            raise no_such("invoice", invoice_id)
+        return invoice
 
     def cancel_subscription(self, params: Json, subscription_id: str) -> Json:
         p = P.coerce(params, SUBSCRIPTION_CANCEL, "")

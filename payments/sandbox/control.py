@@ -10,8 +10,16 @@ These requests are neither logged nor subject to faults.
     GET    /_sandbox/requests                                 the request log
     GET    /_sandbox/events                                   recorded events
     POST   /_sandbox/checkout/sessions/{id}/{complete|fail|expire|succeed}
+                               complete takes {"payment_status": "unpaid"} (delayed method)
     POST   /_sandbox/payment_links/{id}/{open|pay}            a session for the link
-    POST   /_sandbox/subscriptions/{id}/cancel
+    POST   /_sandbox/subscriptions/{id}/cancel                customer.subscription.deleted
+    POST   /_sandbox/subscriptions/{id}/invoices/{pay|fail}   invoice.paid / .payment_failed
+    POST   /_sandbox/webhook    {"url": ..., "secret": ..., "api_key": "", "envelope": false,
+                                 "signature_header": "Stripe-Signature",
+                                 "retry_delays": [0.05, 0.25, 1.0], "timeout": 5}
+    DELETE /_sandbox/webhook                                  stop delivering
+    GET    /_sandbox/webhook/deliveries                       every delivery attempt
+    POST   /_sandbox/events/{id}/resend                       deliver an event again
     POST   /_sandbox/faults     {"kind": "delay|error|drop", "path": "/v1/", "method": null,
                                  "times": 1, "seconds": 0, "after": false, "status": 500}
     DELETE /_sandbox/faults                                   clear faults
@@ -28,10 +36,16 @@ from typing import Any
 import attrs
 
 from payments.sandbox.api import ApiRequest, ApiResponse
-from payments.sandbox.state import Fault, FaultKind, SessionStateError, StripeState
+from payments.sandbox.state import (
+    Fault,
+    FaultKind,
+    SessionStateError,
+    StripeState,
+    WebhookEndpoint,
+)
+from payments.sandbox.webhooks import WebhookSender
 
 _SESSION_ACTIONS: dict[str, Callable[[StripeState, str], dict[str, Any]]] = {
-    "complete": lambda s, i: s.complete_session(i),
     "fail": lambda s, i: s.fail_session(i),
     "expire": lambda s, i: s.expire_session(i),
     "succeed": lambda s, i: s.succeed_async_payment(i),
@@ -39,6 +53,10 @@ _SESSION_ACTIONS: dict[str, Callable[[StripeState, str], dict[str, Any]]] = {
 _LINK_ACTIONS: dict[str, Callable[[StripeState, str], dict[str, Any]]] = {
     "open": lambda s, i: s.open_payment_link(i),
     "pay": lambda s, i: s.pay_payment_link(i),
+}
+_INVOICE_ACTIONS: dict[str, Callable[[StripeState, str], dict[str, Any]]] = {
+    "pay": lambda s, i: s.pay_invoice(i),
+    "fail": lambda s, i: s.fail_invoice(i),
 }
 
 
@@ -50,6 +68,13 @@ def _answer(status: int, body: Any) -> ApiResponse:
     )
 
 
+def _body(body: bytes) -> dict[str, Any]:
+    spec = json.loads(body or b"{}")
+    if not isinstance(spec, dict):
+        raise ValueError("the body must be a JSON object")
+    return spec
+
+
 def _error(status: int, message: str) -> ApiResponse:
     return _answer(status, {"error": {"type": "invalid_request_error", "message": message}})
 
@@ -59,8 +84,9 @@ class ControlApi:
 
     PREFIX = "/_sandbox/"
 
-    def __init__(self, state: StripeState) -> None:
+    def __init__(self, state: StripeState, webhooks: WebhookSender | None = None) -> None:
         self.state = state
+        self.webhooks = webhooks
 
     def handle(self, request: ApiRequest) -> ApiResponse:
         method = request.method.upper()
@@ -96,6 +122,12 @@ class ControlApi:
                 return _answer(200, {"data": [attrs.asdict(r) for r in state.requests]})
             case ("GET", ["events"]):
                 return _answer(200, {"data": state.events})
+            case ("POST", ["checkout", "sessions", session_id, "complete"]):
+                spec = _body(body)
+                payment_status = str(spec.get("payment_status", "paid"))
+                return _answer(
+                    200, state.complete_session(session_id, payment_status=payment_status)
+                )
             case ("POST", ["checkout", "sessions", session_id, action]) if (
                 action in _SESSION_ACTIONS
             ):
@@ -104,6 +136,34 @@ class ControlApi:
                 return _answer(200, _LINK_ACTIONS[action](state, link_id))
             case ("POST", ["subscriptions", subscription_id, "cancel"]):
                 return _answer(200, state.cancel_subscription(subscription_id))
+            case ("POST", ["subscriptions", subscription_id, "invoices", action]) if (
+                action in _INVOICE_ACTIONS
+            ):
+                return _answer(200, _INVOICE_ACTIONS[action](state, subscription_id))
+            case ("POST", ["webhook"]):
+                spec = _body(body)
+                if not spec.get("url") or not spec.get("secret"):
+                    raise ValueError("a webhook needs url and secret")
+                options = {key: spec[key] for key in ("signature_header", "timeout") if key in spec}
+                if "retry_delays" in spec:
+                    options["retry_delays"] = tuple(float(d) for d in spec["retry_delays"])
+                state.webhook = WebhookEndpoint(
+                    url=str(spec["url"]),
+                    secret=str(spec["secret"]),
+                    api_key=str(spec.get("api_key") or ""),
+                    envelope=bool(spec.get("envelope", False)),
+                    **options,
+                )
+                return _answer(200, {"url": state.webhook.url, "envelope": state.webhook.envelope})
+            case ("DELETE", ["webhook"]):
+                state.webhook = None
+                return _answer(200, {"deleted": True})
+            case ("GET", ["webhook", "deliveries"]):
+                return _answer(200, {"data": [attrs.asdict(d) for d in state.deliveries]})
+            case ("POST", ["events", event_id, "resend"]):
+                if self.webhooks is None:
+                    raise ValueError("webhook delivery is not running")
+                return _answer(200, self.webhooks.resend(event_id))
             case ("POST", ["faults"]):
                 spec = json.loads(body or b"{}")
                 fault = state.faults.add(

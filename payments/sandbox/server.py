@@ -9,7 +9,9 @@ keeps delays, drops and answers in one readable loop. The Stripe SDK speaks HTTP
 with keep-alive, which is all this serves.
 
 ``serve_sandbox`` runs it under a nursery (``nursery.start`` hands back the running
-:class:`Sandbox`); ``open_sandbox`` wraps that as an async context manager.
+:class:`Sandbox`); ``open_sandbox`` wraps that as an async context manager. The same
+nursery runs webhook delivery (payments.sandbox.webhooks): give ``webhook_url`` and
+``webhook_secret`` (or set ``state.webhook`` later) and every emitted event is posted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import h11
@@ -27,7 +30,8 @@ import trio
 from payments.sandbox.api import ApiRequest, ApiResponse, StripeApi
 from payments.sandbox.control import ControlApi
 from payments.sandbox.params import StripeError
-from payments.sandbox.state import FaultKind, Faults, StripeState
+from payments.sandbox.state import FaultKind, Faults, StripeState, WebhookEndpoint
+from payments.sandbox.webhooks import WebhookSender
 
 log = logging.getLogger("payments.sandbox")
 
@@ -46,10 +50,26 @@ class Sandbox:
     port: int
     state: StripeState
     api: StripeApi
+    webhooks: WebhookSender
 
     @property
     def secret_key(self) -> str:
         return self.state.secret_key
+
+    def configure_webhook(
+        self,
+        url: str,
+        secret: str,
+        *,
+        api_key: str = "",
+        envelope: bool = False,
+        **options: Any,
+    ) -> WebhookEndpoint:
+        """Post every event from now on to ``url`` (see WebhookEndpoint)."""
+        self.state.webhook = WebhookEndpoint(
+            url=url, secret=secret, api_key=api_key, envelope=envelope, **options
+        )
+        return self.state.webhook
 
     @property
     def faults(self) -> Faults:
@@ -63,7 +83,7 @@ class _Dropped(Exception):
 class _Server:
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
-        self.control = ControlApi(sandbox.state)
+        self.control = ControlApi(sandbox.state, sandbox.webhooks)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -206,14 +226,22 @@ async def serve_sandbox(
     secret_key: str = DEFAULT_SECRET_KEY,
     state: StripeState | None = None,
     public_url: str | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
+    gateway_api_key: str = "",
+    envelope: bool = False,
     task_status: trio.TaskStatus[Sandbox] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the emulator until cancelled; ``task_status.started`` gets the :class:`Sandbox`.
 
     ``port=0`` picks a free port (read it from ``sandbox.url``). ``public_url`` overrides
     the base URL put in objects' ``url`` fields (say, behind a proxy). Pass ``state`` to
-    keep objects across restarts of the server.
+    keep objects across restarts of the server. ``webhook_url`` and ``webhook_secret``
+    turn on event delivery (with ``gateway_api_key`` as ``X-API-Key``, and the envelope
+    form when ``envelope``).
     """
+    if (webhook_url is None) != (webhook_secret is None):
+        raise ValueError("webhook_url and webhook_secret go together")
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_port = listeners[0].socket.getsockname()[1]
     url = (public_url or f"http://{_url_host(host)}:{bound_port}").rstrip("/")
@@ -221,11 +249,24 @@ async def serve_sandbox(
         state = StripeState(secret_key, base_url=url)
     else:
         state.base_url = url
-    sandbox = Sandbox(url=url, host=host, port=bound_port, state=state, api=StripeApi(state))
+    sandbox = Sandbox(
+        url=url,
+        host=host,
+        port=bound_port,
+        state=state,
+        api=StripeApi(state),
+        webhooks=WebhookSender(state),
+    )
+    if webhook_url is not None and webhook_secret is not None:
+        sandbox.configure_webhook(
+            webhook_url, webhook_secret, api_key=gateway_api_key, envelope=envelope
+        )
     server = _Server(sandbox)
-    log.info("stripe sandbox listening", extra={"url": url})
-    task_status.started(sandbox)
-    await trio.serve_listeners(server.handle_connection, listeners)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sandbox.webhooks.run)
+        log.info("stripe sandbox listening", extra={"url": url})
+        task_status.started(sandbox)
+        await trio.serve_listeners(server.handle_connection, listeners)
 
 
 @asynccontextmanager
@@ -236,8 +277,13 @@ async def open_sandbox(
     port: int = 0,
     state: StripeState | None = None,
     public_url: str | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
+    gateway_api_key: str = "",
+    envelope: bool = False,
 ) -> AsyncIterator[Sandbox]:
-    """Run the emulator for the body of the ``async with``; stop it on the way out."""
+    """Run the emulator for the body of the ``async with``; stop it on the way out
+    (events not yet delivered are dropped)."""
     async with trio.open_nursery() as nursery:
         sandbox: Sandbox = await nursery.start(
             lambda task_status: serve_sandbox(
@@ -246,6 +292,10 @@ async def open_sandbox(
                 secret_key=secret_key,
                 state=state,
                 public_url=public_url,
+                webhook_url=webhook_url,
+                webhook_secret=webhook_secret,
+                gateway_api_key=gateway_api_key,
+                envelope=envelope,
                 task_status=task_status,
             )
         )

@@ -6,8 +6,11 @@ nothing here awaits. Objects are kept as the JSON dicts the API answers with, so
 test inspects is exactly what the SDK received.
 
 State changes that Stripe announces with an event (a session completed or expired, a
-subscription created or deleted) go through :meth:`StripeState.emit`, which records the
-event and calls the listeners. Webhook delivery plugs in there later as one listener.
+subscription created or deleted, an invoice paid or failed) go through
+:meth:`StripeState.emit`, which records the event and calls the listeners. Webhook
+delivery (payments.sandbox.webhooks) is one listener: while ``webhook`` holds a
+:class:`WebhookEndpoint`, every event is posted there, and each attempt is appended to
+``deliveries``.
 """
 
 from __future__ import annotations
@@ -178,6 +181,47 @@ class RequestRecord:
     request_id: str = ""
 
 
+@attrs.define
+class WebhookEndpoint:
+    """Where emitted events go, and how (see payments.sandbox.webhooks).
+
+    ``url`` is the service's provider callback base (``.../webhooks/providers/stripe``):
+    the object's ``metadata.callback_hash`` is appended, as the gateway routes each event
+    to its payment's URL; a ``{callback_hash}`` placeholder is filled in instead when
+    present. ``api_key`` and a fresh ``X-Request-ID`` are the headers a gateway adds;
+    ``envelope`` wraps the event as ``{"payload": ..., "signature": ...}``.
+    """
+
+    url: str
+    secret: str = attrs.field(repr=False)
+    api_key: str = attrs.field(default="", repr=False)
+    envelope: bool = False
+    signature_header: str = "Stripe-Signature"
+    # Seconds before each retry: 1 + len(retry_delays) attempts in all (Stripe retries
+    # for days; an emulator retries a few times, quickly).
+    retry_delays: tuple[float, ...] = (0.05, 0.25, 1.0)
+    timeout: float = 5.0
+
+
+@attrs.define
+class DeliveryRecord:
+    """One attempt to deliver an event. ``status`` is None when no answer came."""
+
+    event_id: str
+    event_type: str
+    url: str
+    attempt: int
+    at: float
+    request_id: str = ""
+    status: int | None = None
+    error: str = ""
+    envelope: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
 class SessionStateError(ValueError):
     """A helper was asked for a move the session's status does not allow."""
 
@@ -197,16 +241,19 @@ class StripeState:
         self.clock = clock
         self.faults = Faults()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.webhook: WebhookEndpoint | None = None  # kept across reset()
         self.reset()
 
     def reset(self) -> None:
-        """Forget every object, request, event and fault (keeps key, URL and listeners)."""
+        """Forget every object, request, event, delivery and fault (keeps key, URL,
+        listeners and the webhook endpoint)."""
         self.products: dict[str, dict[str, Any]] = {}
         self.prices: dict[str, dict[str, Any]] = {}
         self.payment_links: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.customers: dict[str, dict[str, Any]] = {}
+        self.invoices: dict[str, dict[str, Any]] = {}
         # line items are not part of the session / link JSON (Stripe needs an expand)
         self.line_items: dict[str, list[dict[str, Any]]] = {}
         # extra create params kept for later objects (subscription_data of a session/link)
@@ -214,6 +261,7 @@ class StripeState:
         self.requests: list[RequestRecord] = []
         self.calls: collections.Counter[str] = collections.Counter()
         self.events: list[dict[str, Any]] = []
+        self.deliveries: list[DeliveryRecord] = []
         self.idempotency: dict[tuple[str, str], Any] = {}
         self.faults.clear()
 
@@ -232,6 +280,15 @@ class StripeState:
 
     def events_of(self, type_: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == type_]
+
+    def event(self, event_id: str) -> dict[str, Any]:
+        for event in self.events:
+            if event["id"] == event_id:
+                return event
+        raise KeyError(f"no such event: {event_id}")
+
+    def deliveries_of(self, event_id: str) -> list[DeliveryRecord]:
+        return [d for d in self.deliveries if d.event_id == event_id]
 
     def sessions_for_link(self, link_id: str) -> list[dict[str, Any]]:
         return [s for s in self.sessions.values() if s["payment_link"] == link_id]
@@ -500,6 +557,8 @@ class StripeState:
         link_params = self.create_params.get(link_id, {})
         params: dict[str, Any] = {
             "mode": "subscription" if recurring else "payment",
+            # Stripe copies a link's metadata onto the sessions it opens.
+            "metadata": dict(link["metadata"]),
             "subscription_data": link_params.get("subscription_data", {}),
             "payment_intent_data": link_params.get("payment_intent_data", {}),
         }
@@ -514,7 +573,7 @@ class StripeState:
         return self.complete_session(session["id"], payment_status=payment_status)
 
     def cancel_subscription(self, subscription_id: str) -> dict[str, Any]:
-        subscription = self.subscriptions[subscription_id]
+        subscription = self._subscription(subscription_id)
         if subscription["status"] == "canceled":
             raise SessionStateError(f"subscription {subscription_id} is already canceled")
         now = self.now()
@@ -576,11 +635,148 @@ class StripeState:
                 "has_more": False,
                 "url": f"/v1/subscription_items?subscription={sub_id}",
             },
-            "latest_invoice": new_id("in_"),
+            "latest_invoice": None,
             "livemode": False,
             "metadata": data.get("metadata", {}),
             "start_date": now,
             "status": "active" if session["payment_status"] != "unpaid" else "incomplete",
         }
         self.subscriptions[sub_id] = subscription
+        invoice = self._new_invoice(subscription, "subscription_create")
+        if session["payment_status"] != "unpaid":
+            self._settle(invoice)
         return subscription
+
+    # --- invoices (subscriptions) ----------------------------------------------------
+
+    def _subscription(self, subscription_id: str) -> dict[str, Any]:
+        try:
+            return self.subscriptions[subscription_id]
+        except KeyError:
+            raise KeyError(f"no such subscription: {subscription_id}") from None
+
+    def _new_invoice(self, subscription: dict[str, Any], billing_reason: str) -> dict[str, Any]:
+        """An open invoice for the subscription's items (current API shape: the
+        subscription and its metadata under ``parent.subscription_details``)."""
+        now = self.now()
+        invoice_id = new_id("in_")
+        sub_id = subscription["id"]
+        lines = []
+        for item in subscription["items"]["data"]:
+            price = item["price"]
+            amount = (price["unit_amount"] or 0) * item["quantity"]
+            lines.append(
+                {
+                    "id": new_id("il_"),
+                    "object": "line_item",
+                    "amount": amount,
+                    "currency": price["currency"],
+                    "description": None,
+                    "invoice": invoice_id,
+                    "livemode": False,
+                    "metadata": dict(subscription["metadata"]),
+                    "parent": {
+                        "invoice_item_details": None,
+                        "subscription_item_details": {
+                            "invoice_item": None,
+                            "proration": False,
+                            "proration_details": {"credited_items": None},
+                            "subscription": sub_id,
+                            "subscription_item": item["id"],
+                        },
+                        "type": "subscription_item_details",
+                    },
+                    "period": {
+                        "start": item["current_period_start"],
+                        "end": item["current_period_end"],
+                    },
+                    "pricing": {
+                        "price_details": {"price": price["id"], "product": price["product"]},
+                        "type": "price_details",
+                        "unit_amount_decimal": price["unit_amount_decimal"],
+                    },
+                    "quantity": item["quantity"],
+                }
+            )
+        total = sum(line["amount"] for line in lines)
+        invoice = {
+            "id": invoice_id,
+            "object": "invoice",
+            "amount_due": total,
+            "amount_paid": 0,
+            "amount_remaining": total,
+            "attempt_count": 0,
+            "attempted": False,
+            "billing_reason": billing_reason,
+            "collection_method": "charge_automatically",
+            "created": now,
+            "currency": subscription["currency"],
+            "customer": subscription["customer"],
+            "lines": {
+                "object": "list",
+                "data": lines,
+                "has_more": False,
+                "url": f"/v1/invoices/{invoice_id}/lines",
+            },
+            "livemode": False,
+            "metadata": {},
+            "parent": {
+                "quote_details": None,
+                "subscription_details": {
+                    "metadata": dict(subscription["metadata"]),
+                    "subscription": sub_id,
+                },
+                "type": "subscription_details",
+            },
+            "period_start": now,
+            "period_end": now,
+            "status": "open",
+            "status_transitions": {
+                "finalized_at": now,
+                "marked_uncollectible_at": None,
+                "paid_at": None,
+                "voided_at": None,
+            },
+            "total": total,
+        }
+        self.invoices[invoice_id] = invoice
+        subscription["latest_invoice"] = invoice_id
+        return invoice
+
+    def _settle(self, invoice: dict[str, Any]) -> None:
+        invoice.update(
+            status="paid",
+            amount_paid=invoice["amount_due"],
+            amount_remaining=0,
+            attempted=True,
+            attempt_count=invoice["attempt_count"] + 1,
+        )
+        invoice["status_transitions"]["paid_at"] = self.now()
+
+    def _open_invoice(self, subscription_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The subscription and its latest invoice if still open, else a new renewal."""
+        subscription = self._subscription(subscription_id)
+        if subscription["status"] == "canceled":
+            raise SessionStateError(f"subscription {subscription_id} is canceled")
+        latest = self.invoices.get(subscription["latest_invoice"] or "")
+        if latest is None or latest["status"] != "open":
+            latest = self._new_invoice(subscription, "subscription_cycle")
+        return subscription, latest
+
+    def pay_invoice(self, subscription_id: str) -> dict[str, Any]:
+        """The subscription's open invoice (or its next renewal) is paid: ``invoice.paid``."""
+        subscription, invoice = self._open_invoice(subscription_id)
+        self._settle(invoice)
+        subscription["status"] = "active"
+        self.emit("invoice.paid", invoice)
+        return invoice
+
+    def fail_invoice(self, subscription_id: str) -> dict[str, Any]:
+        """A payment attempt of the open invoice (or the next renewal) failed:
+        ``invoice.payment_failed``; the subscription is past due (incomplete if it never
+        was paid)."""
+        subscription, invoice = self._open_invoice(subscription_id)
+        invoice.update(attempted=True, attempt_count=invoice["attempt_count"] + 1)
+        subscription["status"] = "past_due" if subscription["status"] == "active" else "incomplete"
+        self.emit("invoice.payment_failed", invoice)
+        return invoice
