@@ -171,7 +171,9 @@ def _http_child(res: Resources) -> ChildStart:
 
 def _grpc_child(res: Resources) -> ChildStart:
     assert res.authenticator is not None
-    servicer = PaymentsServicer(res.service, res.authenticator)
+    servicer = PaymentsServicer(
+        res.service, res.authenticator, max_payload_bytes=res.settings.max_body_bytes
+    )
 
     async def run(ctx: ChildContext) -> None:
         async with trio.open_nursery() as nursery:

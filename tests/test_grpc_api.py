@@ -139,11 +139,6 @@ async def test_health_echoes_the_request_id(client: Client) -> None:
     assert reply.initial_metadata["x-request-id"] == "g-health"
 
 
-async def test_handle_provider_callback_is_unimplemented_for_now(client: Client) -> None:
-    reply = await client.call("HandleProviderCallback", pb.HandleProviderCallbackRequest())
-    assert reply.code == Code.UNIMPLEMENTED
-
-
 async def test_unknown_method_is_unimplemented(stack: Stack) -> None:
     def blocking() -> grpc.StatusCode:
         with grpc.insecure_channel(stack.grpc_target) as channel:
