@@ -23,6 +23,10 @@ from purerpc.server import ConnectionHandler
 
 log = logging.getLogger("payments.api.grpc_server")
 
+# After the last call of a shutdown, how long connections get to write their final
+# responses before they are cut.
+FLUSH_SECONDS = 1.0
+
 
 def quiet_header_logging() -> None:
     """Keep hpack's DEBUG lines out of the log whatever LOG_LEVEL says: hpack logs every
@@ -85,6 +89,8 @@ async def serve_purerpc(
 
     in_flight = 0
     drained = trio.Event()
+    listen_scopes: set[trio.CancelScope] = set()
+    connection_closed = trio.Event()
 
     async def tracked(request_stream: purerpc.grpc_proto.GRPCProtoStream) -> None:
         nonlocal in_flight, drained
@@ -98,6 +104,7 @@ async def serve_purerpc(
                 drained = trio.Event()
 
     async def serve_connection(stream: anyio.abc.SocketStream) -> None:
+        nonlocal connection_closed
         # purerpc's ConnectionHandler.__call__, minus its bare ``except:`` that swallows
         # cancellation and logs a warning for every connection a shutdown closes.
         counters.connections_total += 1
@@ -111,8 +118,16 @@ async def serve_purerpc(
                     GRPCProtoSocket(handler.config, stream) as grpc_socket,
                     anyio.create_task_group() as requests,
                 ):
-                    async for request_stream in grpc_socket.listen():
-                        requests.start_soon(tracked, request_stream)
+                    # Only the listening is cancelled at shutdown: leaving the socket's
+                    # context normally lets purerpc's writer flush the last responses.
+                    listening = trio.CancelScope()
+                    listen_scopes.add(listening)
+                    try:
+                        with listening:
+                            async for request_stream in grpc_socket.listen():
+                                requests.start_soon(tracked, request_stream)
+                    finally:
+                        listen_scopes.discard(listening)
         except* Exception as group:  # a peer that breaks the protocol or resets: its problem
             # except*, not except: one bad connection must never end the server, and a
             # shutdown's cancellation mixed into the group must still go on up.
@@ -120,6 +135,8 @@ async def serve_purerpc(
         finally:
             counters._scopes.discard(scope)
             counters.connections_open -= 1
+            connection_closed.set()
+            connection_closed = trio.Event()
 
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     # Connections live in their own task group so that closing the listener (the
@@ -144,4 +161,9 @@ async def serve_purerpc(
                 await drained.wait()
         if in_flight:
             log.warning("grpc shutdown: calls cut off after the grace", extra={"calls": in_flight})
+        for listening in list(listen_scopes):
+            listening.cancel()
+        with trio.move_on_after(FLUSH_SECONDS):
+            while counters.connections_open:
+                await connection_closed.wait()
         connections.cancel_scope.cancel()

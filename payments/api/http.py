@@ -246,7 +246,30 @@ def create_http_app(
             document["payment"] = wire.payment_to_json(payment)
         return _json(document)
 
+    _shield_sends(app)
     return app
+
+
+def _shield_sends(app: QuartTrio) -> None:
+    """Let every ASGI ``send`` finish even when quart-trio cancels the request.
+
+    hypercorn does its end-of-request bookkeeping (recycling or closing the connection,
+    starting the keep-alive idle timer) inside the app's final ``send``; quart-trio
+    cancels the request nursery when hypercorn signals ``http.disconnect`` just before,
+    cutting that bookkeeping in half. Then a connection answered early (400/401/413
+    before the body arrived) hangs its next request, and an idle keep-alive connection
+    holds a graceful shutdown for the whole grace period (e2e/test_keepalive.py).
+    """
+    inner = app.asgi_app
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        async def shielded_send(message: Any) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await inner(scope, receive, shielded_send)
+
+    app.asgi_app = asgi_app  # type: ignore[method-assign]
 
 
 def _bind(host: str, port: int) -> str:
