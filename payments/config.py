@@ -179,6 +179,16 @@ class Settings:
     auth_timeout_seconds: float = 5
     max_body_bytes: int = 256 * 1024
     shutdown_grace_seconds: float = 10
+    sqlite_path: str = "var/payments.db"
+    api_keys_file: str = ""
+    api_keys: str = attrs.field(default="", repr=False)
+    sandbox_port: int = 12111
+    # The variables the environment actually set (profile selection needs to know
+    # "not set" apart from "set to the default").
+    explicit: frozenset[str] = attrs.field(default=frozenset(), repr=False)
+
+    def is_set(self, variable: str) -> bool:
+        return variable in self.explicit
 
     def missing_for(self, parts: Iterable[str]) -> list[str]:
         """Settings without which these parts of the service must not start.
@@ -318,6 +328,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "PAYMENTS_AUTH_TIMEOUT_SECONDS": ("auth_timeout_seconds", _float(0.001)),
     "PAYMENTS_MAX_BODY_BYTES": ("max_body_bytes", _int(1024, 64 * 1024 * 1024)),
     "PAYMENTS_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0)),
+    "PAYMENTS_SQLITE_PATH": ("sqlite_path", _str),
+    "PAYMENTS_API_KEYS_FILE": ("api_keys_file", _str),
+    "PAYMENTS_API_KEYS": ("api_keys", _str),
+    "PAYMENTS_SANDBOX_PORT": ("sandbox_port", _int(0, 65535)),
 }
 
 
@@ -338,12 +352,14 @@ def load_settings(
         values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     values.update(os.environ if environ is None else environ)
     fields: dict[str, Any] = {}
+    explicit = set()
     for variable, (field, parse) in _VARIABLES.items():
         raw = values.get(variable)
-        if raw is None or (raw.strip() == "" and field != "mysql_dsn"):
+        if raw is None or raw.strip() == "":
             continue
         fields[field] = parse(raw, variable)
-    settings = Settings(**fields)
+        explicit.add(variable)
+    settings = Settings(**fields, explicit=frozenset(explicit))
     if settings.mysql_max_idle_conns > settings.mysql_max_open_conns:
         settings = attrs.evolve(settings, mysql_max_idle_conns=settings.mysql_max_open_conns)
     return settings

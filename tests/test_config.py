@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from dotenv import dotenv_values
 
@@ -121,9 +122,14 @@ def test_every_variable_sets_its_field() -> None:
         "PAYMENTS_AUTH_TIMEOUT_SECONDS": "19",
         "PAYMENTS_MAX_BODY_BYTES": "2048",
         "PAYMENTS_SHUTDOWN_GRACE_SECONDS": "20",
+        "PAYMENTS_SQLITE_PATH": "/tmp/p.db",
+        "PAYMENTS_API_KEYS_FILE": "/etc/payments/keys",
+        "PAYMENTS_API_KEYS": "sha256:00 svc payments-service",
+        "PAYMENTS_SANDBOX_PORT": "12999",
     }
     assert set(values) == set(variable_names())
     settings, defaults = load(**values), Settings()
+    assert settings.explicit == set(values)
     unchanged = [
         name
         for name in Settings.__attrs_attrs__  # type: ignore[attr-defined]
@@ -403,8 +409,12 @@ def test_each_part_needs_only_its_own_settings() -> None:
 def test_env_example_documents_every_variable_with_its_default() -> None:
     documented = dotenv_values(EXAMPLE)
     assert set(documented) == set(variable_names())
-    # Copying the example changes nothing: its values are the real defaults.
-    assert load_settings({}, dotenv_path=EXAMPLE) == Settings()
+    # Copying the example changes nothing: its values are the real defaults, and the
+    # variables that pick the profile (where the embedded stand-ins apply) stay unset.
+    from_example = load_settings({}, dotenv_path=EXAMPLE)
+    assert attrs.evolve(from_example, explicit=frozenset()) == Settings()
+    for selector in ("MYSQL_DSN", "STRIPE_SECRET_KEY", "AUTH_SERVICE_GRPC_ADDR", "HTTP_HOST"):
+        assert not from_example.is_set(selector)
 
 
 def test_env_example_has_a_comment_above_each_variable() -> None:

@@ -1,0 +1,215 @@
+"""Which real part, or which embedded stand-in, plays each role; decided once at start.
+
+Three roles, each independent of the others:
+
+- storage: MySQL when ``MYSQL_DSN`` is set, else a SQLite file (``PAYMENTS_SQLITE_PATH``,
+  single process);
+- Stripe: real Stripe when ``STRIPE_SECRET_KEY`` is set (then ``STRIPE_WEBHOOK_SECRET``
+  and ``PAYMENTS_PROVIDER_CALLBACK_BASE_URL`` are required: a half-configured Stripe is
+  an error, never a silent fallback), else the Stripe sandbox as a supervised child;
+- callers' API keys: the Auth service when ``AUTH_SERVICE_GRPC_ADDR`` is set; local
+  keys when ``PAYMENTS_API_KEYS_FILE`` / ``PAYMENTS_API_KEYS`` are; a dev key (kept in a
+  file beside the SQLite database) when the sandbox plays Stripe; otherwise the Auth
+  service at the old default ``localhost:9090``, so deploy files of the Go service
+  keep working unchanged.
+
+With none of ``MYSQL_DSN``, ``STRIPE_SECRET_KEY`` and ``AUTH_SERVICE_GRPC_ADDR`` set,
+everything is embedded: ``make serve`` on a fresh machine runs the whole thing. Stand-ins
+that take fake money or accept a dev key (the sandbox, dev keys) bind loopback only;
+the hosts default to 127.0.0.1 and a non-loopback host is refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+from payments.config import ConfigError, Settings
+
+DEV_SERVICE = "dev"
+DEV_KEY_FILE = "dev-api-key"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+StorageKind = Literal["mysql", "sqlite"]
+StripeKind = Literal["stripe", "sandbox"]
+AuthKind = Literal["auth-service", "local-keys", "dev-key"]
+
+
+@attrs.frozen
+class Profile:
+    storage: StorageKind
+    stripe: StripeKind
+    auth: AuthKind
+    settings: Settings  # the effective settings, stand-ins' values filled in
+    dev_api_key: str = attrs.field(default="", repr=False)
+    # The key the sandbox forwards its events with, as a gateway would (random per run).
+    sandbox_gateway_key: str = attrs.field(default="", repr=False)
+
+    @property
+    def embedded(self) -> bool:
+        return self.storage == "sqlite" and self.stripe == "sandbox" and self.auth == "dev-key"
+
+    @property
+    def stand_ins(self) -> list[str]:
+        parts = []
+        if self.storage == "sqlite":
+            parts.append("SQLite storage")
+        if self.stripe == "sandbox":
+            parts.append("Stripe sandbox")
+        if self.auth == "dev-key":
+            parts.append("dev API key")
+        return parts
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.stripe == "sandbox" or self.auth == "dev-key"
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.sandbox_port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_profile(settings: Settings, serves_api: bool = True) -> Profile:
+    """Pick each role's backend; raises ConfigError naming what is missing or wrong.
+
+    ``serves_api``: whether HTTP or gRPC run (they need the webhook secret, the callback
+    base URL and a way to check keys); a one-off job needs less.
+    """
+    storage: StorageKind = "mysql" if settings.mysql_dsn is not None else "sqlite"
+    stripe: StripeKind = "stripe" if settings.stripe_secret_key else "sandbox"
+    if stripe == "stripe":
+        needed = ["STRIPE_WEBHOOK_SECRET", "PAYMENTS_PROVIDER_CALLBACK_BASE_URL"]
+        missing = [name for name in needed if serves_api and not settings.is_set(name)]
+        if missing:
+            raise ConfigError(
+                f"{', '.join(missing)}: required with STRIPE_SECRET_KEY (Stripe is half "
+                "configured; unset STRIPE_SECRET_KEY to use the embedded sandbox instead)"
+            )
+    else:
+        stray = [
+            name for name in ("STRIPE_WEBHOOK_SECRET", "STRIPE_API_BASE") if settings.is_set(name)
+        ]
+        if stray:
+            raise ConfigError(
+                f"STRIPE_SECRET_KEY: required with {', '.join(stray)} (Stripe is half "
+                "configured; unset them to use the embedded sandbox instead)"
+            )
+
+    auth: AuthKind
+    if settings.is_set("AUTH_SERVICE_GRPC_ADDR"):
+        auth = "auth-service"
+    elif settings.api_keys_file or settings.api_keys:
+        auth = "local-keys"
+    elif stripe == "sandbox":
+        auth = "dev-key"
+    else:
+        auth = "auth-service"
+    if auth == "auth-service" and serves_api and not settings.app_api_key:
+        raise ConfigError("APP_API_KEY: required to call the Auth service")
+
+    profile = Profile(storage, stripe, auth, settings)
+    return _fill_in_stand_ins(profile)
+
+
+def _fill_in_stand_ins(profile: Profile) -> Profile:
+    settings = profile.settings
+    changes: dict[str, object] = {}
+    if profile.loopback_only:
+        for variable, field in (("HTTP_HOST", "http_host"), ("GRPC_HOST", "grpc_host")):
+            host = getattr(settings, field)
+            if not settings.is_set(variable):
+                changes[field] = "127.0.0.1"
+            elif not is_loopback(host):
+                raise ConfigError(
+                    f"{variable}: {host!r} is not a loopback address; with the "
+                    f"{' and '.join(profile.stand_ins)} the service binds loopback only. "
+                    "Configure MYSQL_DSN, STRIPE_SECRET_KEY and AUTH_SERVICE_GRPC_ADDR "
+                    "to serve other hosts."
+                )
+    dev_key = gateway_key = ""
+    if profile.stripe == "sandbox":
+        http_port = settings.http_port
+        if not http_port or not settings.sandbox_port:
+            raise ConfigError(
+                "HTTP_PORT, PAYMENTS_SANDBOX_PORT: the embedded sandbox needs fixed ports"
+            )
+        changes["stripe_secret_key"] = "sk_test_sandbox_" + secrets.token_hex(12)
+        changes["stripe_webhook_secret"] = "whsec_" + secrets.token_hex(24)
+        changes["stripe_api_base"] = profile.sandbox_url
+        if not settings.provider_callback_base_url:
+            changes["provider_callback_base_url"] = (
+                f"http://127.0.0.1:{http_port}/webhooks/providers/stripe"
+            )
+        gateway_key = "gw_" + secrets.token_urlsafe(24)
+    if profile.auth == "dev-key":
+        dev_key = load_or_create_dev_key(Path(settings.sqlite_path).parent / DEV_KEY_FILE)
+    if not settings.app_api_key and profile.loopback_only:
+        changes["app_api_key"] = "payments-dev-" + secrets.token_hex(8)
+    return attrs.evolve(
+        profile,
+        settings=attrs.evolve(settings, **changes),
+        dev_api_key=dev_key,
+        sandbox_gateway_key=gateway_key,
+    )
+
+
+def load_or_create_dev_key(path: Path) -> str:
+    """The dev API key: made once and kept (mode 0600) so curl examples keep working
+    across restarts. Only ever used by the loopback-only profile."""
+    try:
+        key = path.read_text().strip()
+        if key:
+            return key
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the dev API key ({exc.strerror})") from None
+    key = "dev_" + secrets.token_urlsafe(24)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the dev API key ({exc.strerror})") from None
+    return key
+
+
+def banner(profile: Profile) -> str:
+    """What `serve` prints once at start when stand-ins are in use."""
+    s = profile.settings
+    title = "embedded profile" if profile.embedded else "stand-ins: " + ", ".join(profile.stand_ins)
+    lines = [
+        "",
+        f"  payments: {title} (development only, loopback only)"
+        if profile.loopback_only
+        else f"  payments: {title}",
+        f"    HTTP     http://{s.http_host}:{s.http_port}",
+        f"    gRPC     {s.grpc_host}:{s.grpc_port}",
+    ]
+    if profile.storage == "sqlite":
+        lines.append(f"    storage  SQLite {s.sqlite_path} (single process)")
+    if profile.stripe == "sandbox":
+        lines.append(f"    Stripe   sandbox {profile.sandbox_url}/_sandbox/dashboard")
+    if profile.dev_api_key:
+        lines.append(f'    API key  {profile.dev_api_key}  (caller_service "{DEV_SERVICE}")')
+    lines += [
+        "    For production set MYSQL_DSN; STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET and",
+        "    PAYMENTS_PROVIDER_CALLBACK_BASE_URL; AUTH_SERVICE_GRPC_ADDR (README, deployment.md).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Profile selection: each role's backend, half-configured production refused, loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from payments.config import ConfigError, load_settings
+from payments.profile import banner, is_loopback, resolve_profile
+
+REAL_STRIPE = {
+    "STRIPE_SECRET_KEY": "sk_live_abc123",
+    "STRIPE_WEBHOOK_SECRET": "whsec_abc",
+    "PAYMENTS_PROVIDER_CALLBACK_BASE_URL": "https://pay.example.com/webhooks/providers/stripe",
+}
+
+
+def settings(tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]
+    env.setdefault("PAYMENTS_SQLITE_PATH", str(tmp_path / "var" / "payments.db"))
+    return load_settings(env, dotenv_path=None)
+
+
+def test_nothing_configured_is_the_embedded_profile(tmp_path: Path) -> None:
+    profile = resolve_profile(settings(tmp_path))
+    assert (profile.storage, profile.stripe, profile.auth) == ("sqlite", "sandbox", "dev-key")
+    assert profile.embedded and profile.loopback_only
+    s = profile.settings
+    assert (s.http_host, s.grpc_host) == ("127.0.0.1", "127.0.0.1")
+    assert s.stripe_api_base == "http://127.0.0.1:12111"
+    assert s.stripe_secret_key.startswith("sk_test_") and s.stripe_webhook_secret
+    assert s.provider_callback_base_url == "http://127.0.0.1:8080/webhooks/providers/stripe"
+    assert profile.dev_api_key.startswith("dev_") and profile.sandbox_gateway_key
+    text = banner(profile)
+    assert profile.dev_api_key in text and "loopback only" in text and "MYSQL_DSN" in text
+    assert s.stripe_secret_key not in text and s.stripe_webhook_secret not in text
+
+
+def test_the_dev_key_is_kept_across_starts(tmp_path: Path) -> None:
+    first = resolve_profile(settings(tmp_path)).dev_api_key
+    assert resolve_profile(settings(tmp_path)).dev_api_key == first
+    key_file = tmp_path / "var" / "dev-api-key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_each_real_part_replaces_its_stand_in(tmp_path: Path) -> None:
+    mysql_only = resolve_profile(settings(tmp_path, MYSQL_DSN="mysql://u:p@db:3306/pay"))
+    assert (mysql_only.storage, mysql_only.stripe, mysql_only.auth) == (
+        "mysql",
+        "sandbox",
+        "dev-key",
+    )
+    assert mysql_only.loopback_only and not mysql_only.embedded
+    stripe_only = resolve_profile(settings(tmp_path, APP_API_KEY="own", **REAL_STRIPE))
+    assert (stripe_only.storage, stripe_only.stripe, stripe_only.auth) == (
+        "sqlite",
+        "stripe",
+        "auth-service",  # the old default address: Go deploy files keep working
+    )
+    assert stripe_only.settings.stripe_secret_key == "sk_live_abc123"
+    assert not stripe_only.loopback_only and stripe_only.settings.http_host == "0.0.0.0"
+    auth_only = resolve_profile(
+        settings(tmp_path, AUTH_SERVICE_GRPC_ADDR="auth:9090", APP_API_KEY="own")
+    )
+    assert (auth_only.stripe, auth_only.auth) == ("sandbox", "auth-service")
+    keys = resolve_profile(settings(tmp_path, PAYMENTS_API_KEYS_FILE="/etc/payments/keys"))
+    assert keys.auth == "local-keys" and keys.dev_api_key == ""
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"STRIPE_SECRET_KEY": "sk_live_x"}, "STRIPE_WEBHOOK_SECRET"),
+        (
+            {"STRIPE_SECRET_KEY": "sk_live_x", "STRIPE_WEBHOOK_SECRET": "whsec_x"},
+            "PAYMENTS_PROVIDER_CALLBACK_BASE_URL",
+        ),
+        ({"STRIPE_WEBHOOK_SECRET": "whsec_x"}, "STRIPE_SECRET_KEY"),
+        ({"AUTH_SERVICE_GRPC_ADDR": "auth:9090"}, "APP_API_KEY"),
+    ],
+)
+def test_half_configured_production_is_an_error(
+    tmp_path: Path, env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named) as caught:
+        resolve_profile(settings(tmp_path, **env))
+    assert "sk_live_x" not in str(caught.value) and "whsec_x" not in str(caught.value)
+
+
+@pytest.mark.parametrize("variable", ["HTTP_HOST", "GRPC_HOST"])
+def test_stand_ins_refuse_a_non_loopback_address(tmp_path: Path, variable: str) -> None:
+    with pytest.raises(ConfigError, match=f"{variable}: '0.0.0.0' is not a loopback"):
+        resolve_profile(settings(tmp_path, **{variable: "0.0.0.0"}))
+    allowed = resolve_profile(settings(tmp_path, **{variable: "::1"}))
+    assert allowed.loopback_only
+
+
+def test_loopback_addresses() -> None:
+    assert all(map(is_loopback, ["127.0.0.1", "127.3.2.1", "::1", "localhost", "[::1]"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "10.0.0.1", "::", "example.com"]))
