@@ -5,6 +5,8 @@
     payments callbacks dispatch [--worker] deliver due status callbacks
     payments expire pending [--worker]     expire payments stuck in pending
     payments migrate                       apply schema.sql to MYSQL_DSN
+    payments keys create SERVICE [--access NAME ...] [--file PATH]
+                                           make a local API key (printed once)
     payments version                       version, git commit, build time
 
 A one-off job drains its backlog in batches, prints a summary and exits non-zero when
@@ -16,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
+from dotenv import dotenv_values
 
 from payments import runtime
+from payments.api import local_keys
 from payments.buildinfo import build_info
 from payments.config import ConfigError, load_settings
 from payments.errors import PaymentsError
@@ -57,7 +63,57 @@ def _parser() -> argparse.ArgumentParser:
     job(expire_commands.add_parser("pending", help="expire payments stuck in pending"), "expire")
     commands.add_parser("migrate", help="apply schema.sql to the database in MYSQL_DSN")
     commands.add_parser("version", help="print version, git commit and build time")
+    keys = commands.add_parser("keys", help="local API keys (PAYMENTS_API_KEYS_FILE)")
+    keys_commands = keys.add_subparsers(dest="action", required=True, metavar="action")
+    create = keys_commands.add_parser(
+        "create",
+        help="make an API key for a service: print it once, append its hash to the keys file",
+    )
+    create.add_argument("service", help="the calling service the key stands for")
+    create.add_argument(
+        "--access",
+        action="append",
+        metavar="NAME",
+        help="a service the key may call (repeatable, or comma-separated); "
+        "default: APP_SERVICE_NAME, else payments-service",
+    )
+    create.add_argument(
+        "--file", type=Path, metavar="PATH", help="the keys file; default: PAYMENTS_API_KEYS_FILE"
+    )
     return parser
+
+
+def _environment_value(name: str) -> str:
+    """``name`` from the environment, else from ``.env`` (as load_settings reads them),
+    without parsing every other setting: a key can be made while the rest is unset."""
+    value = os.environ.get(name)
+    if value is None and Path(".env").is_file():
+        value = dotenv_values(".env").get(name)
+    return (value or "").strip()
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    """``payments keys create``: the key goes to stdout alone (so ``$(...)`` captures
+    it), the note to stderr. Raises ConfigError (KeysFileError) on an unusable file."""
+    path = args.file or _environment_value(local_keys.FILE_VARIABLE)
+    if not path:
+        raise ConfigError(f"no keys file: pass --file or set {local_keys.FILE_VARIABLE}")
+    access = [name.strip() for item in args.access or () for name in item.split(",")]
+    access = [name for name in access if name] or [
+        _environment_value("APP_SERVICE_NAME") or "payments-service"
+    ]
+    try:
+        key, line = local_keys.append_key(path, args.service, access)
+    except ValueError as exc:  # a bad service or access name
+        print(f"payments: keys create: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        f"API key for {args.service} (access: {', '.join(access)}); its hash is line "
+        f"{line} of {path}. This is the only time the key is shown: store it now.",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(build_info()))
         return 0
     try:
+        if args.command == "keys":
+            return _keys_create(args)
         settings = load_settings()
         if args.command == "migrate":
             version = trio.run(runtime.migrate, settings)
