@@ -16,14 +16,20 @@ It speaks the part of Stripe's v1 API this service uses, well enough that the of
         sandbox.configure_webhook(url, secret)           # post its events, signed
         await sandbox.webhooks.wait_idle()               # ... until all are answered
 
+A browser pays, declines or cancels at each object's ``url`` (``/pay/{id}``, the hosted
+checkout page), and ``/_sandbox/dashboard`` lists sessions and the events sent.
+
 Layers: ``forms`` (bracket encoding), ``params`` (schemas, Stripe errors), ``state``
-(objects, log, events, faults), ``api`` (routes, auth, idempotency), ``server`` (trio +
-h11), ``webhooks`` (signed event delivery), ``control`` (HTTP control routes for a
-separate process), ``__main__`` (CLI).
+(objects, log, events, faults), ``api`` (routes, auth, idempotency), ``pages`` (hosted
+checkout and dashboard HTML), ``server`` (trio + h11), ``webhooks`` (signed event
+delivery), ``control`` (HTTP control routes for a separate process), ``child`` (a
+supervised child of ``payments serve``), ``__main__`` (CLI).
 """
 
 from payments.sandbox.api import ApiRequest, ApiResponse, StripeApi
+from payments.sandbox.child import sandbox_child
 from payments.sandbox.forms import encode_form, parse_form
+from payments.sandbox.pages import CheckoutPages
 from payments.sandbox.server import DEFAULT_SECRET_KEY, Sandbox, open_sandbox, serve_sandbox
 from payments.sandbox.state import (
     DeliveryRecord,
@@ -41,6 +47,7 @@ __all__ = [
     "DEFAULT_SECRET_KEY",
     "ApiRequest",
     "ApiResponse",
+    "CheckoutPages",
     "DeliveryRecord",
     "Fault",
     "FaultKind",
@@ -55,6 +62,7 @@ __all__ = [
     "encode_form",
     "open_sandbox",
     "parse_form",
+    "sandbox_child",
     "serve_sandbox",
     "stripe_signature",
 ]

@@ -9,6 +9,10 @@ With ``--webhook-url`` (the service's provider callback base, e.g.
 is posted there signed, with the gateway's ``X-Request-ID`` and ``--gateway-api-key``
 headers, or in the envelope form with ``--envelope``. The control API
 (``POST /_sandbox/webhook``) can set or change that later.
+
+Each session's and payment link's ``url`` is its hosted checkout page (``/pay/<id>``,
+Pay / Decline / Cancel in a browser); ``/_sandbox/dashboard`` lists sessions and the
+events sent, without the key while bound to a loopback address (payments.sandbox.pages).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ async def _run(args: argparse.Namespace) -> None:
             )
         )
         print(f"payments-sandbox listening on {sandbox.url}", flush=True)
+        print(f"payments-sandbox dashboard: {sandbox.url}/_sandbox/dashboard", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 nursery.cancel_scope.cancel()

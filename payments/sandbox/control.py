@@ -3,7 +3,8 @@
 In-process tests use ``sandbox.state`` directly; a process started with
 ``python -m payments.sandbox`` is driven over HTTP instead, under ``/_sandbox/``
 (JSON in and out, the same secret key as Bearer auth; ``/_sandbox/health`` is open).
-These requests are neither logged nor subject to faults.
+These requests are neither logged nor subject to faults. ``/_sandbox/dashboard`` is not
+here but in payments.sandbox.pages (HTML for a browser).
 
     GET    /_sandbox/health                                   {"status": "ok"}
     GET    /_sandbox/objects                                  every object, by kind

@@ -12,6 +12,10 @@ with keep-alive, which is all this serves.
 :class:`Sandbox`); ``open_sandbox`` wraps that as an async context manager. The same
 nursery runs webhook delivery (payments.sandbox.webhooks): give ``webhook_url`` and
 ``webhook_secret`` (or set ``state.webhook`` later) and every emitted event is posted.
+
+Three kinds of request share the port: the Stripe API (``/v1/...``, Bearer auth), the
+hosted checkout pages and the dashboard (``/pay/...``, ``/_sandbox/dashboard``:
+payments.sandbox.pages, HTML for a browser) and the control API (``/_sandbox/...``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,6 +33,7 @@ import trio
 
 from payments.sandbox.api import ApiRequest, ApiResponse, StripeApi
 from payments.sandbox.control import ControlApi
+from payments.sandbox.pages import CheckoutPages, is_loopback_host
 from payments.sandbox.params import StripeError
 from payments.sandbox.state import FaultKind, Faults, StripeState, WebhookEndpoint
 from payments.sandbox.webhooks import WebhookSender
@@ -51,6 +56,7 @@ class Sandbox:
     state: StripeState
     api: StripeApi
     webhooks: WebhookSender
+    pages: CheckoutPages
 
     @property
     def secret_key(self) -> str:
@@ -159,6 +165,8 @@ class _Server:
 
     async def _dispatch(self, request: ApiRequest) -> ApiResponse:
         path = request.target.partition("?")[0]
+        if CheckoutPages.serves(path):
+            return self.sandbox.pages.handle(request)
         if path.startswith(ControlApi.PREFIX):
             return self.control.handle(request)
         api = self.sandbox.api
@@ -230,15 +238,23 @@ async def serve_sandbox(
     webhook_secret: str | None = None,
     gateway_api_key: str = "",
     envelope: bool = False,
+    dashboard_open: bool | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[Sandbox] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the emulator until cancelled; ``task_status.started`` gets the :class:`Sandbox`.
+    """Serve the emulator until cancelled (or ``shutdown_trigger`` returns);
+    ``task_status.started`` gets the :class:`Sandbox` once it accepts connections.
 
     ``port=0`` picks a free port (read it from ``sandbox.url``). ``public_url`` overrides
-    the base URL put in objects' ``url`` fields (say, behind a proxy). Pass ``state`` to
-    keep objects across restarts of the server. ``webhook_url`` and ``webhook_secret``
-    turn on event delivery (with ``gateway_api_key`` as ``X-API-Key``, and the envelope
-    form when ``envelope``).
+    the base URL put in objects' ``url`` fields, the checkout URLs a browser opens (say,
+    behind a proxy). Pass ``state`` to keep objects across restarts of the server (a
+    supervisor restarting it). ``webhook_url`` and ``webhook_secret`` turn on event
+    delivery (with ``gateway_api_key`` as ``X-API-Key``, and the envelope form when
+    ``envelope``). ``dashboard_open``: whether ``/_sandbox/dashboard`` answers without
+    the secret key; by default only when ``host`` is a loopback address (pass False
+    when a proxy makes a loopback-bound sandbox public). ``shutdown_trigger`` (say, a
+    supervisor's ``stopping.wait``) ends serving cleanly when it returns; webhooks not
+    yet delivered are dropped, as on cancellation.
     """
     if (webhook_url is None) != (webhook_secret is None):
         raise ValueError("webhook_url and webhook_secret go together")
@@ -256,6 +272,10 @@ async def serve_sandbox(
         state=state,
         api=StripeApi(state),
         webhooks=WebhookSender(state),
+        pages=CheckoutPages(
+            state,
+            dashboard_open=is_loopback_host(host) if dashboard_open is None else dashboard_open,
+        ),
     )
     if webhook_url is not None and webhook_secret is not None:
         sandbox.configure_webhook(
@@ -265,8 +285,11 @@ async def serve_sandbox(
     async with trio.open_nursery() as nursery:
         await nursery.start(sandbox.webhooks.run)
         log.info("stripe sandbox listening", extra={"url": url})
+        nursery.start_soon(trio.serve_listeners, server.handle_connection, listeners)
         task_status.started(sandbox)
-        await trio.serve_listeners(server.handle_connection, listeners)
+        if shutdown_trigger is not None:
+            await shutdown_trigger()
+            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -281,6 +304,7 @@ async def open_sandbox(
     webhook_secret: str | None = None,
     gateway_api_key: str = "",
     envelope: bool = False,
+    dashboard_open: bool | None = None,
 ) -> AsyncIterator[Sandbox]:
     """Run the emulator for the body of the ``async with``; stop it on the way out
     (events not yet delivered are dropped)."""
@@ -296,6 +320,7 @@ async def open_sandbox(
                 webhook_secret=webhook_secret,
                 gateway_api_key=gateway_api_key,
                 envelope=envelope,
+                dashboard_open=dashboard_open,
                 task_status=task_status,
             )
         )

@@ -525,6 +525,41 @@ class StripeState:
         self.emit("checkout.session.async_payment_failed", session)
         return session
 
+    def pay_session(self, session_id: str) -> dict[str, Any]:
+        """What the hosted page's Pay does: the session completes paid and, in
+        subscription mode, the first invoice's ``invoice.paid`` follows, as at Stripe.
+
+        (:meth:`complete_session` alone stays as it was: tests count its events.)
+        """
+        session = self.complete_session(session_id)
+        if session["mode"] == "subscription" and session["invoice"]:
+            invoice = self.invoices[session["invoice"]]
+            if invoice["status"] == "paid":
+                self.emit("invoice.paid", invoice)
+        return session
+
+    def decline_session(self, session_id: str) -> dict[str, Any]:
+        """What the hosted page's Decline does: the payment fails, for good.
+
+        Stripe keeps a card session open after a decline and lets the customer try
+        another card; it announces no session-level failure then. The sandbox instead
+        ends the attempt the way Stripe reports a failed payment on a session:
+        completed unpaid, then ``checkout.session.async_payment_failed`` (and, in
+        subscription mode, ``invoice.payment_failed`` for the first invoice). The
+        service maps both to FAILED, and the session can no longer be paid.
+        """
+        session = self.fail_session(session_id)
+        if session["mode"] == "subscription" and session["subscription"]:
+            self.fail_invoice(session["subscription"])
+        return session
+
+    def payment_failed(self, session_id: str) -> bool:
+        """Whether the session's payment was announced as failed."""
+        return any(
+            event["data"]["object"]["id"] == session_id
+            for event in self.events_of("checkout.session.async_payment_failed")
+        )
+
     def expire_session(self, session_id: str) -> dict[str, Any]:
         """The session expired (as after ``expires_at``, or the expire endpoint)."""
         session = self._session(session_id)
