@@ -26,7 +26,7 @@ from payments.model import (
 from payments.payment_json import payment_to_json
 from payments.storage import outbox
 from payments.storage import repository as repo
-from payments.storage.pool import Connection
+from payments.storage.database import Connection
 
 
 async def change_status(

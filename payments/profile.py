@@ -32,6 +32,7 @@ import attrs
 from payments.config import ConfigError, Settings
 
 DEV_SERVICE = "dev"
+SANDBOX_SECRET_KEY = "sk_test_sandbox"  # noqa: S105  (the loopback sandbox's, not a secret)
 DEV_KEY_FILE = "dev-api-key"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -147,7 +148,9 @@ def _fill_in_stand_ins(profile: Profile) -> Profile:
             raise ConfigError(
                 "HTTP_PORT, PAYMENTS_SANDBOX_PORT: the embedded sandbox needs fixed ports"
             )
-        changes["stripe_secret_key"] = "sk_test_sandbox_" + secrets.token_hex(12)
+        # Fixed, not secret: the sandbox takes fake money on loopback only, and one-off
+        # jobs (`payments reconcile`) reach the running service's sandbox with it.
+        changes["stripe_secret_key"] = SANDBOX_SECRET_KEY
         changes["stripe_webhook_secret"] = "whsec_" + secrets.token_hex(24)
         changes["stripe_api_base"] = profile.sandbox_url
         if not settings.provider_callback_base_url:

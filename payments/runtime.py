@@ -22,9 +22,12 @@ import trio
 
 from payments import logs
 from payments.api.auth import GrpcAuthenticator
+from payments.api.auth_chain import FirstKnown
 from payments.api.grpc import PaymentsConnectionHandler, PaymentsServicer
 from payments.api.grpc_server import serve_purerpc
 from payments.api.http import create_http_app, serve_http
+from payments.api.local_keys import KeyEntry, LocalKeyAuthenticator
+from payments.api.transport import Authenticator
 from payments.buildinfo import build_info
 from payments.config import ConfigError, Settings
 from payments.errors import DependencyUnavailable
@@ -33,11 +36,13 @@ from payments.jobs.dispatcher import Dispatcher, DispatchNotifier, PassResult, o
 from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
 from payments.model import Payment
+from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
 from payments.providers.stripe_events import StripeEventParser
+from payments.sandbox import StripeState, serve_sandbox
 from payments.service import PaymentService
+from payments.storage.database import Database, open_database
 from payments.storage.migrate import migrate as apply_schema
-from payments.storage.pool import Pool
 from supervisor import (
     Backoff,
     ChildContext,
@@ -63,29 +68,33 @@ BACKOFF = Backoff(initial=0.5, factor=2.0, max_delay=30.0, jitter=0.2, reset_aft
 
 
 async def migrate(settings: Settings) -> int:
-    """Apply schema.sql to MYSQL_DSN; the schema version afterwards."""
-    if settings.mysql_dsn is None:
-        raise ConfigError("MYSQL_DSN: required by migrate")
-    pool = Pool(settings.mysql_dsn, max_open=1, max_idle=1)
+    """Apply the schema to the database (MYSQL_DSN, else the SQLite file); its version."""
+    database = open_database(settings)
     try:
-        return await apply_schema(pool)
+        return await apply_schema(database)
     finally:
-        await pool.aclose()
+        await database.aclose()
 
 
 @attrs.define
 class Resources:
     """What the children share, opened once per process."""
 
-    settings: Settings
-    pool: Pool
+    profile: Profile
+    pool: Database
     providers: ProviderRegistry
     service: PaymentService
-    authenticator: GrpcAuthenticator | None = None
+    authenticator: Authenticator | None = None
     notifier: DispatchNotifier | None = None
     notices: trio.MemoryReceiveChannel[int] | None = None
     dispatcher: Dispatcher | None = None
     supervisor: Supervisor | None = None
+    # The sandbox's objects outlive a restart of its child.
+    sandbox_state: StripeState | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.profile.settings
 
     def on_terminal(self, payment: Payment) -> None:
         """Tell the dispatcher (if this process runs one) that a payment ended."""
@@ -102,31 +111,57 @@ class Resources:
         return {"children": children, "database_pool": attrs.asdict(self.pool.stats())}
 
 
-def check_settings(settings: Settings, parts: Iterable[str]) -> None:
-    missing = settings.missing_for(parts)
-    if missing:
-        raise ConfigError(f"{', '.join(missing)}: required (see config/.env.example)")
+def check_settings(settings: Settings, parts: Iterable[str]) -> Profile:
+    """The profile these parts run with; ConfigError naming what is missing or wrong."""
+    parts = set(parts)
+    profile = resolve_profile(settings, serves_api=bool(parts & SERVERS))
+    if "dispatch" in parts and not profile.settings.app_api_key:
+        raise ConfigError("APP_API_KEY: required to send status callbacks")
+    return profile
+
+
+async def _open_authenticator(stack: AsyncExitStack, profile: Profile) -> Authenticator:
+    settings = profile.settings
+    access = [settings.app_service_name]
+    main: Authenticator
+    if profile.auth == "auth-service":
+        main = await stack.enter_async_context(GrpcAuthenticator.from_settings(settings))
+    elif profile.auth == "local-keys":
+        main = LocalKeyAuthenticator.load(
+            settings.api_keys_file or None,
+            settings.api_keys or None,
+            settings.app_service_name,
+            settings.trusted_callers,
+        )
+    else:
+        dev = KeyEntry.from_key(profile.dev_api_key, DEV_SERVICE, access, "dev key")
+        main = LocalKeyAuthenticator([dev], settings.app_service_name, settings.trusted_callers)
+    if not profile.sandbox_gateway_key:
+        return main
+    gateway = KeyEntry.from_key(profile.sandbox_gateway_key, "stripe-sandbox", access, "sandbox")
+    return FirstKnown([LocalKeyAuthenticator([gateway], settings.app_service_name), main])
 
 
 @asynccontextmanager
-async def open_resources(settings: Settings, parts: Iterable[str]) -> AsyncIterator[Resources]:
+async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterator[Resources]:
     """Open what ``parts`` need; close it all in reverse on the way out."""
     parts = set(parts)
-    check_settings(settings, parts)
-    assert settings.mysql_dsn is not None  # checked above
+    settings = profile.settings
     async with AsyncExitStack() as stack:
-        pool = Pool.from_settings(settings)
-        stack.push_async_callback(pool.aclose)
+        database = open_database(settings)
+        stack.push_async_callback(database.aclose)
+        if profile.storage == "sqlite":
+            await apply_schema(database)  # the embedded file is made and kept current here
         providers = ProviderRegistry.from_settings(settings)
         stack.push_async_callback(providers.aclose)
-        res = Resources(settings, pool, providers, service=None)  # type: ignore[arg-type]
+        res = Resources(profile, database, providers, service=None)  # type: ignore[arg-type]
         parsers = {}
         if settings.stripe_webhook_secret:
             parsers["stripe"] = StripeEventParser(
                 settings.stripe_webhook_secret, settings.stripe_signature_tolerance_seconds
             )
         res.service = PaymentService(
-            pool,
+            database,
             providers,
             settings.provider_callback_base_url,
             on_terminal=res.on_terminal,
@@ -134,12 +169,10 @@ async def open_resources(settings: Settings, parts: Iterable[str]) -> AsyncItera
         )
         if "dispatch" in parts:
             # Built before the tree starts: a bad signing secret stops the start here.
-            res.dispatcher = await stack.enter_async_context(Dispatcher(pool, settings))
+            res.dispatcher = await stack.enter_async_context(Dispatcher(database, settings))
             res.notifier, res.notices = open_notice_channel()
         if parts & SERVERS:
-            res.authenticator = await stack.enter_async_context(
-                GrpcAuthenticator.from_settings(settings)
-            )
+            res.authenticator = await _open_authenticator(stack, profile)
         yield res
 
 
@@ -194,6 +227,33 @@ def _grpc_child(res: Resources) -> ChildStart:
     return run
 
 
+def _sandbox_child(res: Resources) -> ChildStart:
+    profile = res.profile
+    settings = profile.settings
+
+    async def run(ctx: ChildContext) -> None:
+        async with trio.open_nursery() as nursery:
+            sandbox = await nursery.start(
+                partial(
+                    serve_sandbox,
+                    "127.0.0.1",
+                    settings.sandbox_port,
+                    secret_key=settings.stripe_secret_key,
+                    state=res.sandbox_state,
+                    webhook_url=settings.provider_callback_base_url,
+                    webhook_secret=settings.stripe_webhook_secret,
+                    gateway_api_key=profile.sandbox_gateway_key,
+                )
+            )
+            res.sandbox_state = sandbox.state
+            log.info("stripe sandbox listening", extra={"url": sandbox.url})
+            ctx.started()
+            await ctx.stopping.wait()
+            nursery.cancel_scope.cancel()
+
+    return run
+
+
 def _reconciler(res: Resources) -> Reconciler:
     return Reconciler(
         res.pool,
@@ -223,6 +283,7 @@ def _dispatcher_child(res: Resources) -> ChildStart:
 
 # part -> (child name, how to build its start function, its grace beyond the base)
 _CHILDREN: dict[str, tuple[str, Callable[[Resources], ChildStart]]] = {
+    "sandbox": ("stripe-sandbox", _sandbox_child),
     "reconcile": ("reconciler", lambda res: _reconciler(res).run),
     "dispatch": ("dispatcher", _dispatcher_child),
     "expire": ("expirer", lambda res: _expirer(res).run),
@@ -233,7 +294,7 @@ _CHILDREN: dict[str, tuple[str, Callable[[Resources], ChildStart]]] = {
 
 def build_children(res: Resources, parts: Iterable[str]) -> list[ChildSpec]:
     wanted = set(parts)
-    unknown = wanted - set(_CHILDREN)
+    unknown = wanted - set(PARTS)
     if unknown:
         raise ConfigError(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     settings = res.settings
@@ -245,7 +306,10 @@ def build_children(res: Resources, parts: Iterable[str]) -> list[ChildSpec]:
         "dispatch": settings.callback_http_timeout_seconds + 5,
         "reconcile": settings.stripe_http_timeout_seconds + 5,
         "expire": settings.stripe_http_timeout_seconds + 5,
+        "sandbox": 2,
     }
+    if res.profile.stripe == "sandbox":
+        wanted.add("sandbox")  # the stand-in for Stripe runs wherever the service does
     return [
         ChildSpec(
             name=name, start=factory(res), restart=RestartPolicy.PERMANENT, grace=graces[part]
@@ -258,11 +322,17 @@ def build_children(res: Resources, parts: Iterable[str]) -> list[ChildSpec]:
 async def serve(settings: Settings, parts: Iterable[str]) -> int:
     """Run the supervision tree until SIGTERM/SIGINT; the process exit code."""
     parts = frozenset(parts)
-    check_settings(settings, parts)
+    profile = check_settings(settings, parts)
+    settings = profile.settings
     logs.setup_from_settings(settings)
-    log.info("starting", extra={"parts": sorted(parts), **build_info()})
+    if profile.stand_ins and parts & SERVERS:
+        print(banner(profile), file=sys.stderr, flush=True)
+    log.info(
+        "starting",
+        extra={"parts": sorted(parts), "stand_ins": profile.stand_ins, **build_info()},
+    )
     try:
-        async with open_resources(settings, parts) as res:
+        async with open_resources(profile, parts) as res:
             res.supervisor = Supervisor(
                 build_children(res, parts), intensity=INTENSITY, backoff=BACKOFF, name="payments"
             )
@@ -303,9 +373,10 @@ async def run_job(settings: Settings, part: str) -> int:
     """
     if part not in JOBS:
         raise ConfigError(f"unknown job {part!r}")
-    logs.setup_from_settings(settings)
+    profile = check_settings(settings, {part})
+    logs.setup_from_settings(profile.settings)
     progress = _progress(part)
-    async with open_resources(settings, {part}) as res:
+    async with open_resources(profile, {part}) as res:
         summary: JobSummary | PassResult
         try:
             if part == "dispatch":

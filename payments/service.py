@@ -45,12 +45,14 @@ from payments.providers.base import CheckoutResult, EventParser, ProviderEvent
 from payments.providers.registry import ProviderRegistry
 from payments.storage import provider_callbacks
 from payments.storage import repository as repo
-from payments.storage.pool import Connection, DuplicateKey, Pool
+from payments.storage.database import Connection, Database, DuplicateKey
+from payments.storage.pool import Deadlock
 from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
 
 log = logging.getLogger("payments.service")
 
 MAX_CANCEL_REASON = 500
+DEADLOCK_RETRIES = 3
 CALLBACK_PROCESSED = "Provider callback processed"
 # The route's provider name -> the ProviderType its payments carry.
 PROVIDER_NAMES: Mapping[str, ProviderType] = {"stripe": ProviderType.STRIPE}
@@ -77,7 +79,7 @@ class PaymentService:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: Database,
         providers: ProviderRegistry,
         provider_callback_base_url: str,
         on_terminal: Callable[[Payment], None] | None = None,
@@ -128,22 +130,35 @@ class PaymentService:
             },
             metadata=dict(new.metadata),
         )
-        try:
-            async with self._pool.transaction() as conn:
-                payment.id = await repo.insert_payment(conn, payment)
-                await repo.insert_event(
-                    conn,
-                    PaymentEvent(
-                        payment_id=payment.id,
-                        kind=EventKind.CREATED,
-                        from_status=PaymentStatus.UNSPECIFIED,
-                        to_status=PaymentStatus.CREATED,
-                        created_at=now,
-                    ),
-                )
-            return payment
-        except DuplicateKey:
-            pass
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                return await self._insert(payment, now)
+            except DuplicateKey:
+                break
+            except Deadlock:
+                # Concurrent inserts of one (caller_service, request_id) can deadlock in
+                # InnoDB; the winner has committed or will, so the next try meets it.
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+        return await self._load_duplicate(new, fingerprint)
+
+    async def _insert(self, payment: Payment, now: datetime) -> Payment:
+        """Commit the CREATED row and its event; DuplicateKey when it already exists."""
+        async with self._pool.transaction() as conn:
+            payment.id = await repo.insert_payment(conn, payment)
+            await repo.insert_event(
+                conn,
+                PaymentEvent(
+                    payment_id=payment.id,
+                    kind=EventKind.CREATED,
+                    from_status=PaymentStatus.UNSPECIFIED,
+                    to_status=PaymentStatus.CREATED,
+                    created_at=now,
+                ),
+            )
+        return payment
+
+    async def _load_duplicate(self, new: NewPayment, fingerprint: str) -> Payment:
         async with self._pool.connection() as conn:
             existing = await repo.get_payment_by_request(conn, new.caller_service, new.request_id)
         if existing is None:  # the duplicate was on another key; cannot happen twice

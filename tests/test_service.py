@@ -1,4 +1,5 @@
-"""The use cases against the real database and the Stripe emulator (no transports).
+"""The use cases against each real database (MySQL, SQLite) and the Stripe emulator
+(no transports).
 
 These pin the rules DESIGN.md puts on the service: exact idempotency (including a
 crash between the Stripe call and the commit), conflicts, isolation, cancel, and an
@@ -38,7 +39,7 @@ from payments.sandbox import Sandbox
 from payments.service import PaymentService
 from payments.storage import outbox
 from payments.storage import repository as repo
-from payments.storage.pool import Pool
+from payments.storage.database import Database
 from payments.validation import validate_create
 from tests.fixtures.sandbox import CALLBACK_BASE_URL
 
@@ -66,7 +67,13 @@ def new_payment(**overrides: object) -> NewPayment:
 
 
 @pytest.fixture
-async def service(db_pool: Pool, stripe_sandbox: Sandbox) -> AsyncIterator[PaymentService]:
+async def db_pool(database: Database) -> Database:
+    """Every use case here runs on both backends (``database``: MySQL, then SQLite)."""
+    return database
+
+
+@pytest.fixture
+async def service(db_pool: Database, stripe_sandbox: Sandbox) -> AsyncIterator[PaymentService]:
     provider = StripeProvider(
         secret_key=stripe_sandbox.secret_key,
         api_base=stripe_sandbox.url,
@@ -79,7 +86,7 @@ async def service(db_pool: Pool, stripe_sandbox: Sandbox) -> AsyncIterator[Payme
     await provider.aclose()
 
 
-async def _count_payments(pool: Pool) -> int:
+async def _count_payments(pool: Database) -> int:
     async with pool.connection() as conn:
         row = await conn.fetchone("SELECT COUNT(*) FROM payments")
     assert row is not None
@@ -87,7 +94,7 @@ async def _count_payments(pool: Pool) -> int:
 
 
 async def test_create_opens_a_checkout_session_and_records_events(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
 ) -> None:
     payment = await service.create(ORDERS, new_payment())
     assert payment.status == PaymentStatus.PENDING
@@ -115,7 +122,7 @@ async def test_replay_returns_the_same_payment_without_calling_stripe(
 
 
 async def test_same_request_id_with_other_parameters_is_a_conflict(
-    service: PaymentService, db_pool: Pool
+    service: PaymentService, db_pool: Database
 ) -> None:
     await service.create(ORDERS, new_payment())
     with pytest.raises(AlreadyExists):
@@ -130,7 +137,7 @@ async def test_request_ids_are_per_caller(service: PaymentService) -> None:
 
 
 async def test_concurrent_duplicates_make_one_payment_and_one_stripe_call(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
 ) -> None:
     stripe_sandbox.faults.delay(0.3, path="/v1/checkout/sessions")  # widen the race
     results: list[int] = []
@@ -147,7 +154,7 @@ async def test_concurrent_duplicates_make_one_payment_and_one_stripe_call(
 
 
 async def test_crash_between_stripe_and_commit_is_completed_by_a_retry(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
 ) -> None:
     # Stripe makes the session, but its answer never arrives before we "crash".
     stripe_sandbox.faults.delay(1.0, path="/v1/checkout/sessions", after=True)
@@ -167,7 +174,7 @@ async def test_crash_between_stripe_and_commit_is_completed_by_a_retry(
 
 
 async def test_stripe_unavailable_leaves_a_row_the_retry_completes(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
 ) -> None:
     stripe_sandbox.faults.fail(500, path="/v1/checkout/sessions")
     with pytest.raises(ProviderUnavailable):
@@ -179,7 +186,7 @@ async def test_stripe_unavailable_leaves_a_row_the_retry_completes(
 
 
 async def test_stripe_refusal_leaves_nothing_behind(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
 ) -> None:
     stripe_sandbox.faults.fail(
         400,
@@ -218,7 +225,7 @@ async def test_isolation_on_get_list_and_cancel(service: PaymentService) -> None
 
 
 async def test_cancel_expires_the_session_and_is_idempotent(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
 ) -> None:
     notified: list[int] = []
     service._on_terminal = lambda p: notified.append(p.id)
@@ -246,7 +253,7 @@ async def test_cancel_expires_the_session_and_is_idempotent(
     "status", [PaymentStatus.PAID, PaymentStatus.FAILED, PaymentStatus.EXPIRED]
 )
 async def test_cancel_refuses_finished_payments(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox, status: PaymentStatus
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox, status: PaymentStatus
 ) -> None:
     payment = await service.create(ORDERS, new_payment())
     async with db_pool.transaction() as conn:
@@ -258,7 +265,7 @@ async def test_cancel_refuses_finished_payments(
 
 
 async def test_cancel_after_a_crash_closes_the_stripe_object_the_row_never_saw(
-    service: PaymentService, db_pool: Pool, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
 ) -> None:
     stripe_sandbox.faults.delay(1.0, path="/v1/checkout/sessions", after=True)
     with trio.move_on_after(0.3):
@@ -284,7 +291,7 @@ async def test_cancel_of_a_payment_link_deactivates_it(
 
 
 async def test_database_gone_is_dependency_unavailable(
-    service: PaymentService, db_pool: Pool
+    service: PaymentService, db_pool: Database
 ) -> None:
     from payments.errors import DependencyUnavailable
 

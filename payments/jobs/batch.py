@@ -29,7 +29,7 @@ from payments.errors import DependencyUnavailable, PaymentsError
 from payments.model import Payment, PaymentStatus, utcnow
 from payments.providers.registry import ProviderRegistry
 from payments.storage import claims
-from payments.storage.pool import Pool
+from payments.storage.database import Database
 from supervisor import ChildContext
 
 T = TypeVar("T")
@@ -151,7 +151,7 @@ class PaymentJob:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: Database,
         providers: ProviderRegistry,
         settings: Settings,
         on_terminal: Callable[[Payment], object] | None = None,

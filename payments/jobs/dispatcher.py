@@ -48,8 +48,8 @@ from payments.errors import DependencyUnavailable
 from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, utcnow
 from payments.storage import outbox
+from payments.storage.database import Database
 from payments.storage.outbox import CallbackAttempt
-from payments.storage.pool import Pool
 from supervisor import Backoff, ChildContext
 
 log = logging.getLogger("payments.jobs.dispatcher")
@@ -215,7 +215,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: Database,
         settings: Settings,
         http_client: httpx.AsyncClient | None = None,
         worker_id: str | None = None,

@@ -12,22 +12,28 @@ payment is worked at most once per pass whatever the number of replicas.
 
 Each status is read as its own ``UNION ALL`` branch: ``status = s`` then a range on the
 age column is one range scan of ``ix_payments_status_updated`` /
-``ix_payments_status_created`` (InnoDB appends ``id`` to the index), already in
-``(age, id)`` order, so a batch costs ``limit`` index entries per status, not a sort of
-the whole backlog.
+``ix_payments_status_created`` (InnoDB appends ``id`` to the index, as SQLite appends
+the rowid), already in ``(age, id)`` order, so a batch costs ``limit`` index entries per
+status, not a sort of the whole backlog.
+
+On SQLite the work transaction holds the database's write lock from its start, so the
+claim is exclusive without a row lock (see dialect.py); the re-check under it is the
+same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any, Literal
 
 import attrs
 
 from payments.model import Payment, PaymentStatus
 from payments.storage import repository as repo
-from payments.storage.pool import Connection
+from payments.storage.database import Connection
+from payments.storage.dialect import MYSQL, Dialect
 from payments.storage.repository import from_db_datetime, to_db_datetime
 
 
@@ -77,7 +83,11 @@ class Candidate:
 
 
 def candidates_query(
-    selection: Selection, cutoff: datetime, after: Candidate | None, limit: int
+    selection: Selection,
+    cutoff: datetime,
+    after: Candidate | None,
+    limit: int,
+    dialect: Dialect = MYSQL,
 ) -> tuple[str, list[Any]]:
     """The SELECT of one batch (public for the EXPLAIN test)."""
     age = selection.age_column
@@ -93,8 +103,10 @@ def candidates_query(
             at = to_db_datetime(after.at)
             args += [at, at, after.id]
         branches.append(
-            f"(SELECT id, status, {age} FROM payments WHERE {' AND '.join(where)}"  # noqa: S608
-            f" ORDER BY {age}, id LIMIT %s)"
+            dialect.limited_branch(
+                f"SELECT id, status, {age} FROM payments WHERE {' AND '.join(where)}"  # noqa: S608
+                f" ORDER BY {age}, id LIMIT %s"
+            )
         )
         args.append(limit)
     sql = " UNION ALL ".join(branches) + f" ORDER BY {age}, id LIMIT %s"
@@ -110,17 +122,18 @@ async def candidates(
     limit: int = 100,
 ) -> list[Candidate]:
     """Up to ``limit`` candidates older than ``cutoff``, oldest first, after ``after``."""
-    sql, args = candidates_query(selection, cutoff, after, limit)
+    sql, args = candidates_query(selection, cutoff, after, limit, conn.dialect)
     rows = await conn.fetchall(sql, args)
     return [Candidate(int(row[0]), PaymentStatus(row[1]), from_db_datetime(row[2])) for row in rows]
 
 
-def _claim_sql(selection: Selection) -> str:
+@cache
+def _claim_sql(selection: Selection, dialect: Dialect = MYSQL) -> str:
     placeholders = ", ".join(["%s"] * len(selection.statuses))
     provider = " AND provider_payment_id <> ''" if selection.needs_provider_id else ""
     return (
         f"SELECT id FROM payments WHERE id = %s AND status IN ({placeholders})"  # noqa: S608
-        f" AND {selection.age_column} < %s{provider} FOR UPDATE SKIP LOCKED"
+        f" AND {selection.age_column} < %s{provider}{dialect.for_update_skip_locked}"
     )
 
 
@@ -135,7 +148,7 @@ async def claim(
         *(int(status) for status in selection.statuses),
         to_db_datetime(cutoff),
     )
-    if await conn.fetchone(_claim_sql(selection), args) is None:
+    if await conn.fetchone(_claim_sql(selection, conn.dialect), args) is None:
         return None
     # Already ours: this locking read returns at once, with the latest committed row.
     return await repo.get_payment(conn, payment_id, for_update=True)

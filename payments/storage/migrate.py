@@ -1,28 +1,42 @@
-"""Apply schema.sql to the database, step by step, at most once per step.
+"""Apply the schema to the database, step by step, at most once per step.
 
-schema.sql is a list of numbered steps (``-- migrate:step N``); ``schema_version``
-records the steps applied. ``migrate`` applies the steps above the recorded version,
-in order, and records each, so a later release adds a step (new tables, an ALTER) and
-every database catches up exactly once. Replicas starting together may all run it:
-a named server lock (GET_LOCK) lets one work while the others wait, then find
-nothing left to do.
+schema.sql (MySQL) and schema.sqlite.sql (SQLite) are lists of numbered steps
+(``-- migrate:step N``), step N of one making what step N of the other makes;
+``schema_version`` records the steps applied. ``migrate`` applies the steps above the
+recorded version, in order, and records each, so a later release adds a step (new
+tables, an ALTER) to both files and every database catches up exactly once.
+
+MySQL: replicas starting together may all run it; a named server lock (GET_LOCK) lets
+one work while the others wait, then find nothing left to do. DDL commits implicitly,
+so each statement is written to be re-runnable.
+
+SQLite has no named locks and needs none: the whole migration is one ``BEGIN
+IMMEDIATE`` transaction (SQLite's DDL is transactional), so it takes the file's write
+lock, sees the version under it, and applies every missing step or none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 import attrs
 import trio
 
 from payments.config import ConfigError, MysqlDsn
 from payments.errors import DependencyUnavailable
-from payments.storage.pool import Connection, Pool
+from payments.model import utcnow
+from payments.storage.database import Connection, Database
+from payments.storage.dialect import MYSQL, SQLITE, Dialect
+from payments.storage.pool import Connection as MysqlConnection
+from payments.storage.pool import Pool
+from payments.storage.repository import to_db_datetime
 
 log = logging.getLogger("payments.storage.migrate")
 
@@ -37,17 +51,23 @@ class Step:
     statements: tuple[str, ...]
 
 
-def schema_path() -> Path:
-    """Where schema.sql is: $PAYMENTS_SCHEMA_FILE, else the repository root (editable
-    install, tests), else a copy inside the package (for a wheel that ships one)."""
+SCHEMA_FILES = {MYSQL.name: "schema.sql", SQLITE.name: "schema.sqlite.sql"}
+
+
+def schema_path(dialect: Dialect = MYSQL) -> Path:
+    """Where the dialect's schema file is: for MySQL $PAYMENTS_SCHEMA_FILE if set; else
+    the repository root (editable install, tests), else a copy inside the package (for
+    a wheel that ships one)."""
+    name = SCHEMA_FILES[dialect.name]
     override = os.environ.get("PAYMENTS_SCHEMA_FILE", "").strip()
-    if override:
+    if override and dialect == MYSQL:
         return Path(override)
     here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "schema.sql", here.parent / "schema.sql"):
+    for candidate in (here.parents[2] / name, here.parent / name):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError("schema.sql not found (set PAYMENTS_SCHEMA_FILE)")
+    hint = " (set PAYMENTS_SCHEMA_FILE)" if dialect == MYSQL else ""
+    raise FileNotFoundError(f"{name} not found{hint}")
 
 
 def parse_schema(text: str) -> list[Step]:
@@ -92,9 +112,9 @@ def parse_schema(text: str) -> list[Step]:
     return steps
 
 
-def load_steps(path: Path | None = None) -> list[Step]:
-    """The steps of schema.sql."""
-    return parse_schema((path or schema_path()).read_text(encoding="utf-8"))
+def load_steps(path: Path | None = None, dialect: Dialect = MYSQL) -> list[Step]:
+    """The steps of the schema file (``path``, or the dialect's)."""
+    return parse_schema((path or schema_path(dialect)).read_text(encoding="utf-8"))
 
 
 def latest_version(steps: Sequence[Step] | None = None) -> int:
@@ -104,10 +124,14 @@ def latest_version(steps: Sequence[Step] | None = None) -> int:
 
 async def current_version(conn: Connection) -> int:
     """The highest step recorded in this database, 0 for an empty one."""
-    row = await conn.fetchone(
-        "SELECT COUNT(*) FROM information_schema.TABLES"
-        " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'schema_version'"
-    )
+    if conn.dialect == SQLITE:
+        sql = "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    else:
+        sql = (
+            "SELECT COUNT(*) FROM information_schema.TABLES"
+            " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'schema_version'"
+        )
+    row = await conn.fetchone(sql)
     if not row or not row[0]:
         return 0
     row = await conn.fetchone("SELECT COALESCE(MAX(version), 0) FROM schema_version")
@@ -121,25 +145,58 @@ def lock_name(database: str) -> str:
 
 
 async def migrate(
-    target: Pool | Connection,
+    target: Database | Connection,
     *,
     steps: Sequence[Step] | None = None,
     lock_timeout: float = 60.0,
 ) -> int:
     """Bring the database up to the last step; return the version it is at.
 
-    ``target`` is a pool (a session is borrowed) or an autocommit connection. Safe to
-    run concurrently (GET_LOCK) and again (applied steps are skipped). A database ahead
-    of this code (a newer release migrated it) is left alone and its version returned.
+    ``target`` is a database (a session is borrowed) or an autocommit connection, of
+    either backend; ``steps`` default to the backend's schema file. Safe to run
+    concurrently (GET_LOCK on MySQL, the write lock on SQLite) and again (applied steps
+    are skipped). A database ahead of this code (a newer release migrated it) is left
+    alone and its version returned. ``lock_timeout`` is MySQL's; SQLite waits its
+    busy_timeout.
     """
-    steps = list(steps) if steps is not None else load_steps()
-    if isinstance(target, Pool):
+    if isinstance(target, Database):
         async with target.connection() as conn:
-            return await _migrate(conn, steps, lock_timeout)
-    return await _migrate(target, steps, lock_timeout)
+            return await _migrate_on(conn, steps, lock_timeout)
+    return await _migrate_on(target, steps, lock_timeout)
 
 
-async def _migrate(conn: Connection, steps: Sequence[Step], lock_timeout: float) -> int:
+async def _migrate_on(conn: Connection, steps: Sequence[Step] | None, lock_timeout: float) -> int:
+    steps = list(steps) if steps is not None else load_steps(dialect=conn.dialect)
+    if conn.dialect == SQLITE:
+        return await _migrate_sqlite(conn, steps)
+    return await _migrate(cast(MysqlConnection, conn), steps, lock_timeout)
+
+
+async def _migrate_sqlite(conn: Connection, steps: Sequence[Step]) -> int:
+    """All missing steps in one write transaction: the file's lock serializes starts."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = await current_version(conn)
+        for step in steps:
+            if step.version <= version:
+                continue
+            for statement in step.statements:
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
+                (step.version, to_db_datetime(utcnow())),
+            )
+            version = step.version
+            log.info("schema step %d applied to the SQLite database", step.version)
+        await conn.execute("COMMIT")
+    except BaseException:
+        with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await conn.execute("ROLLBACK")  # DDL included: nothing of a failed step stays
+        raise
+    return version
+
+
+async def _migrate(conn: MysqlConnection, steps: Sequence[Step], lock_timeout: float) -> int:
     row = await conn.fetchone("SELECT DATABASE()")
     database = row[0] if row else None
     if not database:

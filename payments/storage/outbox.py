@@ -13,18 +13,24 @@ delivery is at-least-once, and the receiver deduplicates on ``webhook-id``.
 :func:`record_attempt` writes the outcome only while the lease it was claimed under
 is still the row's, so a slow replica whose lease was taken over cannot overwrite the
 newer owner's work.
+
+On SQLite the claim transaction holds the database's write lock instead of row locks
+(see dialect.py); the leases work the same, so the dispatcher does not know which
+backend it runs on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 import attrs
 
 from payments.model import OutboxEntry, OutboxState, PaymentStatus
-from payments.storage.pool import Connection, DuplicateKey, Pool
+from payments.storage.database import Connection, Database, DuplicateKey
+from payments.storage.dialect import MYSQL, Dialect
 from payments.storage.repository import from_db_datetime, to_db_datetime
 
 # VARCHAR(500) of last_error and callback_attempts.error (strict mode refuses longer).
@@ -119,20 +125,28 @@ async def get_entry(conn: Connection, outbox_id: int) -> OutboxEntry | None:
     return None if row is None else entry_from_row(row)
 
 
-# The due rows, oldest first. FORCE INDEX because this is a locking read: a table scan
-# would lock (and make other replicas skip) every row it passed, not just the batch.
-# ix_callback_outbox_due is (state, next_attempt_at) and InnoDB appends id, so the
-# range scan already yields ORDER BY next_attempt_at, id without a sort.
-DUE_QUERY = (
-    f"{SELECT_OUTBOX} FORCE INDEX (ix_callback_outbox_due)"
-    " WHERE state = 'pending' AND next_attempt_at <= %s"
-    " AND (claimed_until IS NULL OR claimed_until <= %s)"
-    " ORDER BY next_attempt_at, id LIMIT %s"
-)
+@cache
+def due_query(dialect: Dialect = MYSQL) -> str:
+    """The due rows, oldest first (without the lock clause).
+
+    FORCE INDEX on MySQL because this is a locking read: a table scan would lock (and
+    make other replicas skip) every row it passed, not just the batch.
+    ix_callback_outbox_due is (state, next_attempt_at) and InnoDB (like SQLite) appends
+    id, so the range scan already yields ORDER BY next_attempt_at, id without a sort.
+    """
+    return (
+        f"{SELECT_OUTBOX}{dialect.force_index('ix_callback_outbox_due')}"
+        " WHERE state = 'pending' AND next_attempt_at <= %s"
+        " AND (claimed_until IS NULL OR claimed_until <= %s)"
+        " ORDER BY next_attempt_at, id LIMIT %s"
+    )
+
+
+DUE_QUERY = due_query(MYSQL)
 
 
 async def claim_due(
-    pool: Pool, worker_id: str, now: datetime, lease_seconds: float, limit: int
+    db: Database, worker_id: str, now: datetime, lease_seconds: float, limit: int
 ) -> list[OutboxEntry]:
     """Claim up to ``limit`` pending rows due at ``now`` whose lease is free or expired.
 
@@ -147,8 +161,11 @@ async def claim_due(
         return []
     until = now + timedelta(seconds=lease_seconds)
     db_now = to_db_datetime(now)
-    async with pool.transaction() as conn:
-        rows = await conn.fetchall(f"{DUE_QUERY} FOR UPDATE SKIP LOCKED", (db_now, db_now, limit))
+    async with db.transaction() as conn:
+        dialect = conn.dialect
+        rows = await conn.fetchall(
+            due_query(dialect) + dialect.for_update_skip_locked, (db_now, db_now, limit)
+        )
         if not rows:
             return []
         entries = [entry_from_row(row) for row in rows]
@@ -226,7 +243,7 @@ async def record_attempt(
 ) -> bool:
     """Write ``attempt`` and move the row to ``state``, releasing the claim.
 
-    Use inside ``pool.transaction()``, so the row and its attempt are written together.
+    Use inside ``db.transaction()``, so the row and its attempt are written together.
     Returns False, writing nothing, when the row is no longer held under the lease
     ``entry`` was claimed with (it expired and another worker, or a later claim, took
     it over, or it is no longer pending): the newer owner's outcome stands.
@@ -292,15 +309,20 @@ async def attempts_for(conn: Connection, outbox_id: int) -> list[CallbackAttempt
     ]
 
 
+@cache
+def _next_due_query(dialect: Dialect) -> str:
+    claimable = dialect.greatest("next_attempt_at", "COALESCE(claimed_until, next_attempt_at)")
+    return (
+        f"SELECT MIN({claimable}) FROM callback_outbox"  # noqa: S608 - fixed SQL
+        f"{dialect.force_index('ix_callback_outbox_due')}"
+        " WHERE state = 'pending' AND next_attempt_at <= %s"
+    )
+
+
 async def next_due_at(conn: Connection, horizon: datetime) -> datetime | None:
     """When the earliest pending row up to ``horizon`` becomes claimable (its due time,
     or its lease end if later), or None. Lets the dispatcher sleep until a retry is due
     instead of until its next sweep; only rows due by ``horizon`` are read (an index
     range on ix_callback_outbox_due), so a large backlog further out costs nothing."""
-    row = await conn.fetchone(
-        "SELECT MIN(GREATEST(next_attempt_at, COALESCE(claimed_until, next_attempt_at)))"
-        " FROM callback_outbox FORCE INDEX (ix_callback_outbox_due)"
-        " WHERE state = 'pending' AND next_attempt_at <= %s",
-        (to_db_datetime(horizon),),
-    )
+    row = await conn.fetchone(_next_due_query(conn.dialect), (to_db_datetime(horizon),))
     return None if row is None or row[0] is None else from_db_datetime(row[0])

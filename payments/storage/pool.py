@@ -35,7 +35,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import trio
 import trio_mysql
 from trio_mysql import err as mysql_err
@@ -44,10 +43,11 @@ from trio_mysql.cursors import Cursor
 
 from payments.config import ConfigError, MysqlDsn, Settings
 from payments.errors import DependencyUnavailable
+from payments.storage.database import UNAVAILABLE, DuplicateKey, PoolStats
+from payments.storage.dialect import MYSQL, Dialect
 
 log = logging.getLogger("payments.storage")
 
-UNAVAILABLE = "database unavailable"
 
 # Session settings: UTC for DATETIME columns; strict mode so a value too long for its
 # column is an error, not silently truncated money data.
@@ -64,33 +64,6 @@ _UNAVAILABLE_SERVER_ERRORS = frozenset({1040, 1053, 1205, 1213, 1317, 1927, 1969
 _FATAL_SERVER_ERRORS = frozenset({1053, 1927, 4031})
 _DUPLICATE_ERRORS = frozenset({1062, 1586})  # ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
 _DUPLICATE_KEY_NAME = re.compile(r"for key '(?:[^'.]*\.)?([^']*)'")
-
-
-class DuplicateKey(Exception):
-    """A write hit a UNIQUE key. ``key`` names the index (e.g. ``uq_payments_caller_request``).
-
-    Not a PaymentsError: the service decides what a duplicate means (an idempotent
-    retry, a replayed provider event); one it did not expect is a bug (500).
-    """
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"duplicate key {key or '(unknown)'}")
-        self.key = key
-
-
-@attrs.frozen
-class PoolStats:
-    """A snapshot for /healthz and tests. ``open`` = idle + in_use + connecting."""
-
-    open: int
-    idle: int
-    in_use: int
-    connecting: int
-    waiting: int
-    max_open: int
-    max_idle: int
-    opened_total: int
-    closed_total: int
 
 
 class _Cursor(Cursor):
@@ -114,6 +87,15 @@ def _is_server_error(errno: int | None) -> bool:
     return errno is not None and errno >= 1000 and not 2000 <= errno < 3000
 
 
+DEADLOCK_ERRNO = 1213
+
+
+class Deadlock(DependencyUnavailable):
+    """InnoDB chose this transaction as a deadlock victim and rolled it back; running the
+    transaction again is the documented answer (concurrent inserts of one unique key
+    meet this)."""
+
+
 def _is_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` means the database is unreachable or cannot serve us right now."""
     if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
@@ -135,6 +117,8 @@ def _unavailable(exc: BaseException, during: str) -> DependencyUnavailable:
         type(exc).__name__,
         _errno(exc) or "",
     )
+    if _errno(exc) == DEADLOCK_ERRNO:
+        return Deadlock(UNAVAILABLE)
     return DependencyUnavailable(UNAVAILABLE)
 
 
@@ -201,6 +185,8 @@ class Connection:
     Placeholders are ``%s`` (trio-mysql escapes the values client-side); never format
     values into SQL yourself.
     """
+
+    dialect: Dialect = MYSQL
 
     def __init__(self, raw: trio_mysql.Connection, opened_at: float) -> None:
         self.raw = raw
@@ -290,7 +276,10 @@ class Pool:
     ``async with pool.connection() as conn`` lends a session in autocommit mode;
     ``async with pool.transaction() as conn`` wraps it in BEGIN ... COMMIT, rolling
     back when the block raises. ``max_lifetime_seconds`` <= 0 means no limit.
+    Implements :class:`payments.storage.database.Database`.
     """
+
+    dialect: Dialect = MYSQL
 
     def __init__(
         self,

@@ -16,10 +16,10 @@ from typing import Any
 
 import attrs
 
-from payments.storage.pool import Connection
+from payments.storage.database import Connection
 from payments.storage.repository import from_db_datetime, to_db_datetime
 
-# Column sizes of schema.sql.
+# Column sizes of schema.sql (SQLite does not enforce them: cutting here keeps both alike).
 _LIMITS = {
     "provider": 32,
     "callback_hash": 64,

@@ -1,12 +1,13 @@
-"""Payments and their events in MySQL: plain functions over a pooled connection.
+"""Payments and their events: plain functions over a connection of either backend.
 
-The caller owns the transaction (``async with pool.transaction() as conn``), so one use
-case can write a payment, its event and (later) its outbox row atomically. Every
-statement is parameterized (``%s``); only fixed column names are ever put into SQL text.
+The caller owns the transaction (``async with db.transaction() as conn``), so one use
+case can write a payment, its event and its outbox row atomically. Every statement is
+parameterized (``%s``); only fixed column names are ever put into SQL text. The SQL is
+the subset MySQL and SQLite share, plus the row lock the connection's dialect renders.
 
 Row <-> entity mapping lives in the ``_*_to_row`` / ``_*_from_row`` pairs below and
 nowhere else: entities hold timezone-aware UTC datetimes and enums, the database naive
-UTC DATETIME(6) and small ints, metadata as compact JSON text.
+UTC datetimes with microseconds and small ints, metadata as compact JSON text.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from payments.model import (
     PaymentType,
     ProviderType,
 )
-from payments.storage.pool import Connection
+from payments.storage.database import Connection
 
 # --- mapping ------------------------------------------------------------------------
 
@@ -66,8 +67,15 @@ def to_db_datetime(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def from_db_datetime(value: datetime) -> datetime:
-    """Naive UTC from a DATETIME column (the session time_zone is +00:00) -> aware UTC."""
+def from_db_datetime(value: datetime | str) -> datetime:
+    """Naive UTC from a datetime column -> aware UTC.
+
+    MySQL hands back ``datetime`` (the session time_zone is +00:00), and so does SQLite
+    for a plain column (its converter); an SQLite expression over such columns (MIN,
+    MAX) has no declared type and comes back as the stored ISO text.
+    """
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
     return value.replace(tzinfo=UTC)
 
 
@@ -143,7 +151,6 @@ def _event_from_row(row: Sequence[Any]) -> PaymentEvent:
 
 _SELECT_PAYMENT = f"SELECT {', '.join(PAYMENT_COLUMNS)} FROM payments"  # noqa: S608 - fixed names
 _SELECT_EVENT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM payment_events"  # noqa: S608
-_LOCK = " FOR UPDATE"
 _SELECT_BY_PROVIDER_REF = (
     f"SELECT * FROM ({_SELECT_PAYMENT} WHERE provider_payment_id = %s"  # noqa: S608
     f" UNION {_SELECT_PAYMENT} WHERE provider_subscription_id = %s) AS found"
@@ -158,6 +165,12 @@ def _insert_sql(table: str, columns: Sequence[str]) -> str:
 
 _INSERT_PAYMENT = _insert_sql("payments", _INSERT_COLUMNS)
 _INSERT_EVENT = _insert_sql("payment_events", EVENT_COLUMNS[1:])
+
+
+def _lock(conn: Connection, for_update: bool) -> str:
+    """The row-lock clause, asked of the dialect only when wanted (a plain read runs the
+    same text on both engines)."""
+    return conn.dialect.for_update if for_update else ""
 
 
 async def _one_payment(conn: Connection, sql: str, args: Sequence[Any]) -> Payment | None:
@@ -182,10 +195,10 @@ async def get_payment(
     conn: Connection, payment_id: int, *, for_update: bool = False
 ) -> Payment | None:
     """The payment with this id, or None. ``for_update`` locks the row until the
-    transaction ends (use it inside ``pool.transaction()``)."""
+    transaction ends (use it inside ``db.transaction()``)."""
     if payment_id <= 0:
         return None
-    sql = f"{_SELECT_PAYMENT} WHERE id = %s" + (_LOCK if for_update else "")
+    sql = f"{_SELECT_PAYMENT} WHERE id = %s" + _lock(conn, for_update)
     return await _one_payment(conn, sql, (payment_id,))
 
 
@@ -193,8 +206,8 @@ async def get_payment_by_request(
     conn: Connection, caller_service: str, request_id: str, *, for_update: bool = False
 ) -> Payment | None:
     """The payment (caller_service, request_id) names, or None."""
-    sql = f"{_SELECT_PAYMENT} WHERE caller_service = %s AND request_id = %s" + (
-        _LOCK if for_update else ""
+    sql = f"{_SELECT_PAYMENT} WHERE caller_service = %s AND request_id = %s" + _lock(
+        conn, for_update
     )
     return await _one_payment(conn, sql, (caller_service, request_id))
 
@@ -205,7 +218,7 @@ async def get_payment_by_callback_hash(
     """The payment whose provider callback URL ends in this hash, or None."""
     if not callback_hash:
         return None
-    sql = f"{_SELECT_PAYMENT} WHERE provider_callback_hash = %s" + (_LOCK if for_update else "")
+    sql = f"{_SELECT_PAYMENT} WHERE provider_callback_hash = %s" + _lock(conn, for_update)
     return await _one_payment(conn, sql, (callback_hash,))
 
 
