@@ -10,6 +10,10 @@
 ``db``          a pool on the e2e database for setup by direct SQL (per test)
 ``spawn``       start extra ``payments`` processes for one test (killed afterwards)
 ``receiver``    a status-callback endpoint on loopback (CallbackReceiver)
+``isolated``    a fresh migrated database and an emulator of its own (per test), for
+                workers that would otherwise reach other tests' payments
+``isolated_db`` direct SQL on that database
+``own_receiver`` a status-callback endpoint for one test only
 
 Tests share the service, so each uses fresh request ids and resource names.
 """
@@ -39,6 +43,7 @@ from e2e.harness import (
     AuthThread,
     CallbackReceiver,
     GrpcClient,
+    Isolated,
     SandboxProcess,
     ServiceProcess,
     base_env,
@@ -175,6 +180,10 @@ class Database:
         assert row is not None
         return int(row[0])
 
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn:
+            return [tuple(row) for row in await conn.fetchall(sql, args)]
+
 
 @pytest.fixture
 async def db(e2e_db: MysqlDsn) -> AsyncIterator[Database]:
@@ -209,3 +218,53 @@ def spawn(service_env: dict[str, str], e2e_dir: Path) -> Iterator[Callable[..., 
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def isolated(
+    mysql_server: MysqlServer, service_env: dict[str, str], e2e_dir: Path
+) -> Iterator[Isolated]:
+    """A world of its own: a new database migrated by ``payments migrate``, a new
+    emulator process, and ``service_env`` pointed at both (the Auth server is shared).
+    Processes it spawned are killed and the database dropped afterwards."""
+    workdir = e2e_dir / f"isolated-{uuid.uuid4().hex[:8]}"
+    workdir.mkdir()
+    dsn = mysql_server.create_database("e2e_iso")
+    try:
+        env = {**base_env(workdir), "MYSQL_DSN": dsn_url(dsn)}
+        done = run_cli(["migrate"], env, workdir)
+        assert done.returncode == 0, f"payments migrate failed:\n{done.stdout}\n{done.stderr}"
+        emulator = SandboxProcess.start(STRIPE_KEY, base_env(workdir), workdir)
+        world = Isolated(
+            dsn.database,
+            emulator,
+            {**service_env, "MYSQL_DSN": dsn_url(dsn), "STRIPE_API_BASE": emulator.url},
+            workdir,
+        )
+        try:
+            yield world
+        finally:
+            world.close()
+    finally:
+        mysql_server.drop_database(dsn.database)
+
+
+@pytest.fixture
+async def isolated_db(isolated: Isolated, mysql_server: MysqlServer) -> AsyncIterator[Database]:
+    pool = Pool(
+        mysql_server.database_dsn(isolated.database),
+        max_open=2,
+        max_idle=2,
+        max_lifetime_seconds=0,
+    )
+    try:
+        yield Database(pool)
+    finally:
+        await pool.aclose()
+
+
+@pytest.fixture
+def own_receiver() -> Iterator[CallbackReceiver]:
+    endpoint = CallbackReceiver()
+    yield endpoint
+    endpoint.stop()

@@ -564,18 +564,32 @@ class Received:
     path: str
     headers: dict[str, str]  # names lower-case
     body: bytes
+    at: float = 0.0  # time.time() when the request (headers and body) was in
 
     def json(self) -> Any:
         return json.loads(self.body)
 
 
+class _ReceiverServer(http.server.ThreadingHTTPServer):
+    # A burst of concurrent callbacks (a dispatcher sends 16 at once) must not overflow
+    # the listen backlog: a dropped SYN is retried after a second, skewing timings.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class CallbackReceiver:
     """A caller's status-callback endpoint: an HTTP server on 127.0.0.1 in a thread that
-    records every request and answers the statuses queued for its path (else 200)."""
+    records every request and answers the statuses queued for its path (else 200).
 
-    def __init__(self) -> None:
+    ``delay`` (seconds, settable any time) holds each answer that long after the
+    request is recorded: a slow caller (each request has its own thread, so slow
+    answers overlap as a real server's would).
+    """
+
+    def __init__(self, delay: float = 0.0) -> None:
         self.received: list[Received] = []
         self.answers: dict[str, list[int]] = {}
+        self.delay = delay
         self._lock = threading.Lock()
         receiver = self
 
@@ -592,19 +606,25 @@ class CallbackReceiver:
                             self.path,
                             {k.lower(): v for k, v in self.headers.items()},
                             body,
+                            time.time(),
                         )
                     )
                     queued = receiver.answers.get(self.path) or []
                     status = queued.pop(0) if queued else 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                    delay = receiver.delay
+                if delay:
+                    time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the sender went away (or was killed)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _ReceiverServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -624,3 +644,81 @@ class CallbackReceiver:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# --- a world of its own -----------------------------------------------------------------
+
+
+async def forward_events(
+    sandbox: SandboxProcess, service: ServiceProcess, **options: Any
+) -> dict[str, Any]:
+    """The emulator posts its events to ``service``'s provider callback route, signed
+    and with the gateway's headers, as the gateway forwards them (``options``: more
+    fields of ``POST /_sandbox/webhook``, e.g. ``retry_delays``)."""
+    return await sandbox.control(
+        "POST",
+        "webhook",
+        {
+            "url": f"{service.http_url}/webhooks/providers/stripe",
+            "secret": STRIPE_WEBHOOK_SECRET,
+            "api_key": GATEWAY_KEY,
+            "retry_delays": [0.1, 0.5],
+            **options,
+        },
+    )
+
+
+@attrs.define
+class Isolated:
+    """A fresh migrated database and a Stripe emulator of its own, with the settings of
+    ``payments serve`` pointed at both (the conftest fixture ``isolated`` makes one).
+
+    For tests whose workers reach every row of their database (a tiny expiry or
+    reconcile window, replicas racing, ``kill -9``): on the shared database they would
+    expire or reconcile other tests' payments, and counts would include them.
+    ``spawn`` starts ``payments`` processes on it; ``close`` kills any still running and
+    stops the emulator.
+    """
+
+    database: str
+    sandbox: SandboxProcess
+    env: dict[str, str]
+    workdir: Path
+    processes: list[ServiceProcess] = attrs.field(factory=list)
+
+    def spawn(
+        self,
+        env_changes: Mapping[str, str | None] | None = None,
+        args: Sequence[str] = ("serve",),
+        **kw: Any,
+    ) -> ServiceProcess:
+        """Start ``payments <args>`` (fresh ports) with these setting changes (None
+        removes one) and wait until it is ready."""
+        env = dict(self.env)
+        for name, value in (env_changes or {}).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        process = start_service(env, self.workdir / f"proc-{uuid.uuid4().hex[:8]}", args=args, **kw)
+        self.processes.append(process)
+        return process
+
+    async def aspawn(
+        self, env_changes: Mapping[str, str | None] | None = None, **kw: Any
+    ) -> ServiceProcess:
+        """:meth:`spawn` from a trio test (the wait runs in a worker thread)."""
+        return await trio.to_thread.run_sync(functools.partial(self.spawn, env_changes, **kw))
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()
+        self.sandbox.stop()
+
+
+def received_by_payment(received: Sequence[Received]) -> dict[int, list[Received]]:
+    """Callbacks grouped by the id of the payment in their body."""
+    out: dict[int, list[Received]] = {}
+    for request in received:
+        out.setdefault(request.json()["payment"]["id"], []).append(request)
+    return out
