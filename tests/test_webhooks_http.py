@@ -686,3 +686,14 @@ def test_the_body_forms_are_told_apart() -> None:
     assert header_only.signature == "t=4,v1=d"
     with pytest.raises(InvalidArgument, match="payload: is not UTF-8 text"):
         provider_callback_from_http(b'{"payload": "\\ud800", "signature": "s"}', {})
+
+
+async def test_the_customer_returning_from_checkout_gets_a_plain_page(stack: Stack) -> None:
+    """The default success/cancel URL is the provider callback URL: a browser lands
+    there with GET and no service headers, and must see a page, not a 405 or 400."""
+    async with httpx.AsyncClient(base_url=stack.http_url) as client:
+        done = await client.get("/webhooks/providers/stripe/some-hash?state=success")
+        canceled = await client.get("/webhooks/providers/stripe/some-hash?state=cancel")
+    assert done.status_code == 200 and "text/html" in done.headers["content-type"]
+    assert "being processed" in done.text and "some-hash" not in done.text
+    assert canceled.status_code == 200 and "not completed" in canceled.text

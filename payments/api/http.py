@@ -59,7 +59,8 @@ log = logging.getLogger("payments.api.http")
 REQUEST_ID_HEADER = "X-Request-ID"
 API_KEY_HEADER = "X-API-Key"
 # Endpoints that need neither header: the orchestrator's probe.
-_OPEN_ENDPOINTS = frozenset({"healthz"})
+# ``checkout_return``: the customer's browser, sent back by Stripe after checkout.
+_OPEN_ENDPOINTS = frozenset({"healthz", "checkout_return"})
 HEALTHZ_DB_TIMEOUT_SECONDS = 2.0
 # Set on the app's config once serve_http's shutdown trigger fires (see finish()).
 DRAINING = "PAYMENTS_DRAINING"
@@ -245,6 +246,29 @@ def create_http_app(
             g.payment_id = payment.id
             document["payment"] = wire.payment_to_json(payment)
         return _json(document)
+
+    @app.get("/webhooks/providers/<provider>/<callback_hash>")
+    async def checkout_return(provider: str, callback_hash: str) -> Response:
+        """Where Stripe sends the customer's browser after checkout when the caller gave
+        no success/cancel URL (``?state=success`` / ``?state=cancel``). A plain page that
+        reveals nothing about the payment: the status travels by events, not here."""
+        canceled = request.args.get("state") == "cancel"
+        title = "Payment canceled" if canceled else "Thank you"
+        text = (
+            "The payment was not completed. You can close this window."
+            if canceled
+            else "Your payment is being processed. You can close this window."
+        )
+        page = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{title}</title></head><body><h1>{title}</h1><p>{text}</p></body></html>"
+        )
+        return Response(
+            page,
+            status=200,
+            content_type="text/html; charset=utf-8",
+            headers={"Content-Security-Policy": "default-src 'none'", "Cache-Control": "no-store"},
+        )
 
     _shield_sends(app)
     return app
