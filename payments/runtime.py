@@ -10,11 +10,13 @@ requests' callbacks are queued.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -227,11 +229,18 @@ def _grpc_child(res: Resources) -> ChildStart:
     return run
 
 
+SANDBOX_SAVE_SECONDS = 1.0
+
+
 def _sandbox_child(res: Resources) -> ChildStart:
     profile = res.profile
     settings = profile.settings
+    # Beside the dev key: a restarted service must still find the checkouts it handed out.
+    state_file = Path(settings.sqlite_path).parent / "sandbox.json"
 
     async def run(ctx: ChildContext) -> None:
+        if res.sandbox_state is None:
+            res.sandbox_state = _load_sandbox_state(state_file, settings.stripe_secret_key)
         async with trio.open_nursery() as nursery:
             sandbox = await nursery.start(
                 partial(
@@ -245,13 +254,47 @@ def _sandbox_child(res: Resources) -> ChildStart:
                     gateway_api_key=profile.sandbox_gateway_key,
                 )
             )
-            res.sandbox_state = sandbox.state
             log.info("stripe sandbox listening", extra={"url": sandbox.url})
             ctx.started()
-            await ctx.stopping.wait()
+            saved = ""
+            while not ctx.stop_requested:
+                with trio.move_on_after(SANDBOX_SAVE_SECONDS):
+                    await ctx.stopping.wait()
+                saved = await _save_sandbox_state(state_file, sandbox.state, saved)
             nursery.cancel_scope.cancel()
 
     return run
+
+
+def _load_sandbox_state(path: Path, secret_key: str) -> StripeState:
+    state = StripeState(secret_key)
+    try:
+        state.restore(json.loads(path.read_text()))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.warning("sandbox state not restored", extra={"file": str(path), "error": str(exc)})
+    return state
+
+
+async def _save_sandbox_state(path: Path, state: StripeState, last: str) -> str:
+    """Write the sandbox's objects when they changed (atomically: temp file, rename)."""
+    text = json.dumps(state.snapshot(), separators=(",", ":"))
+    if text == last:
+        return last
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".tmp")
+        temp.write_text(text)
+        temp.replace(path)
+
+    try:
+        await trio.to_thread.run_sync(write)
+    except OSError as exc:
+        log.warning("sandbox state not saved", extra={"file": str(path), "error": str(exc)})
+        return last
+    return text
 
 
 def _reconciler(res: Resources) -> Reconciler:
@@ -325,14 +368,14 @@ async def serve(settings: Settings, parts: Iterable[str]) -> int:
     profile = check_settings(settings, parts)
     settings = profile.settings
     logs.setup_from_settings(settings)
-    if profile.stand_ins and parts & SERVERS:
-        print(banner(profile), file=sys.stderr, flush=True)
     log.info(
         "starting",
         extra={"parts": sorted(parts), "stand_ins": profile.stand_ins, **build_info()},
     )
     try:
         async with open_resources(profile, parts) as res:
+            if profile.stand_ins and parts & SERVERS:  # only once the files opened fine
+                print(banner(profile), file=sys.stderr, flush=True)
             res.supervisor = Supervisor(
                 build_children(res, parts), intensity=INTENSITY, backoff=BACKOFF, name="payments"
             )

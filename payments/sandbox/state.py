@@ -265,7 +265,32 @@ class StripeState:
         self.idempotency: dict[tuple[str, str], Any] = {}
         self.faults.clear()
 
-    # --- inspection -----------------------------------------------------------------
+    # --- persistence (the embedded profile keeps checkouts payable across restarts) -------
+
+    _PERSISTED = (
+        "products",
+        "prices",
+        "payment_links",
+        "sessions",
+        "subscriptions",
+        "customers",
+        "invoices",
+        "line_items",
+        "create_params",
+        "events",
+    )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The account's objects and events as JSON-ready data. Idempotency records,
+        the request log and deliveries are not kept: they serve tests, not a restart."""
+        return {name: getattr(self, name) for name in self._PERSISTED}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Load what :meth:`snapshot` returned (unknown or missing parts are skipped)."""
+        for name in self._PERSISTED:
+            value = data.get(name)
+            if isinstance(value, type(getattr(self, name))):
+                setattr(self, name, value)
 
     def now(self) -> int:
         return int(self.clock())
