@@ -55,8 +55,12 @@ def _url(value: str, field: str, *, required: bool) -> str:
         return ""
     _bounded(value, field, MAX_URL_LENGTH)
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidArgument(field, "must be an absolute http or https URL")
+    try:
+        parts.port  # noqa: B018  (raises on a port out of range or not a number)
+    except ValueError:
+        raise InvalidArgument(field, "has an invalid port") from None
     return value
 
 

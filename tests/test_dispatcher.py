@@ -323,7 +323,10 @@ async def test_without_a_secret_the_contract_headers_go_unsigned(
     assert request.body == entry.payload.encode()
     assert request.headers["x-api-key"] == API_KEY
     assert request.headers["x-request-id"] == entry.request_id
-    assert not {"webhook-id", "webhook-signature", "webhook-timestamp"} & set(request.headers)
+    # Unsigned, but still with the stable id a receiver deduplicates retries by.
+    assert "webhook-signature" not in request.headers
+    assert request.headers["webhook-id"] == entry.delivery_id
+    assert request.headers["webhook-timestamp"].isdigit()
 
 
 async def test_fails_twice_then_delivered_on_the_third_attempt_with_growing_backoff(
@@ -848,4 +851,6 @@ def test_signer_omits_the_api_key_header_when_none_is_configured() -> None:
         updated_at=utcnow(),
     )
     headers = CallbackSigner("", "").headers(entry, utcnow())
-    assert headers == {"Content-Type": "application/json", "X-Request-ID": "req-1"}
+    assert "X-API-Key" not in headers
+    assert headers["Content-Type"] == "application/json" and headers["X-Request-ID"] == "req-1"
+    assert headers["webhook-id"] == "msg_1" and "webhook-signature" not in headers

@@ -582,3 +582,42 @@ async def test_graceful_shutdown_lets_a_request_in_flight_finish(stack: Stack) -
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient(base_url=server.url, timeout=2) as http:
             await http.get("/health", headers=headers())
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"request_id": "\\ud800"}', "request_id"),
+        ('{"customer_ref": "a\\udfffb"}', "customer_ref"),
+        ('{"metadata": {"k": "\\ud800"}}', "metadata"),
+        ('{"metadata": {"\\ud800": "v"}}', "metadata"),
+    ],
+)
+async def test_lone_surrogates_are_a_400_naming_the_field(
+    stack: Stack, body: str, field: str
+) -> None:
+    async with httpx.AsyncClient(base_url=stack.http_url) as client:
+        reply = await client.post(
+            "/payments",
+            content=body.encode(),
+            headers={**stack.headers(), "Content-Type": "application/json"},
+        )
+    assert reply.status_code == 400, reply.text
+    assert field in reply.json()["error"]
+
+
+async def test_a_callback_url_with_a_bad_port_is_refused_at_create(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.http_url) as client:
+        body = {
+            "caller_service": "svc-a",
+            "resource_type": "order",
+            "resource_id": "1",
+            "amount_cents": 100,
+            "currency": "eur",
+            "payment_method": 1,
+            "payment_type": 1,
+            "status_callback_url": "https://receiver.internal:99999/cb",
+        }
+        reply = await client.post("/payments", json=body, headers=stack.headers())
+    assert reply.status_code == 400
+    assert "status_callback_url" in reply.json()["error"]

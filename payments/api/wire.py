@@ -107,6 +107,15 @@ def _string(value: Any, field: str) -> str:
         return ""
     if not isinstance(value, str):
         raise InvalidArgument(field, "must be a string")
+    return _valid_text(value, field)
+
+
+def _valid_text(value: str, field: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``) that no database or encoder takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(field, "is not valid UTF-8 text") from None
     return value
 
 
@@ -167,6 +176,8 @@ def _metadata(value: Any) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(item, str):
             raise InvalidArgument("metadata", f"value of {key!r} must be a string")
+        _valid_text(key, "metadata")
+        _valid_text(item, "metadata")
     return value
 
 

@@ -76,13 +76,15 @@ class CallbackSigner:
         }
         if self._api_key:
             headers["X-API-Key"] = self._api_key
+        # Always: the id stays the same on every retry, so a receiver can deduplicate
+        # an at-least-once delivery whether or not callbacks are signed.
+        seconds = math.floor(at.timestamp())
+        headers["webhook-id"] = entry.delivery_id
+        headers["webhook-timestamp"] = str(seconds)
         if self._webhook is not None:
             # The library formats the time itself from a naive-or-UTC datetime: give it
             # whole UTC seconds so the header and the signed text agree.
-            seconds = math.floor(at.timestamp())
             stamp = datetime.fromtimestamp(seconds, UTC)
-            headers["webhook-id"] = entry.delivery_id
-            headers["webhook-timestamp"] = str(seconds)
             headers["webhook-signature"] = self._webhook.sign(
                 entry.delivery_id, stamp, entry.payload
             )
