@@ -16,6 +16,7 @@ from payments.providers.base import CheckoutResult, Provider
 from payments.providers.registry import ProviderRegistry
 from payments.providers.stripe import StripeProvider, with_state
 from payments.sandbox import Sandbox
+from payments.sandbox.state import SessionStateError
 from tests.fixtures.sandbox import make_payment
 
 pytestmark = [
@@ -420,3 +421,22 @@ async def test_registry_maps_provider_types() -> None:
     with pytest.raises(ProviderUnavailable):
         ProviderRegistry().get(ProviderType.STRIPE)
     await registry.aclose()
+
+
+@pytest.mark.parametrize("payment_type", [PaymentType.ONE_TIME, PaymentType.RECURRING])
+async def test_a_payment_link_can_be_paid_only_once(
+    stripe_provider: StripeProvider, stripe_sandbox: Sandbox, payment_type: PaymentType
+) -> None:
+    recurring = (
+        {"recurring_interval": "month", "recurring_interval_count": 1}
+        if payment_type == PaymentType.RECURRING
+        else {}
+    )
+    payment = _link(payment_type=payment_type, **recurring)
+    result = await stripe_provider.create_checkout(payment)
+    link = stripe_sandbox.state.payment_links[result.provider_payment_id]
+    assert link["restrictions"] == {"completed_sessions": {"limit": 1}}
+    stripe_sandbox.state.pay_payment_link(link["id"])
+    assert link["active"] is False
+    with pytest.raises(SessionStateError):
+        stripe_sandbox.state.open_payment_link(link["id"])

@@ -202,6 +202,9 @@ class StripeProvider:
                     "redirect": {"url": payment.provider_callback_url},
                 },
                 "metadata": metadata,
+                # One payment, one charge: Stripe deactivates the link after its first
+                # completed checkout, so it cannot be paid twice.
+                "restrictions": {"completed_sessions": {"limit": 1}},
                 **self._follow_up_metadata(payment, metadata),
             },
             options={"idempotency_key": f"{key}:link"},

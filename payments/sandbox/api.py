@@ -159,6 +159,7 @@ PAYMENT_LINK_CREATE = {
     "payment_intent_data": _DATA_META,
     "subscription_data": _SUBSCRIPTION_DATA,
     "payment_method_types": [P.string],
+    "restrictions": {"completed_sessions": {"limit": P.integer}},
     "expand": P.EXPAND,
 }
 PAYMENT_LINK_UPDATE = {

@@ -485,6 +485,7 @@ class StripeState:
             "livemode": False,
             "metadata": params.get("metadata", {}),
             "payment_method_types": None,
+            "restrictions": params.get("restrictions"),
             "url": f"{self.base_url}/pay/{link_id}",
         }
         self.payment_links[link_id] = link
@@ -528,7 +529,23 @@ class StripeState:
         self.emit("checkout.session.completed", session)
         if session["mode"] == "subscription":
             self.emit("customer.subscription.created", self.subscriptions[session["subscription"]])
+        self._apply_link_limit(session.get("payment_link"))
         return session
+
+    def _apply_link_limit(self, link_id: str | None) -> None:
+        """Stripe deactivates a link once ``restrictions.completed_sessions.limit``
+        sessions of it completed: it cannot be paid again."""
+        link = self.payment_links.get(link_id or "")
+        limit = ((link or {}).get("restrictions") or {}).get("completed_sessions", {})
+        if link is None or not limit:
+            return
+        completed = sum(
+            1
+            for s in self.sessions.values()
+            if s.get("payment_link") == link_id and s["status"] == "complete"
+        )
+        if completed >= int(limit.get("limit", 0)):
+            link["active"] = False
 
     def succeed_async_payment(self, session_id: str) -> dict[str, Any]:
         """A delayed payment of a completed session arrived."""
