@@ -17,6 +17,7 @@ from datetime import datetime
 
 import attrs
 
+from payments.closing import close_at_provider
 from payments.errors import (
     AlreadyExists,
     DependencyUnavailable,
@@ -38,6 +39,7 @@ from payments.model import (
     PaymentEvent,
     PaymentStatus,
     ProviderType,
+    can_transition,
     check_transition,
     utcnow,
 )
@@ -255,22 +257,34 @@ class PaymentService:
                     f"payment is {payment.status.name}; only CREATED, PENDING or "
                     "PROCESSING payments can be canceled"
                 )
-            provider = self._providers.get(payment.provider)
-            if payment.status == PaymentStatus.CREATED:
-                # A crash may have left a provider object the row does not know of;
-                # replaying the create (same idempotency key) finds it so it is closed.
-                try:
-                    result = await provider.create_checkout(payment)
-                except ProviderRejected:
-                    result = None
-                if result is not None:
-                    _apply_checkout(payment, result)
-            if payment.provider_payment_id:
-                await provider.cancel(payment)
-            await change_status(
-                conn, payment, PaymentStatus.CANCELED, reason=reason or "canceled by caller"
+            closing = await close_at_provider(self._providers.get(payment.provider), payment)
+            moved = closing.provider_status
+            if moved is not None and can_transition(payment.status, moved):
+                # Paid (or being paid) at the provider before the cancel reached it: the
+                # money decides. That status is recorded and the cancel refused.
+                await change_status(conn, payment, moved, reason="paid before the cancel")
+                refused = FailedPrecondition(
+                    f"payment was paid at the provider before the cancel; it is {moved.name}"
+                )
+            elif not closing.closed or moved is not None:
+                refused = FailedPrecondition(
+                    f"the provider would not close the checkout; the payment stays "
+                    f"{payment.status.name}"
+                )
+                await repo.update_payment(conn, payment)  # provider ids it learned
+            else:
+                await change_status(
+                    conn, payment, PaymentStatus.CANCELED, reason=reason or "canceled by caller"
+                )
+                refused = None
+        if payment.status.is_terminal:
+            self._on_terminal(payment)
+        if refused is not None:
+            log.warning(
+                "cancel refused by the provider's state",
+                extra={"payment_id": payment.id, "status": payment.status.name},
             )
-        self._on_terminal(payment)
+            raise refused
         log.info("payment canceled", extra={"payment_id": payment.id})
         return payment
 

@@ -300,3 +300,48 @@ async def test_database_gone_is_dependency_unavailable(
         await service.create(ORDERS, new_payment())
     with pytest.raises(DependencyUnavailable):
         await service.ping_database()
+
+
+async def _history(pool: Database, payment_id: int) -> tuple[PaymentStatus, list[PaymentStatus]]:
+    async with pool.connection() as conn:
+        payment = await repo.get_payment(conn, payment_id)
+        entries = await outbox.entries_for_payment(conn, payment_id)
+    assert payment is not None
+    return payment.status, [entry.status for entry in entries]
+
+
+async def test_cancel_of_a_link_paid_before_the_cancel_is_refused_and_records_paid(
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
+) -> None:
+    payment = await service.create(ORDERS, new_payment(payment_method=2))
+    stripe_sandbox.state.pay_payment_link(payment.provider_payment_id)  # its event is lost
+    with pytest.raises(FailedPrecondition, match="paid at the provider"):
+        await service.cancel(ORDERS, payment.id)
+    assert await _history(db_pool, payment.id) == (PaymentStatus.PAID, [PaymentStatus.PAID])
+
+
+async def test_cancel_of_a_session_completed_before_the_cancel_is_refused(
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
+) -> None:
+    payment = await service.create(ORDERS, new_payment())
+    stripe_sandbox.state.complete_session(payment.provider_payment_id)
+    with pytest.raises(FailedPrecondition, match="it is PAID"):
+        await service.cancel(ORDERS, payment.id)
+    assert await _history(db_pool, payment.id) == (PaymentStatus.PAID, [PaymentStatus.PAID])
+
+
+async def test_cancel_never_cancels_a_paid_subscription(
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
+) -> None:
+    recurring = new_payment(payment_type=2, recurring_interval="month", recurring_interval_count=1)
+    payment = await service.create(ORDERS, recurring)
+    session = stripe_sandbox.state.complete_session(payment.provider_payment_id)
+    subscription_id = session["subscription"]
+    async with db_pool.transaction() as conn:  # as if customer.subscription.created came first
+        await repo.update_payment(
+            conn, attrs.evolve(payment, provider_subscription_id=subscription_id)
+        )
+    with pytest.raises(FailedPrecondition):
+        await service.cancel(ORDERS, payment.id)
+    assert stripe_sandbox.state.subscriptions[subscription_id]["status"] == "active"
+    assert (await _history(db_pool, payment.id))[0] == PaymentStatus.PAID

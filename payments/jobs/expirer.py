@@ -37,11 +37,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from payments.errors import ProviderRejected
+from payments.closing import close_at_provider
 from payments.jobs.batch import ItemResult, Outcome, PaymentJob
 from payments.lifecycle import change_status
-from payments.model import Payment, PaymentMethod, PaymentStatus, can_transition
-from payments.providers.base import Provider, ProviderState
+from payments.model import Payment, PaymentStatus, can_transition
+from payments.providers.base import Provider
 from payments.storage import claims
 from payments.storage import repository as repo
 
@@ -86,42 +86,12 @@ class Expirer(PaymentJob):
 
         ProviderUnavailable propagates: nothing is written and the next pass retries.
         """
-        if payment.status == PaymentStatus.CREATED:
-            await self._find_created_object(provider, payment)
-        if payment.status == PaymentStatus.PROCESSING or payment.provider_subscription_id:
-            state = await self._fetch(provider, payment)
-            if state.status is not None:
-                return state.status, RECONCILED
-        if payment.provider_payment_id:
-            try:
-                await self._provider_call(lambda: provider.cancel(payment))
-            except ProviderRejected:
-                # Stripe would not close it: it completed. Its money decides, not the clock.
-                state = await self._fetch(provider, payment)
-                return state.status, RECONCILED
-            if payment.payment_method == PaymentMethod.PAYMENT_LINK:
-                # Closing a link proves nothing about sessions paid before the close.
-                state = await self._fetch(provider, payment)
-                if state.status is not None:
-                    return state.status, RECONCILED
-        return PaymentStatus.EXPIRED, self._reason()
-
-    async def _find_created_object(self, provider: Provider, payment: Payment) -> None:
-        """Replay the create of a CREATED payment (same idempotency key) to learn the
-        provider object a crashed create may have left; refused means there is none."""
-        try:
-            result = await self._provider_call(lambda: provider.create_checkout(payment))
-        except ProviderRejected:
-            return
-        payment.provider_payment_id = result.provider_payment_id
-        payment.provider_subscription_id = result.provider_subscription_id
-        payment.checkout_url = result.checkout_url
-
-    async def _fetch(self, provider: Provider, payment: Payment) -> ProviderState:
-        state = await self._provider_call(lambda: provider.fetch_state(payment))
-        if state.subscription_id:
-            payment.provider_subscription_id = state.subscription_id
-        return state
+        closing = await close_at_provider(provider, payment, self._provider_call)
+        if closing.provider_status is not None:
+            return closing.provider_status, RECONCILED
+        if closing.closed:
+            return PaymentStatus.EXPIRED, self._reason()
+        return None, RECONCILED
 
     def _reason(self) -> str:
         return f"not completed within {self._settings.pending_timeout_minutes:g} minutes"
