@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -189,26 +189,6 @@ class Settings:
 
     def is_set(self, variable: str) -> bool:
         return variable in self.explicit
-
-    def missing_for(self, parts: Iterable[str]) -> list[str]:
-        """Settings without which these parts of the service must not start.
-
-        Parts: http, grpc, reconcile, dispatch, expire (a later issue adds defaults).
-        """
-        parts = set(parts)
-        needed = {"MYSQL_DSN": self.mysql_dsn is not None}
-        if parts & {"http", "grpc", "reconcile", "expire"}:
-            needed["STRIPE_SECRET_KEY"] = bool(self.stripe_secret_key)
-        if parts & {"http", "grpc"}:
-            needed["PAYMENTS_PROVIDER_CALLBACK_BASE_URL"] = bool(self.provider_callback_base_url)
-            needed["STRIPE_WEBHOOK_SECRET"] = bool(self.stripe_webhook_secret)
-        if parts & {"http", "grpc", "dispatch"}:
-            needed["APP_API_KEY"] = bool(self.app_api_key)
-        return [name for name, present in needed.items() if not present]
-
-    def missing_for_serve(self) -> list[str]:
-        """Settings without which a full ``serve`` must not start."""
-        return self.missing_for(("http", "grpc", "reconcile", "dispatch", "expire"))
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")

@@ -110,6 +110,21 @@ def resolve_profile(settings: Settings, serves_api: bool = True) -> Profile:
                 "configured; unset them to use the embedded sandbox instead)"
             )
 
+    if stripe == "stripe" and storage == "sqlite" and not settings.is_set("PAYMENTS_SQLITE_PATH"):
+        # Real money into a file nobody chose (a DSN secret that was not mounted, say)
+        # would split idempotency per pod and lose rows with it: SQLite must be asked for.
+        raise ConfigError(
+            "MYSQL_DSN: required with STRIPE_SECRET_KEY (or set PAYMENTS_SQLITE_PATH to "
+            "run real Stripe on a single-process SQLite file on purpose)"
+        )
+    if stripe == "sandbox" and storage == "mysql" and not serves_api:
+        # Jobs against a real database with a sandbox that never made its payments would
+        # expire and reconcile them against nothing.
+        raise ConfigError(
+            "STRIPE_SECRET_KEY: required for jobs on MYSQL_DSN without the HTTP/gRPC API "
+            "(the sandbox only answers for payments made in the same process)"
+        )
+
     auth: AuthKind
     if settings.is_set("AUTH_SERVICE_GRPC_ADDR"):
         auth = "auth-service"

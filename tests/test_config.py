@@ -370,39 +370,6 @@ def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
 # --- serve's requirements -------------------------------------------------------------
 
 
-def test_missing_for_serve_names_each_required_variable() -> None:
-    assert sorted(load().missing_for_serve()) == [
-        "APP_API_KEY",
-        "MYSQL_DSN",
-        "PAYMENTS_PROVIDER_CALLBACK_BASE_URL",
-        "STRIPE_SECRET_KEY",
-        "STRIPE_WEBHOOK_SECRET",
-    ]
-    complete = load(
-        APP_API_KEY="own",
-        MYSQL_DSN="mysql://u:p@db/payments",
-        PAYMENTS_PROVIDER_CALLBACK_BASE_URL="https://pay.example.com/hooks",
-        STRIPE_SECRET_KEY="sk_test_1",
-        STRIPE_WEBHOOK_SECRET="whsec_1",
-    )
-    assert complete.missing_for_serve() == []
-    assert load(STRIPE_SECRET_KEY="sk_test_1").missing_for_serve() == [
-        "MYSQL_DSN",
-        "PAYMENTS_PROVIDER_CALLBACK_BASE_URL",
-        "STRIPE_WEBHOOK_SECRET",
-        "APP_API_KEY",
-    ]
-
-
-def test_each_part_needs_only_its_own_settings() -> None:
-    dsn_only = load(MYSQL_DSN="mysql://u:p@db/payments")
-    assert dsn_only.missing_for(["dispatch"]) == ["APP_API_KEY"]
-    assert dsn_only.missing_for(["reconcile"]) == ["STRIPE_SECRET_KEY"]
-    assert dsn_only.missing_for(["expire"]) == ["STRIPE_SECRET_KEY"]
-    assert "STRIPE_WEBHOOK_SECRET" in dsn_only.missing_for(["grpc"])
-    assert load().missing_for(["dispatch"]) == ["MYSQL_DSN", "APP_API_KEY"]
-
-
 # --- config/.env.example ------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 from payments.config import ConfigError, load_settings
@@ -17,8 +18,12 @@ REAL_STRIPE = {
 
 
 def settings(tmp_path: Path, **env: str):  # type: ignore[no-untyped-def]
-    env.setdefault("PAYMENTS_SQLITE_PATH", str(tmp_path / "var" / "payments.db"))
-    return load_settings(env, dotenv_path=None)
+    # The dev key file goes beside the SQLite path; keep it in tmp_path without making
+    # PAYMENTS_SQLITE_PATH look set (that choice matters to the profile).
+    loaded = load_settings(env, dotenv_path=None)
+    if "PAYMENTS_SQLITE_PATH" not in env:
+        loaded = attrs.evolve(loaded, sqlite_path=str(tmp_path / "var" / "payments.db"))
+    return loaded
 
 
 def test_nothing_configured_is_the_embedded_profile(tmp_path: Path) -> None:
@@ -51,7 +56,9 @@ def test_each_real_part_replaces_its_stand_in(tmp_path: Path) -> None:
         "dev-key",
     )
     assert mysql_only.loopback_only and not mysql_only.embedded
-    stripe_only = resolve_profile(settings(tmp_path, APP_API_KEY="own", **REAL_STRIPE))
+    stripe_only = resolve_profile(
+        settings(tmp_path, APP_API_KEY="own", **REAL_STRIPE, PAYMENTS_SQLITE_PATH="p.db")
+    )
     assert (stripe_only.storage, stripe_only.stripe, stripe_only.auth) == (
         "sqlite",
         "stripe",
@@ -98,3 +105,18 @@ def test_stand_ins_refuse_a_non_loopback_address(tmp_path: Path, variable: str) 
 def test_loopback_addresses() -> None:
     assert all(map(is_loopback, ["127.0.0.1", "127.3.2.1", "::1", "localhost", "[::1]"]))
     assert not any(map(is_loopback, ["0.0.0.0", "10.0.0.1", "::", "example.com"]))
+
+
+def test_real_stripe_never_falls_back_to_sqlite_silently(tmp_path: Path) -> None:
+    env = {**REAL_STRIPE, "APP_API_KEY": "own", "AUTH_SERVICE_GRPC_ADDR": "auth:9090"}
+    with pytest.raises(ConfigError, match="MYSQL_DSN: required with STRIPE_SECRET_KEY"):
+        resolve_profile(settings(tmp_path, **env))
+    chosen = resolve_profile(settings(tmp_path, **env, PAYMENTS_SQLITE_PATH="pay.db"))
+    assert chosen.storage == "sqlite"
+
+
+def test_jobs_on_mysql_never_run_against_a_sandbox(tmp_path: Path) -> None:
+    mysql = settings(tmp_path, MYSQL_DSN="mysql://u:p@db:3306/pay", APP_API_KEY="own")
+    with pytest.raises(ConfigError, match="STRIPE_SECRET_KEY: required for jobs"):
+        resolve_profile(mysql, serves_api=False)
+    assert resolve_profile(mysql, serves_api=True).stripe == "sandbox"
