@@ -3,7 +3,7 @@
 Real clients (httpx, Go's net/http) write a request's headers and its body separately,
 so on a loaded machine or a slow network the body can arrive after the service has
 already answered: every answer given from the headers alone (400 without X-Request-ID,
-401/403, 404 unknown route, 413 by Content-Length) races with it. The service may then
+401/403, 404 unknown route, 400 too large by Content-Length) races with it. The service may then
 either keep the connection usable or close it; what it must not do is leave the
 connection open and never answer the next request on it (the client hangs until its
 own timeout, and the server-side socket is never closed).
@@ -33,7 +33,7 @@ EARLY_ANSWERS = {
     "too-large": (
         "/payments",
         {"X-Request-ID": "ka-1", "X-API-Key": ORDERS_KEY},
-        413,
+        400,
         create_body(metadata={"pad": "x" * 400} | {f"k{i}": "y" * 400 for i in range(45)}),
     ),
 }

@@ -3,10 +3,10 @@
 Every route but ``/healthz`` checks ``X-Request-ID`` first (400), then ``X-API-Key``
 (401/403 through the Auth service), then decodes input; the use cases are
 ``PaymentService``'s. Errors map through one table (payments.api.transport) and are
-``{"error": "..."}``; even Quart's own (404, 405, 413) are JSON. The request id is
+``{"error": "..."}``; even Quart's own (404, 405) are JSON. The request id is
 echoed on every response, errors included, and each request writes one access line.
 
-Body limit: a body over ``PAYMENTS_MAX_BODY_BYTES`` answers **413** ``request body too
+Body limit: a body over ``PAYMENTS_MAX_BODY_BYTES`` answers **400** ``body: request body too
 large``, whether announced by Content-Length or streamed chunked (Quart's body buffer
 stops collecting at the limit).
 
@@ -71,7 +71,6 @@ _HTTP_MESSAGES = {
     404: "not found",
     405: "method not allowed",
     408: "request timeout",
-    413: "request body too large",
     431: "request headers too large",
 }
 
@@ -103,8 +102,9 @@ def create_http_app(
 ) -> QuartTrio:
     """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``."""
     app = QuartTrio(__name__)
+    max_body = settings.max_body_bytes
     app.config.update(
-        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        MAX_CONTENT_LENGTH=max_body,
         # No unauthenticated OPTIONS answers on the API routes.
         PROVIDE_AUTOMATIC_OPTIONS=False,
         BODY_TIMEOUT=30,
@@ -163,6 +163,9 @@ def create_http_app(
         status = exc.code or 500
         if status >= 500:
             return _error(status, INTERNAL_MESSAGE)
+        if status == 413:
+            # Bad input like any other: 400 naming what is wrong (CONTRACT.md), not 413.
+            return _error(400, f"body: request body too large (limit {max_body} bytes)")
         return _error(status, _HTTP_MESSAGES.get(status, (exc.name or "error").lower()))
 
     @app.errorhandler(Exception)

@@ -115,7 +115,7 @@ def _valid_text(value: str, field: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidArgument(field, "is not valid UTF-8 text") from None
+        raise InvalidArgument(field, "is not UTF-8 text") from None
     return value
 
 
