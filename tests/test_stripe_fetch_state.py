@@ -175,10 +175,13 @@ async def test_a_paid_session_wins_over_one_still_processing(
 ) -> None:
     payment = await _link(stripe_provider)
     link = payment.provider_payment_id
-    stripe_sandbox.state.pay_payment_link(link, payment_status="unpaid")
+    # Customers who opened the link before its one allowed checkout completed.
+    state = stripe_sandbox.state
+    first, second, third = (state.open_payment_link(link)["id"] for _ in range(3))
+    state.complete_session(first, payment_status="unpaid")
     assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PROCESSING)
-    stripe_sandbox.state.pay_payment_link(link)
-    stripe_sandbox.state.pay_payment_link(link, payment_status="unpaid")
+    state.complete_session(second)
+    state.complete_session(third, payment_status="unpaid")
     assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PAID)
 
 
@@ -196,9 +199,11 @@ async def test_the_paid_session_is_found_beyond_the_first_page(
 ) -> None:
     payment = await _link(stripe_provider)
     link = payment.provider_payment_id
-    stripe_sandbox.state.pay_payment_link(link)  # the oldest: listed last
-    for _ in range(100):
-        stripe_sandbox.state.pay_payment_link(link, payment_status="unpaid")
+    state = stripe_sandbox.state
+    sessions = [state.open_payment_link(link)["id"] for _ in range(101)]
+    state.complete_session(sessions[0])  # the oldest: listed last
+    for session in sessions[1:]:
+        state.complete_session(session, payment_status="unpaid")
     assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PAID)
     assert stripe_sandbox.state.count(SESSION_LIST) == 2
 
