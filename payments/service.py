@@ -260,16 +260,17 @@ class PaymentService:
             closing = await close_at_provider(self._providers.get(payment.provider), payment)
             moved = closing.provider_status
             if moved is not None and can_transition(payment.status, moved):
-                # Paid (or being paid) at the provider before the cancel reached it: the
-                # money decides. That status is recorded and the cancel refused.
-                await change_status(conn, payment, moved, reason="paid before the cancel")
+                # Paid (or being paid, or ended) at the provider before the cancel reached
+                # it: the provider's state decides. It is recorded and the cancel refused.
+                await change_status(conn, payment, moved, reason="found at the provider on cancel")
                 refused = FailedPrecondition(
-                    f"payment was paid at the provider before the cancel; it is {moved.name}"
+                    f"payment is {moved.name} at the provider; not canceled"
                 )
             elif not closing.closed or moved is not None:
                 refused = FailedPrecondition(
-                    f"the provider would not close the checkout; the payment stays "
-                    f"{payment.status.name}"
+                    f"payment is {moved.name} at the provider; not canceled"
+                    if moved is not None
+                    else "the provider would not close the checkout; not canceled"
                 )
                 await repo.update_payment(conn, payment)  # provider ids it learned
             else:

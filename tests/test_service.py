@@ -315,7 +315,7 @@ async def test_cancel_of_a_link_paid_before_the_cancel_is_refused_and_records_pa
 ) -> None:
     payment = await service.create(ORDERS, new_payment(payment_method=2))
     stripe_sandbox.state.pay_payment_link(payment.provider_payment_id)  # its event is lost
-    with pytest.raises(FailedPrecondition, match="paid at the provider"):
+    with pytest.raises(FailedPrecondition, match="PAID at the provider"):
         await service.cancel(ORDERS, payment.id)
     assert await _history(db_pool, payment.id) == (PaymentStatus.PAID, [PaymentStatus.PAID])
 
@@ -325,7 +325,7 @@ async def test_cancel_of_a_session_completed_before_the_cancel_is_refused(
 ) -> None:
     payment = await service.create(ORDERS, new_payment())
     stripe_sandbox.state.complete_session(payment.provider_payment_id)
-    with pytest.raises(FailedPrecondition, match="it is PAID"):
+    with pytest.raises(FailedPrecondition, match="PAID at the provider"):
         await service.cancel(ORDERS, payment.id)
     assert await _history(db_pool, payment.id) == (PaymentStatus.PAID, [PaymentStatus.PAID])
 
