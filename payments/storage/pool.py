@@ -479,7 +479,11 @@ class Pool:
                     self._close_now(conn)
                     return
             now = trio.current_time()
-            if self._closed or self._expired(conn, now) or len(self._idle) >= self._max_idle:
+            # Past the idle cap the session is closed, unless a task is waiting for one:
+            # closing it then would only make that task open a new one (measured under
+            # load: hundreds of reconnects per 10 s without this).
+            over_idle_cap = len(self._idle) >= self._max_idle and not self._waiting
+            if self._closed or self._expired(conn, now) or over_idle_cap:
                 await self._close_politely(conn)
                 return
             conn.idle_since = now
