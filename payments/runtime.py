@@ -374,6 +374,7 @@ async def serve(settings: Settings, parts: Iterable[str]) -> int:
     profile = check_settings(settings, parts)
     settings = profile.settings
     logs.setup_from_settings(settings)
+    logs.add_secrets([profile.dev_api_key, profile.sandbox_gateway_key])
     log.info(
         "starting",
         extra={"parts": sorted(parts), "stand_ins": profile.stand_ins, **build_info()},
