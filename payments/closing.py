@@ -25,7 +25,7 @@ import attrs
 
 from payments.errors import ProviderRejected
 from payments.model import Payment, PaymentMethod, PaymentStatus
-from payments.providers.base import Provider, ProviderState
+from payments.providers.base import CheckoutResult, Provider, ProviderState
 
 T = TypeVar("T")
 Call = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
@@ -33,6 +33,13 @@ Call = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
 
 async def _direct(call: Callable[[], Awaitable[T]]) -> T:
     return await call()
+
+
+def apply_checkout(payment: Payment, result: CheckoutResult) -> None:
+    """Record on ``payment`` the provider object made (or found again) for it."""
+    payment.provider_payment_id = result.provider_payment_id
+    payment.provider_subscription_id = result.provider_subscription_id
+    payment.checkout_url = result.checkout_url
 
 
 @attrs.frozen
@@ -56,9 +63,7 @@ async def close_at_provider(
         except ProviderRejected:
             result = None  # no object was ever made
         if result is not None:
-            payment.provider_payment_id = result.provider_payment_id
-            payment.provider_subscription_id = result.provider_subscription_id
-            payment.checkout_url = result.checkout_url
+            apply_checkout(payment, result)
     if payment.status == PaymentStatus.PROCESSING or payment.provider_subscription_id:
         state = await _fetch(provider, payment, call)
         if state.status is not None:

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import attrs
 
-from payments.closing import close_at_provider
+from payments.closing import apply_checkout, close_at_provider
 from payments.errors import (
     AlreadyExists,
     DependencyUnavailable,
@@ -63,12 +63,6 @@ _REPLAYED_EVENT_KEY = "uq_payment_events_provider_event"
 
 def _not_found() -> NotFound:
     return NotFound("payment not found")
-
-
-def _apply_checkout(payment: Payment, result: CheckoutResult) -> None:
-    payment.provider_payment_id = result.provider_payment_id
-    payment.provider_subscription_id = result.provider_subscription_id
-    payment.checkout_url = result.checkout_url
 
 
 class PaymentService:
@@ -200,7 +194,7 @@ class PaymentService:
     async def _record_opened(conn: Connection, payment: Payment, result: CheckoutResult) -> None:
         """Move a CREATED payment to PENDING with its provider object, and log the event."""
         previous = payment.status
-        _apply_checkout(payment, result)
+        apply_checkout(payment, result)
         payment.status = check_transition(previous, PaymentStatus.PENDING)
         payment.updated_at = utcnow()
         await repo.update_payment(conn, payment)

@@ -5,26 +5,10 @@ payment older than the timeout (by ``created_at``) is closed at the provider and
 moved to EXPIRED (event row, payment and callback-outbox row in one transaction; the
 dispatcher is told after the commit).
 
-The order is chosen for money: a payment is marked EXPIRED only once no one can pay it
-any more, and never when it was paid.
-
-* Close first, then conclude. Expiring a Checkout Session is atomic at Stripe: it
-  fails for a session that completed. That failure (ProviderRejected) means the
-  customer got there first, so the payment is reconciled instead (fetch_state: PAID,
-  or PROCESSING while a delayed payment is on its way), never expired.
-* A payment link is deactivated (and its open sessions expired), then its sessions are
-  read: one paid before the close (its event missed) makes the payment PAID.
-* Money possibly under way is asked about before anything is closed: a PROCESSING
-  payment (its checkout completed, the money not yet in) or one with a subscription
-  (cancelling an active subscription would undo a sale). If the provider says it is
-  paid or still processing, that is followed and nothing is cancelled.
-* The provider unreachable: the payment is left as it is (an error in the summary)
-  and tried on the next pass; it is never expired while its checkout may be payable.
-* A CREATED payment (its create crashed or met an outage and was never retried) has
-  its create replayed with the same idempotency key, so Stripe hands back any object it
-  made, which is then closed like the others. Beyond Stripe's 24 h idempotency window
-  the replay makes a fresh object, closed at once; harmless, and only after a long
-  expirer outage.
+The order is chosen for money (payments/closing.py, shared with cancel): a payment is
+marked EXPIRED only once no one can pay it any more, and never when it was paid; the
+provider's answer (PAID, PROCESSING) is followed instead. The provider unreachable: the
+payment is left as it is (an error in the summary) and tried on the next pass.
 
 A provider that refuses to close or to describe a payment (say "no such session", as
 after a Stripe account change) leaves it untouched and counted as an error each pass:
