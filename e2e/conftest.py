@@ -14,6 +14,8 @@
                 workers that would otherwise reach other tests' payments
 ``isolated_db`` direct SQL on that database
 ``own_receiver`` a status-callback endpoint for one test only
+``webhooks``    the emulator forwards its events to ``service`` for one test, as the
+                gateway forwards Stripe's
 
 Tests share the service, so each uses fresh request ids and resource names.
 """
@@ -47,6 +49,7 @@ from e2e.harness import (
     SandboxProcess,
     ServiceProcess,
     base_env,
+    forward_events,
     run_cli,
     start_service,
 )
@@ -268,3 +271,11 @@ def own_receiver() -> Iterator[CallbackReceiver]:
     endpoint = CallbackReceiver()
     yield endpoint
     endpoint.stop()
+
+
+@pytest.fixture
+async def webhooks(sandbox: SandboxProcess, service: ServiceProcess) -> AsyncIterator[None]:
+    """The emulator posts its events, signed, to the shared service for one test."""
+    await forward_events(sandbox, service)
+    yield
+    await sandbox.control("DELETE", "webhook")

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,9 @@ import pytest
 import trio
 
 from e2e.harness import (
-    GATEWAY_KEY,
-    STRIPE_WEBHOOK_SECRET,
     CallbackReceiver,
     Received,
     SandboxProcess,
-    ServiceProcess,
     create_body,
     eventually,
     headers,
@@ -122,24 +119,6 @@ def landing() -> Iterator[Landing]:
     pages = Landing()
     yield pages
     pages.stop()
-
-
-@pytest.fixture
-async def webhooks(sandbox: SandboxProcess, service: ServiceProcess) -> AsyncIterator[None]:
-    """The emulator posts its events, signed, to the shared service (as the gateway
-    forwards Stripe's), for the length of one test."""
-    await sandbox.control(
-        "POST",
-        "webhook",
-        {
-            "url": f"{service.http_url}/webhooks/providers/stripe",
-            "secret": STRIPE_WEBHOOK_SECRET,
-            "api_key": GATEWAY_KEY,
-            "retry_delays": [0.1, 0.5],
-        },
-    )
-    yield
-    await sandbox.control("DELETE", "webhook")
 
 
 async def click(url: str, button: str) -> dict[str, Any]:

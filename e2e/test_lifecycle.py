@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -43,27 +43,6 @@ from payments.model import PaymentStatus
 
 Spawn = Callable[..., ServiceProcess]
 PROCESSED = "Provider callback processed"
-
-
-@pytest.fixture
-async def webhooks(sandbox: SandboxProcess, service: ServiceProcess) -> AsyncIterator[None]:
-    """The emulator forwards its events to the shared service, as the gateway would."""
-    await forward_events(sandbox, service)
-    yield
-    await sandbox.control("DELETE", "webhook")
-
-
-async def forward_events(sandbox: SandboxProcess, service: ServiceProcess) -> None:
-    await sandbox.control(
-        "POST",
-        "webhook",
-        {
-            "url": f"{service.http_url}/webhooks/providers/stripe",
-            "secret": STRIPE_WEBHOOK_SECRET,
-            "api_key": GATEWAY_KEY,
-            "retry_delays": [0.1, 0.5],
-        },
-    )
 
 
 async def create(http: httpx.AsyncClient, receiver: CallbackReceiver, **changes: Any) -> Any:
