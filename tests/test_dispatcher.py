@@ -41,7 +41,7 @@ from payments.storage import outbox
 from payments.storage import repository as repo
 from payments.storage.pool import Pool
 from supervisor import ChildContext, ChildSpec, ChildState, RestartPolicy, Supervisor
-from tests.test_storage_outbox import fetch, queue_callbacks
+from tests.storage_support import fetch, queue_callbacks
 
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 API_KEY = "payments-own-api-key-0123"

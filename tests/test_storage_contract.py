@@ -6,8 +6,9 @@ roll back whole (also when cancelled), DuplicateKey names the same index on both
 failed duplicate leaves the transaction usable, datetimes come back aware UTC with
 microseconds, text is full Unicode and compares exactly, and list filters, paging and
 the jobs' claims select the same rows in the same order. Backend-specific behaviour
-(the MySQL pool's session handling, SQLite's file checks) lives in test_storage_pool.py
-and test_sqlite.py.
+lives beside it: the MySQL pool's session handling in test_storage_pool.py, MySQL's row
+locks, SKIP LOCKED between replicas and query plans in test_storage_mysql.py, SQLite's
+file checks and plans in test_sqlite.py.
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ import pytest
 import trio
 
 from payments.errors import DependencyUnavailable, NotFound
-from payments.lifecycle import change_status, new_outbox_entry
+from payments.lifecycle import new_outbox_entry
 from payments.model import (
     EventKind,
     ListFilter,
-    OutboxEntry,
     OutboxState,
     Payment,
-    PaymentEvent,
     PaymentMethod,
     PaymentStatus,
     PaymentType,
     ProviderType,
-    utcnow,
 )
 from payments.storage import claims, outbox, provider_callbacks
 from payments.storage import repository as repo
@@ -41,20 +39,22 @@ from payments.storage.migrate import current_version, latest_version, load_steps
 from payments.storage.outbox import CallbackAttempt
 from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
 from tests.fixtures.db import make_payment
+from tests.storage_support import (
+    LEASE,
+    attempt_of,
+    event_for,
+    fetch,
+    insert,
+    later,
+    queue_callbacks,
+)
 
 UNICODE_METADATA = {
     "note": "Zahlung für Bestellung №42 — 支付 — 💳🧾",
     "emoji 🔑": "👩🏽‍💻",
     "quote": 'it\'s "quoted" \\ and ; -- not SQL',
 }
-LEASE = 60.0
 T0 = datetime(2025, 3, 1, 12, 30, 45, 123456, tzinfo=UTC)
-
-
-async def insert(db: Database, payment: Payment) -> Payment:
-    async with db.transaction() as conn:
-        payment.id = await repo.insert_payment(conn, payment)
-    return payment
 
 
 async def count(db: Database, table: str) -> int:
@@ -62,18 +62,6 @@ async def count(db: Database, table: str) -> int:
         row = await conn.fetchone(f"SELECT COUNT(*) FROM {table}")
     assert row is not None
     return int(row[0])
-
-
-def event_for(payment: Payment, **overrides: Any) -> PaymentEvent:
-    fields: dict[str, Any] = {
-        "payment_id": payment.id,
-        "kind": EventKind.CREATED,
-        "from_status": PaymentStatus.UNSPECIFIED,
-        "to_status": PaymentStatus.CREATED,
-        "created_at": payment.created_at,
-    }
-    fields.update(overrides)
-    return PaymentEvent(**fields)
 
 
 # --- the database itself ---------------------------------------------------------------
@@ -156,6 +144,7 @@ async def test_a_closed_database_is_unavailable(database: Database) -> None:
 
 
 async def test_concurrent_tasks_each_get_a_session(database: Database) -> None:
+    """More tasks than sessions: all finish, none opens a session past the bound."""
     payment = await insert(database, make_payment())
     seen: list[int] = []
 
@@ -167,9 +156,11 @@ async def test_concurrent_tasks_each_get_a_session(database: Database) -> None:
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            for _ in range(20):
+            for _ in range(50):
                 nursery.start_soon(lookup)
-    assert seen == [payment.id] * 20
+    assert seen == [payment.id] * 50
+    stats = database.stats()
+    assert 1 <= stats.opened_total <= stats.max_open
 
 
 # --- payments --------------------------------------------------------------------------
@@ -277,7 +268,10 @@ async def test_request_ids_compare_exactly(database: Database) -> None:
     lower = await insert(database, make_payment(request_id="order-1"))
     upper = await insert(database, make_payment(request_id="ORDER-1"))  # not a duplicate
     accented = await insert(database, make_payment(request_id="orde\u0301r-1"))
+    # Unique per caller: the same request id from another caller is another payment.
+    billing = await insert(database, make_payment(request_id="order-1", caller_service="billing"))
     async with database.connection() as conn:
+        assert await repo.get_payment_by_request(conn, "billing", "order-1") == billing
         assert await repo.get_payment_by_request(conn, "orders", "ORDER-1") == upper
         assert await repo.get_payment_by_request(conn, "orders", "order-1") == lower
         assert await repo.get_payment_by_request(conn, "orders", "orde\u0301r-1") == accented
@@ -328,6 +322,7 @@ async def test_a_duplicate_that_escapes_rolls_the_transaction_back(database: Dat
             await repo.insert_payment(conn, make_payment(request_id="dup-2"))
     async with database.connection() as conn:
         assert await repo.get_payment_by_request(conn, "orders", "other") is None
+    assert database.stats().closed_total == 0  # a duplicate does not cost the session
 
 
 async def test_ids_are_not_reused_after_a_delete(database: Database) -> None:
@@ -470,6 +465,9 @@ async def test_list_filters_order_limit_offset(database: Database) -> None:
     assert await listed(caller_service="orders", resource_type="order", resource_id="1") == expect(
         lambda p: (p.caller_service, p.resource_type, p.resource_id) == ("orders", "order", "1")
     )
+    assert await listed(resource_type="order", resource_id="1") == expect(
+        lambda p: (p.resource_type, p.resource_id) == ("order", "1")
+    )
     assert await listed(status=PaymentStatus.PAID) == expect(
         lambda p: p.status == PaymentStatus.PAID
     )
@@ -492,36 +490,10 @@ async def test_list_filters_order_limit_offset(database: Database) -> None:
         hostile = ListFilter(caller_service="orders' OR '1'='1", resource_id="%")
         assert await repo.list_payments(conn, hostile) == []
     assert top == newest_first[0]
+    assert await count(database, "payments") == len(seeded)  # the values were only values
 
 
 # --- outbox ----------------------------------------------------------------------------
-
-
-async def queue_callbacks(db: Database, count: int = 1) -> list[OutboxEntry]:
-    """``count`` payments moved to PAID the way the service does it; their outbox rows."""
-    entries = []
-    async with db.transaction() as conn:
-        for _ in range(count):
-            payment = make_payment(status=PaymentStatus.PENDING)
-            payment.id = await repo.insert_payment(conn, payment)
-            assert await change_status(conn, payment, PaymentStatus.PAID, reason="test")
-            entries.extend(await outbox.entries_for_payment(conn, payment.id))
-    return entries
-
-
-def later(seconds: float = 1.0) -> datetime:
-    return utcnow() + timedelta(seconds=seconds)
-
-
-async def fetch(db: Database, outbox_id: int) -> OutboxEntry:
-    async with db.connection() as conn:
-        entry = await outbox.get_entry(conn, outbox_id)
-    assert entry is not None
-    return entry
-
-
-def attempt_of(entry: OutboxEntry, at: datetime, status_code: int | None = 500) -> CallbackAttempt:
-    return CallbackAttempt(entry.id, entry.attempts + 1, at, status_code, "HTTP 500", 12)
 
 
 async def test_change_status_writes_event_payment_and_one_outbox_row(database: Database) -> None:

@@ -1,0 +1,162 @@
+"""What only the MySQL backend has, against the real MariaDB: row locks between
+sessions, ``SKIP LOCKED`` between dispatcher replicas, and query plans that read through
+the indexes. Everything both backends promise is in test_storage_contract.py; the pool's
+session handling is in test_storage_pool.py.
+
+The outbox lease rules make many replicas safe only if a row one replica is claiming is
+skipped by the others rather than waited for: pinned here with a second pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+import trio
+
+from payments.config import MysqlDsn
+from payments.errors import DependencyUnavailable
+from payments.model import ListFilter, Payment, PaymentStatus
+from payments.storage import outbox
+from payments.storage import repository as repo
+from payments.storage.pool import Connection, Pool
+from tests.fixtures.db import make_payment
+from tests.storage_support import LEASE, event_for, insert, later, queue_callbacks
+
+# EXPLAIN access types that read through an index (not ALL: a table scan; not index:
+# a whole-index scan).
+INDEXED_ACCESS = {"const", "eq_ref", "ref", "range", "index_merge", "ref_or_null"}
+
+
+async def test_for_update_locks_the_row(db_pool: Pool) -> None:
+    payment = await insert(db_pool, make_payment())
+    async with db_pool.transaction() as conn:
+        assert await repo.get_payment(conn, payment.id, for_update=True) == payment
+        async with db_pool.transaction() as other:
+            with pytest.raises(DependencyUnavailable):  # lock wait: retry later
+                await other.fetchone(
+                    "SELECT id FROM payments WHERE id = %s FOR UPDATE NOWAIT", (payment.id,)
+                )
+
+
+class RecordingConnection:
+    """Passes statements to a real connection and keeps them, to EXPLAIN afterwards."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.statements: list[tuple[str, Sequence[Any] | None]] = []
+
+    async def fetchone(self, sql: str, args: Sequence[Any] | None = None) -> Any:
+        self.statements.append((sql, args))
+        return await self.conn.fetchone(sql, args)
+
+    async def fetchall(self, sql: str, args: Sequence[Any] | None = None) -> Any:
+        self.statements.append((sql, args))
+        return await self.conn.fetchall(sql, args)
+
+
+async def test_lookups_and_list_filters_use_indexes(db_pool: Pool) -> None:
+    statuses = [PaymentStatus.PENDING, PaymentStatus.PAID, PaymentStatus.EXPIRED]
+    seeded: list[Payment] = []
+    async with db_pool.transaction() as conn:
+        for n in range(400):
+            payment = make_payment(
+                caller_service=f"svc-{n % 20}",
+                resource_type=("order", "invoice", "plan")[n % 3],
+                resource_id=str(n % 150),
+                status=PaymentStatus.FAILED if n % 50 == 0 else statuses[n % 3],
+                provider_payment_id=f"cs_{n}" if n % 2 else "",
+                provider_subscription_id=f"sub_{n}" if n % 4 == 1 else "",
+            )
+            payment.id = await repo.insert_payment(conn, payment)
+            await repo.insert_event(conn, event_for(payment))
+            seeded.append(payment)
+        await conn.fetchall("ANALYZE TABLE payments, payment_events")
+    sample = seeded[201]
+    filters = [
+        ListFilter(caller_service="svc-3"),
+        ListFilter(caller_service="svc-3", status=PaymentStatus.PAID),
+        ListFilter(caller_service=sample.caller_service, request_id=sample.request_id),
+        ListFilter(request_id=sample.request_id),
+        ListFilter(resource_type="invoice", resource_id="7"),
+        ListFilter(caller_service="svc-7", resource_type="invoice", resource_id="7"),
+        ListFilter(status=PaymentStatus.FAILED),
+    ]
+    async with db_pool.connection() as conn:
+        recorder = RecordingConnection(conn)
+        rec = cast(Connection, recorder)
+        await repo.get_payment(rec, sample.id)
+        await repo.get_payment_by_request(rec, sample.caller_service, sample.request_id)
+        await repo.get_payment_by_callback_hash(rec, sample.provider_callback_hash)
+        await repo.get_payment_by_provider_ref(rec, "sub_201")
+        await repo.list_events(rec, sample.id)
+        for f in filters:
+            await repo.list_payments(rec, f)
+        assert len(recorder.statements) == 5 + len(filters)
+        for sql, args in recorder.statements:
+            plan = await conn.fetchall("EXPLAIN " + sql, args)
+            reads = [row for row in plan if row[2] in ("payments", "payment_events")]
+            assert reads, f"{sql} {args} -> {plan}"  # derived/union rows aside
+            for _, _, _, access, _, key, *_ in reads:
+                assert access in INDEXED_ACCESS and key, f"{sql} {args} -> {plan}"
+
+
+async def test_the_due_query_uses_its_index(db_pool: Pool) -> None:
+    entries = await queue_callbacks(db_pool, 30)
+    async with db_pool.connection() as conn:
+        ids = [e.id for e in entries[:20]]
+        marks = ", ".join(["%s"] * len(ids))
+        await conn.execute(
+            f"UPDATE callback_outbox SET state = 'delivered' WHERE id IN ({marks})", ids
+        )
+        await conn.execute("ANALYZE TABLE callback_outbox")
+        now = repo.to_db_datetime(later())
+        plan = await conn.fetchall(
+            f"EXPLAIN {outbox.DUE_QUERY} FOR UPDATE SKIP LOCKED", (now, now, 10)
+        )
+    (row,) = plan
+    access_type, key, extra = row[3], row[5], row[9] or ""
+    assert key == "ix_callback_outbox_due"
+    assert access_type == "range"
+    assert "filesort" not in extra  # the index yields next_attempt_at order
+
+
+async def test_a_row_locked_by_another_claimer_is_skipped_not_waited_for(
+    db_pool: Pool, test_db_dsn: MysqlDsn
+) -> None:
+    first, second = await queue_callbacks(db_pool, 2)
+    other = Pool(test_db_dsn, max_open=1, max_idle=1)
+    try:
+        async with other.transaction() as holder:
+            # Another replica in the middle of its claim transaction, holding `first`.
+            await holder.fetchone(
+                "SELECT id FROM callback_outbox WHERE id = %s FOR UPDATE", (first.id,)
+            )
+            with trio.fail_after(2):  # a lock wait would take innodb_lock_wait_timeout
+                claimed = await outbox.claim_due(db_pool, "w", later(), LEASE, limit=10)
+            assert [e.id for e in claimed] == [second.id]
+    finally:
+        await other.aclose()
+
+
+async def test_concurrent_claims_from_two_pools_are_disjoint(
+    db_pool: Pool, test_db_dsn: MysqlDsn
+) -> None:
+    entries = await queue_callbacks(db_pool, 60)
+    other = Pool(test_db_dsn, max_open=2, max_idle=2)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    now = later()
+
+    async def claim_all(pool: Pool, worker: str) -> None:
+        while batch := await outbox.claim_due(pool, worker, now, LEASE, limit=7):
+            got[worker].extend(e.id for e in batch)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim_all, db_pool, "a")
+            nursery.start_soon(claim_all, other, "b")
+    finally:
+        await other.aclose()
+    assert not set(got["a"]) & set(got["b"])
+    assert sorted(got["a"] + got["b"]) == sorted(e.id for e in entries)
