@@ -1,7 +1,8 @@
-"""The benchmark's own database access: create and drop its database, insert backlogs.
+"""The benchmark's own database access: the server to use, and backlog inserts.
 
-Straight trio-mysql rather than the service's storage layer, so the benchmark's set-up
-does not change with it: rows go in with plain SQL, as an operator's script would.
+Backlogs go in with straight trio-mysql rather than the service's storage layer, so the
+benchmark's set-up does not change with it: plain SQL, as an operator's script would.
+Its database is made and dropped by the test fixture's MysqlServer (tests/fixtures/db.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 import attrs
 import trio_mysql
 
 from payments.config import MysqlDsn, parse_mysql_dsn
+from tests.fixtures.db import ENV_VAR
 
 DEFAULT_SERVER = "mysql://root@127.0.0.1:3306/"
 INSERT_CHUNK = 500
@@ -24,25 +25,8 @@ INSERT_CHUNK = 500
 def server_dsn() -> MysqlDsn:
     """The MariaDB/MySQL server: PAYMENTS_TEST_MYSQL_DSN (scripts/test-db.sh exports it)
     or root without a password on 127.0.0.1:3306."""
-    raw = os.environ.get("PAYMENTS_TEST_MYSQL_DSN", "").strip() or DEFAULT_SERVER
-    return attrs.evolve(parse_mysql_dsn(raw, "PAYMENTS_TEST_MYSQL_DSN"), database="")
-
-
-def dsn_url(dsn: MysqlDsn) -> str:
-    """``mysql://user[:password]@host:port/db``, what MYSQL_DSN takes."""
-    auth = quote(dsn.user, safe="")
-    if dsn.password:
-        auth += ":" + quote(dsn.password, safe="")
-    url = f"mysql://{auth}@{dsn.host}:{dsn.port}/{dsn.database}"
-    if dsn.unix_socket:
-        url += f"?unix_socket={quote(dsn.unix_socket)}"
-    return url
-
-
-def _quote_name(name: str) -> str:
-    if not name or len(name) > 64 or not all(c.isalnum() or c == "_" for c in name):
-        raise ValueError(f"not a usable database name: {name!r}")
-    return f"`{name}`"
+    raw = os.environ.get(ENV_VAR, "").strip() or DEFAULT_SERVER
+    return attrs.evolve(parse_mysql_dsn(raw, ENV_VAR), database="")
 
 
 def naive_utc(value: datetime) -> datetime:
@@ -63,23 +47,6 @@ def _connect(dsn: MysqlDsn, database: str | None) -> trio_mysql.Connection:
         init_command="SET time_zone = '+00:00'",
         connect_timeout=5,
     )
-
-
-async def _statements(dsn: MysqlDsn, statements: Sequence[str]) -> None:
-    async with _connect(dsn, None) as conn, conn.cursor() as cursor:
-        for statement in statements:
-            await cursor.execute(statement)
-
-
-async def create_database(dsn: MysqlDsn) -> None:
-    await _statements(
-        dsn,
-        [f"CREATE DATABASE {_quote_name(dsn.database)} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
-    )
-
-
-async def drop_database(dsn: MysqlDsn) -> None:
-    await _statements(dsn, [f"DROP DATABASE IF EXISTS {_quote_name(dsn.database)}"])
 
 
 async def insert_rows(

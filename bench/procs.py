@@ -5,7 +5,8 @@ stopped by its own pid.
 * :class:`Announced` - a helper process that prints ``... listening on <where>`` once
   it accepts connections (the Stripe emulator, the Auth server, the receiver, the
   ceiling servers);
-* :class:`Service` - ``payments serve``, ready once ``/healthz`` answers 200;
+* ``payments serve`` itself is started as the e2e tests start it
+  (e2e.harness.start_service), on the ports of its environment;
 * :func:`memory` - a process's VmRSS / VmHWM from ``/proc/<pid>/status``, and
   :class:`RssSampler`, which follows VmRSS in a thread.
 """
@@ -16,7 +17,6 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,31 +27,19 @@ from typing import IO
 
 import httpx
 
+from e2e.harness import base_env
+
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-PAYMENTS_BIN = BIN / "payments"
 
 
 class ProcessError(RuntimeError):
     """A process did not start, or failed."""
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def base_env(home: Path) -> dict[str, str]:
-    """What every child gets besides its own settings: nothing else inherited."""
-    return {
-        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": str(REPO),
-    }
+def bench_env(home: Path) -> dict[str, str]:
+    """The e2e children's environment, plus the checkout on PYTHONPATH: the helper
+    processes run ``python -m bench.<module>`` from a scratch directory."""
+    return {**base_env(home), "PYTHONPATH": str(REPO)}
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -119,73 +107,6 @@ class Announced:
         return self.proc.pid
 
     def stop(self, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            code = -9
-        self._log.close()
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-
-
-class Service:
-    """``payments serve`` on fixed ports; its JSON log (stderr) in ``log_path``."""
-
-    def __init__(self, env: Mapping[str, str], workdir: Path, *, timeout: float = 30) -> None:
-        self.env = dict(env)
-        self.http_port = int(self.env["HTTP_PORT"])
-        self.grpc_port = int(self.env["GRPC_PORT"])
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / "serve.log"
-        self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(
-            [str(PAYMENTS_BIN), "serve"],
-            env=self.env,
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        self._wait_ready(timeout)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ProcessError(
-                    f"payments serve exited with {self.proc.returncode}:\n{_tail(self.log_path)}"
-                )
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.http_url}/healthz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.05)
-        self.kill()
-        raise ProcessError(f"payments serve not ready in {timeout}s:\n{_tail(self.log_path)}")
-
-    def log_lines(self) -> int:
-        with open(self.log_path, "rb") as log:
-            return sum(1 for _ in log)
-
-    def stop(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -349,20 +270,16 @@ def python_module(module: str, *args: str) -> list[str]:
 
 
 __all__ = [
-    "BIN",
-    "PAYMENTS_BIN",
     "REPO",
     "Announced",
     "CpuMeter",
     "PoolSampler",
     "ProcessError",
     "RssSampler",
-    "Service",
-    "base_env",
+    "bench_env",
     "children_cpu_seconds",
     "cpu_seconds",
     "find_pid",
-    "free_port",
     "memory",
     "python_module",
 ]

@@ -163,7 +163,7 @@ class Bench:
     @property
     def service_pid(self) -> int:
         assert self.stack.service is not None
-        return self.stack.service.pid
+        return self.stack.service.proc.pid
 
     @property
     def service_url(self) -> str:

@@ -1,38 +1,30 @@
 """Everything a benchmark run starts, in one place: a fresh MariaDB database
-(``payments_bench_<time>_<random>``, migrated by ``payments migrate`` and dropped at the
-end), the Stripe emulator, the Auth server, the callback receiver, the two ceiling
-servers and ``payments serve`` itself, each a separate process.
+(``payments_test_<time>_bench_<random>``, made as the tests make theirs, migrated by
+``payments migrate`` and dropped at the end), the Stripe emulator, the Auth server, the
+callback receiver, the two ceiling servers and ``payments serve`` itself (started as the
+e2e tests start it), each a separate process.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
-import trio
 
-from bench.db import create_database, drop_database, dsn_url, server_dsn
-from bench.procs import (
-    PAYMENTS_BIN,
-    Announced,
-    ProcessError,
-    Service,
-    base_env,
-    free_port,
-    python_module,
-)
+from bench.db import server_dsn
+from bench.procs import Announced, ProcessError, bench_env, python_module
+from e2e.harness import PAYMENTS_BIN, ServiceProcess, free_port, start_service
 from payments.config import MysqlDsn
 from tests.fixtures.auth import APP_API_KEY, GATEWAY_KEY, ORDERS_KEY, SERVICE_NAME
+from tests.fixtures.db import MysqlServer, dsn_url
 
 STRIPE_KEY = "sk_test_benchSecretKey7c2e9a41d0b6f3"
 STRIPE_WEBHOOK_SECRET = "whsec_benchWebhookSecret3f8a1c6e2b"
@@ -54,7 +46,7 @@ class Stack:
     receiver: Announced
     ceiling_http: Announced
     ceiling_grpc: Announced
-    service: Service | None
+    service: ServiceProcess | None
     service_env: dict[str, str]
 
     @property
@@ -92,7 +84,7 @@ class Stack:
         """SIGTERM ``payments serve``; its exit code."""
         if self.service is None:
             return 0
-        code = self.service.stop()
+        code = self.service.terminate(timeout=20)
         self.service = None
         return code
 
@@ -130,16 +122,12 @@ class Stack:
         ``overrides`` are added to the environment of ``payments serve`` and of the job
         commands (experiments: ``MYSQL_MAX_IDLE_CONNS=10``, ``LOG_LEVEL=warning``...)."""
         workdir = Path(tempfile.mkdtemp(prefix="payments-bench-"))
-        env = base_env(workdir)
-        server = server_dsn()
-        db = attrs.evolve(
-            server, database=f"payments_bench_{int(time.time())}_{secrets.token_hex(3)}"
-        )
-        started: list[Announced | Service] = []
-        db_created = False
+        env = bench_env(workdir)
+        server = MysqlServer(server_dsn())
+        started: list[Announced] = []
+        service: ServiceProcess | None = None
         try:
-            trio.run(create_database, db)
-            db_created = True
+            db = server.create_database("bench")
             migrated = subprocess.run(
                 [str(PAYMENTS_BIN), "migrate"],
                 env={**env, "MYSQL_DSN": dsn_url(db)},
@@ -192,8 +180,7 @@ class Stack:
                 "LOG_LEVEL": "info",
                 **(overrides or {}),
             }
-            service = Service(service_env, workdir / "serve")
-            started.append(service)
+            service = start_service(service_env, workdir / "serve")
             yield cls(
                 workdir=workdir,
                 db=db,
@@ -206,9 +193,14 @@ class Stack:
                 service_env=service_env,
             )
         finally:
+            if service is not None:
+                # terminate() kills it first when it will not stop; that is reported
+                # by stop_service, here only the clean-up counts.
+                with contextlib.suppress(AssertionError):
+                    service.terminate(timeout=20)
             for process in reversed(started):
                 process.stop()
-            if db_created:
-                trio.run(drop_database, db)
+            for name in list(server.created):
+                server.drop_database(name)
             if not keep:
                 shutil.rmtree(workdir, ignore_errors=True)
