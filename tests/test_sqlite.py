@@ -13,11 +13,11 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 import trio
@@ -25,7 +25,7 @@ import trio.testing
 
 from payments.config import ConfigError, MysqlDsn, Settings
 from payments.errors import DependencyUnavailable
-from payments.model import ListFilter, PaymentStatus, utcnow
+from payments.model import utcnow
 from payments.storage import claims, outbox, provider_callbacks
 from payments.storage import repository as repo
 from payments.storage.database import (
@@ -41,6 +41,7 @@ from payments.storage.migrate import Step, current_version, load_steps, migrate
 from payments.storage.pool import Pool
 from payments.storage.sqlite import SqliteDatabase, datetime_to_text
 from tests.fixtures.db import make_payment
+from tests.storage_support import record_payment_reads, varied_payment
 
 # Holds a lock on the database file named by argv[1] until its stdin closes.
 LOCK_HOLDER = """
@@ -539,60 +540,19 @@ async def test_other_errors_are_bugs_not_duplicates(sqlite_db: SqliteDatabase) -
 # --- query plans -------------------------------------------------------------------------
 
 
-class RecordingConnection:
-    """Passes statements to a real connection and keeps them, to EXPLAIN afterwards."""
-
-    dialect = SQLITE
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.statements: list[tuple[str, Sequence[Any] | None]] = []
-
-    async def fetchone(self, sql: str, args: Sequence[Any] | None = None) -> Any:
-        self.statements.append((sql, args))
-        return await self.conn.fetchone(sql, args)
-
-    async def fetchall(self, sql: str, args: Sequence[Any] | None = None) -> Any:
-        self.statements.append((sql, args))
-        return await self.conn.fetchall(sql, args)
-
-
 async def test_lookups_lists_and_job_queries_use_indexes(sqlite_db: SqliteDatabase) -> None:
     """No statement the service runs scans a whole table (the unfiltered list aside,
     which reads the newest rows by rowid)."""
-    statuses = [PaymentStatus.PENDING, PaymentStatus.PAID, PaymentStatus.EXPIRED]
     async with sqlite_db.transaction() as conn:
         for n in range(300):
-            payment = make_payment(
-                caller_service=f"svc-{n % 20}",
-                resource_type=("order", "invoice", "plan")[n % 3],
-                resource_id=str(n % 150),
-                status=PaymentStatus.FAILED if n % 50 == 0 else statuses[n % 3],
-                provider_payment_id=f"cs_{n}" if n % 2 else "",
-                provider_subscription_id=f"sub_{n}" if n % 4 == 1 else "",
-            )
+            payment = varied_payment(n)
             payment.id = await repo.insert_payment(conn, payment)
         sample = payment
     # No ANALYZE: the service never runs it, so these are the plans it gets.
     cutoff = utcnow()
-    filters = [
-        ListFilter(caller_service="svc-3"),
-        ListFilter(caller_service="svc-3", status=PaymentStatus.PAID),
-        ListFilter(caller_service=sample.caller_service, request_id=sample.request_id),
-        ListFilter(request_id=sample.request_id),
-        ListFilter(resource_type="invoice", resource_id="7"),
-        ListFilter(status=PaymentStatus.FAILED),
-    ]
     async with sqlite_db.connection() as conn:
-        recorder = RecordingConnection(conn)
+        recorder = await record_payment_reads(conn, sample)
         rec = cast(Connection, recorder)
-        await repo.get_payment(rec, sample.id, for_update=True)
-        await repo.get_payment_by_request(rec, sample.caller_service, sample.request_id)
-        await repo.get_payment_by_callback_hash(rec, sample.provider_callback_hash)
-        await repo.get_payment_by_provider_ref(rec, "sub_201")
-        await repo.list_events(rec, sample.id)
-        for f in filters:
-            await repo.list_payments(rec, f)
         for selection in (claims.STALE, claims.STUCK):
             await claims.candidates(rec, selection, cutoff)
             await claims.claim(rec, selection, sample.id, cutoff)

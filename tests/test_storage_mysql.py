@@ -9,20 +9,25 @@ skipped by the others rather than waited for: pinned here with a second pool.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, cast
-
 import pytest
 import trio
 
 from payments.config import MysqlDsn
 from payments.errors import DependencyUnavailable
-from payments.model import ListFilter, Payment, PaymentStatus
+from payments.model import Payment
 from payments.storage import outbox
 from payments.storage import repository as repo
-from payments.storage.pool import Connection, Pool
+from payments.storage.pool import Pool
 from tests.fixtures.db import make_payment
-from tests.storage_support import LEASE, event_for, insert, later, queue_callbacks
+from tests.storage_support import (
+    LEASE,
+    event_for,
+    insert,
+    later,
+    queue_callbacks,
+    record_payment_reads,
+    varied_payment,
+)
 
 # EXPLAIN access types that read through an index (not ALL: a table scan; not index:
 # a whole-index scan).
@@ -40,60 +45,18 @@ async def test_for_update_locks_the_row(db_pool: Pool) -> None:
                 )
 
 
-class RecordingConnection:
-    """Passes statements to a real connection and keeps them, to EXPLAIN afterwards."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.statements: list[tuple[str, Sequence[Any] | None]] = []
-
-    async def fetchone(self, sql: str, args: Sequence[Any] | None = None) -> Any:
-        self.statements.append((sql, args))
-        return await self.conn.fetchone(sql, args)
-
-    async def fetchall(self, sql: str, args: Sequence[Any] | None = None) -> Any:
-        self.statements.append((sql, args))
-        return await self.conn.fetchall(sql, args)
-
-
 async def test_lookups_and_list_filters_use_indexes(db_pool: Pool) -> None:
-    statuses = [PaymentStatus.PENDING, PaymentStatus.PAID, PaymentStatus.EXPIRED]
     seeded: list[Payment] = []
     async with db_pool.transaction() as conn:
         for n in range(400):
-            payment = make_payment(
-                caller_service=f"svc-{n % 20}",
-                resource_type=("order", "invoice", "plan")[n % 3],
-                resource_id=str(n % 150),
-                status=PaymentStatus.FAILED if n % 50 == 0 else statuses[n % 3],
-                provider_payment_id=f"cs_{n}" if n % 2 else "",
-                provider_subscription_id=f"sub_{n}" if n % 4 == 1 else "",
-            )
+            payment = varied_payment(n)
             payment.id = await repo.insert_payment(conn, payment)
             await repo.insert_event(conn, event_for(payment))
             seeded.append(payment)
         await conn.fetchall("ANALYZE TABLE payments, payment_events")
     sample = seeded[201]
-    filters = [
-        ListFilter(caller_service="svc-3"),
-        ListFilter(caller_service="svc-3", status=PaymentStatus.PAID),
-        ListFilter(caller_service=sample.caller_service, request_id=sample.request_id),
-        ListFilter(request_id=sample.request_id),
-        ListFilter(resource_type="invoice", resource_id="7"),
-        ListFilter(caller_service="svc-7", resource_type="invoice", resource_id="7"),
-        ListFilter(status=PaymentStatus.FAILED),
-    ]
     async with db_pool.connection() as conn:
-        recorder = RecordingConnection(conn)
-        rec = cast(Connection, recorder)
-        await repo.get_payment(rec, sample.id)
-        await repo.get_payment_by_request(rec, sample.caller_service, sample.request_id)
-        await repo.get_payment_by_callback_hash(rec, sample.provider_callback_hash)
-        await repo.get_payment_by_provider_ref(rec, "sub_201")
-        await repo.list_events(rec, sample.id)
-        for f in filters:
-            await repo.list_payments(rec, f)
-        assert len(recorder.statements) == 5 + len(filters)
+        recorder = await record_payment_reads(conn, sample)
         for sql, args in recorder.statements:
             plan = await conn.fetchall("EXPLAIN " + sql, args)
             reads = [row for row in plan if row[2] in ("payments", "payment_events")]
