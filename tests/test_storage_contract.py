@@ -20,7 +20,6 @@ import pytest
 import trio
 
 from payments.errors import DependencyUnavailable, NotFound
-from payments.lifecycle import change_status, new_outbox_entry
 from payments.model import (
     EventKind,
     ListFilter,
@@ -40,6 +39,7 @@ from payments.storage.database import Database, DuplicateKey, PoolStats
 from payments.storage.migrate import current_version, latest_version, load_steps, migrate
 from payments.storage.outbox import CallbackAttempt
 from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
+from payments.unit_of_work import Work, new_outbox_entry
 from tests.fixtures.db import make_payment
 
 UNICODE_METADATA = {
@@ -504,7 +504,7 @@ async def queue_callbacks(db: Database, count: int = 1) -> list[OutboxEntry]:
         for _ in range(count):
             payment = make_payment(status=PaymentStatus.PENDING)
             payment.id = await repo.insert_payment(conn, payment)
-            assert await change_status(conn, payment, PaymentStatus.PAID, reason="test")
+            assert await Work(conn).change_status(payment, PaymentStatus.PAID, reason="test")
             entries.extend(await outbox.entries_for_payment(conn, payment.id))
     return entries
 

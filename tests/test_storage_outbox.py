@@ -14,12 +14,12 @@ import pytest
 import trio
 
 from payments.config import MysqlDsn
-from payments.lifecycle import change_status
 from payments.model import OutboxEntry, OutboxState, PaymentStatus, utcnow
 from payments.storage import outbox
 from payments.storage import repository as repo
 from payments.storage.outbox import CallbackAttempt
 from payments.storage.pool import Pool
+from payments.unit_of_work import Work
 from tests.fixtures.db import make_payment
 
 LEASE = 60.0
@@ -32,13 +32,13 @@ async def queue_callbacks(
     status: PaymentStatus = PaymentStatus.PAID,
 ) -> list[OutboxEntry]:
     """``count`` payments moved to ``status`` the way the service does it (their
-    outbox rows written by lifecycle.change_status); the rows, oldest first."""
+    outbox rows written by the unit of work); the rows, oldest first."""
     entries = []
     async with pool.transaction() as conn:
         for _ in range(count):
             payment = make_payment(status=PaymentStatus.PENDING, status_callback_url=url)
             payment.id = await repo.insert_payment(conn, payment)
-            assert await change_status(conn, payment, status, reason="test")
+            assert await Work(conn).change_status(payment, status, reason="test")
             entries.extend(await outbox.entries_for_payment(conn, payment.id))
     return entries
 
