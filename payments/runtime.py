@@ -2,10 +2,10 @@
 the migration.
 
 Shared resources (database pool, providers, Auth client, the dispatcher's notice
-channel) are opened once around the tree and closed on the way out; the children only
-borrow them. Children start in the order of ``_CHILDREN`` and stop in reverse, so the
-servers (last) stop accepting first and the workers (first) stop last, after the final
-requests' callbacks are queued.
+channel and the unit of work that sends on it) are opened once around the tree and
+closed on the way out; the children only borrow them. Children start in the order of
+``_CHILDREN`` and stop in reverse, so the servers (last) stop accepting first and the
+workers (first) stop last, after the final requests' callbacks are queued.
 """
 
 from __future__ import annotations
@@ -92,7 +92,6 @@ class Resources:
     service: PaymentService
     inbound: ProviderEvents
     authenticator: Authenticator | None = None
-    notifier: DispatchNotifier | None = None
     notices: trio.MemoryReceiveChannel[int] | None = None
     dispatcher: Dispatcher | None = None
     supervisor: Supervisor | None = None
@@ -171,7 +170,7 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
             notifier, notices = open_notice_channel()
         if parts & SERVERS:
             authenticator = await _open_authenticator(stack, profile)
-        uow = UnitOfWork(database, on_terminal=notifier)
+        uow = UnitOfWork(database, notifier)
         yield Resources(
             profile,
             database,
@@ -180,7 +179,6 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
             PaymentService(uow, providers, settings.provider_callback_base_url),
             ProviderEvents(uow, providers),
             authenticator=authenticator,
-            notifier=notifier,
             notices=notices,
             dispatcher=dispatcher,
         )

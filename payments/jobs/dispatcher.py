@@ -193,7 +193,7 @@ class DispatchNotifier:
             return False
         return True
 
-    __call__ = notify  # usable directly as UnitOfWork(on_terminal=...)
+    __call__ = notify  # usable directly as the unit of work's notifier
 
 
 def open_notice_channel(
