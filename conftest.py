@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.sandbox",
     "tests.fixtures.auth",
     "tests.fixtures.app",
+    "tests.fixtures.jobs",
 ]

@@ -25,7 +25,8 @@ import attrs
 
 from payments.errors import ProviderRejected
 from payments.model import Payment, PaymentMethod, PaymentStatus
-from payments.providers.base import CheckoutResult, Provider, ProviderState
+from payments.opening import apply_checkout
+from payments.providers.base import Provider, ProviderState
 
 T = TypeVar("T")
 Call = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
@@ -33,13 +34,6 @@ Call = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
 
 async def _direct(call: Callable[[], Awaitable[T]]) -> T:
     return await call()
-
-
-def apply_checkout(payment: Payment, result: CheckoutResult) -> None:
-    """Record on ``payment`` the provider object made (or found again) for it."""
-    payment.provider_payment_id = result.provider_payment_id
-    payment.provider_subscription_id = result.provider_subscription_id
-    payment.checkout_url = result.checkout_url
 
 
 @attrs.frozen

@@ -1,5 +1,5 @@
-"""Domain errors. Each transport maps them to its status codes in one table
-(payments/api/http.py, payments/api/grpc.py); the messages are safe to show callers."""
+"""Domain errors. The transports map them to HTTP and gRPC status codes in one table
+(payments/api/transport.py); the messages are safe to show callers."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The enum numbers are the wire numbers of proto/payments.proto. The status machine
 (``ALLOWED_TRANSITIONS``) is the one place that says which status may follow which;
-everything that changes a status goes through :func:`check_transition`.
+every status change asks it through the unit of work (payments/unit_of_work.py).
 """
 
 from __future__ import annotations
@@ -240,17 +240,6 @@ class CreatePaymentInput:
     success_url: str = ""
     cancel_url: str = ""
     metadata: Mapping[str, str] = attrs.field(factory=dict)
-
-
-class TransitionRefused(Exception):
-    """The status machine does not allow this move (a bug or a late event)."""
-
-
-def check_transition(current: PaymentStatus, new: PaymentStatus) -> PaymentStatus:
-    """Return ``new`` when the status machine allows it, else raise TransitionRefused."""
-    if not can_transition(current, new):
-        raise TransitionRefused(f"{current.name} -> {new.name} is not allowed")
-    return new
 
 
 class OutboxState(enum.StrEnum):

@@ -2,10 +2,10 @@
 the migration.
 
 Shared resources (database pool, providers, Auth client, the dispatcher's notice
-channel) are opened once around the tree and closed on the way out; the children only
-borrow them. Children start in the order of ``_CHILDREN`` and stop in reverse, so the
-servers (last) stop accepting first and the workers (first) stop last, after the final
-requests' callbacks are queued.
+channel and the unit of work that sends on it) are opened once around the tree and
+closed on the way out; the children only borrow them. Children start in the order of
+``_CHILDREN`` and stop in reverse, so the servers (last) stop accepting first and the
+workers (first) stop last, after the final requests' callbacks are queued.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -34,18 +34,17 @@ from payments.api.transport import Authenticator
 from payments.buildinfo import build_info
 from payments.config import ConfigError, Settings
 from payments.errors import DependencyUnavailable
+from payments.inbound import ProviderEvents
 from payments.jobs.batch import JobSummary
 from payments.jobs.dispatcher import Dispatcher, DispatchNotifier, PassResult, open_notice_channel
 from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
-from payments.model import Payment
 from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
-from payments.providers.stripe_events import StripeEventParser
-from payments.sandbox import StripeState, serve_sandbox
 from payments.service import PaymentService
 from payments.storage.database import Database, open_database
 from payments.storage.migrate import migrate as apply_schema
+from payments.unit_of_work import UnitOfWork
 from supervisor import (
     Backoff,
     ChildContext,
@@ -56,6 +55,9 @@ from supervisor import (
     SupervisorEscalation,
     run_until_signal,
 )
+
+if TYPE_CHECKING:  # the 3.5k-line emulator loads only when a profile runs it
+    from payments.sandbox import StripeState
 
 log = logging.getLogger("payments.runtime")
 
@@ -86,9 +88,10 @@ class Resources:
     profile: Profile
     pool: Database
     providers: ProviderRegistry
+    uow: UnitOfWork
     service: PaymentService
+    inbound: ProviderEvents
     authenticator: Authenticator | None = None
-    notifier: DispatchNotifier | None = None
     notices: trio.MemoryReceiveChannel[int] | None = None
     dispatcher: Dispatcher | None = None
     supervisor: Supervisor | None = None
@@ -98,11 +101,6 @@ class Resources:
     @property
     def settings(self) -> Settings:
         return self.profile.settings
-
-    def on_terminal(self, payment: Payment) -> None:
-        """Tell the dispatcher (if this process runs one) that a payment ended."""
-        if self.notifier is not None:
-            self.notifier.notify(payment)
 
     def health(self) -> dict[str, Any]:
         """Details for /healthz: the children's states and the pool's use."""
@@ -162,26 +160,28 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
             await apply_schema(database)  # the embedded file is made and kept current here
         providers = ProviderRegistry.from_settings(settings)
         stack.push_async_callback(providers.aclose)
-        res = Resources(profile, database, providers, service=None)  # type: ignore[arg-type]
-        parsers = {}
-        if settings.stripe_webhook_secret:
-            parsers["stripe"] = StripeEventParser(
-                settings.stripe_webhook_secret, settings.stripe_signature_tolerance_seconds
-            )
-        res.service = PaymentService(
-            database,
-            providers,
-            settings.provider_callback_base_url,
-            on_terminal=res.on_terminal,
-            event_parsers=parsers,
-        )
+        dispatcher: Dispatcher | None = None
+        notifier: DispatchNotifier | None = None
+        notices: trio.MemoryReceiveChannel[int] | None = None
+        authenticator: Authenticator | None = None
         if "dispatch" in parts:
             # Built before the tree starts: a bad signing secret stops the start here.
-            res.dispatcher = await stack.enter_async_context(Dispatcher(database, settings))
-            res.notifier, res.notices = open_notice_channel()
+            dispatcher = await stack.enter_async_context(Dispatcher(database, settings))
+            notifier, notices = open_notice_channel()
         if parts & SERVERS:
-            res.authenticator = await _open_authenticator(stack, profile)
-        yield res
+            authenticator = await _open_authenticator(stack, profile)
+        uow = UnitOfWork(database, notifier)
+        yield Resources(
+            profile,
+            database,
+            providers,
+            uow,
+            PaymentService(uow, providers, settings.provider_callback_base_url),
+            ProviderEvents(uow, providers),
+            authenticator=authenticator,
+            notices=notices,
+            dispatcher=dispatcher,
+        )
 
 
 # --- children -----------------------------------------------------------------------
@@ -191,7 +191,7 @@ ChildStart = Callable[[ChildContext], Awaitable[None]]
 
 def _http_child(res: Resources) -> ChildStart:
     assert res.authenticator is not None
-    app = create_http_app(res.service, res.authenticator, res.settings, res.health)
+    app = create_http_app(res.service, res.inbound, res.authenticator, res.settings, res.health)
 
     async def run(ctx: ChildContext) -> None:
         async with trio.open_nursery() as nursery:
@@ -213,7 +213,7 @@ def _http_child(res: Resources) -> ChildStart:
 def _grpc_child(res: Resources) -> ChildStart:
     assert res.authenticator is not None
     servicer = PaymentsServicer(
-        res.service, res.authenticator, max_payload_bytes=res.settings.max_body_bytes
+        res.service, res.inbound, res.authenticator, max_payload_bytes=res.settings.max_body_bytes
     )
 
     async def run(ctx: ChildContext) -> None:
@@ -245,6 +245,8 @@ def _sandbox_child(res: Resources) -> ChildStart:
     state_file = Path(settings.sqlite_path).parent / "sandbox.json"
 
     async def run(ctx: ChildContext) -> None:
+        from payments.sandbox import serve_sandbox
+
         if res.sandbox_state is None:
             res.sandbox_state = _load_sandbox_state(state_file, settings.stripe_secret_key)
         async with trio.open_nursery() as nursery:
@@ -273,6 +275,8 @@ def _sandbox_child(res: Resources) -> ChildStart:
 
 
 def _load_sandbox_state(path: Path, secret_key: str) -> StripeState:
+    from payments.sandbox import StripeState
+
     state = StripeState(secret_key)
     try:
         state.restore(json.loads(path.read_text()))
@@ -305,10 +309,9 @@ async def _save_sandbox_state(path: Path, state: StripeState, last: str) -> str:
 
 def _reconciler(res: Resources) -> Reconciler:
     return Reconciler(
-        res.pool,
+        res.uow,
         res.providers,
         res.settings,
-        on_terminal=res.on_terminal,
         rate_per_second=res.settings.reconcile_rate_per_second,
         concurrency=res.settings.job_concurrency,
     )
@@ -316,10 +319,9 @@ def _reconciler(res: Resources) -> Reconciler:
 
 def _expirer(res: Resources) -> Expirer:
     return Expirer(
-        res.pool,
+        res.uow,
         res.providers,
         res.settings,
-        on_terminal=res.on_terminal,
         rate_per_second=res.settings.reconcile_rate_per_second,
         concurrency=res.settings.job_concurrency,
     )

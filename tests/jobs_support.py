@@ -1,5 +1,6 @@
 """Helpers shared by the reconciler and expirer tests: real payments made through the
-service on the Stripe emulator, aged with direct SQL, and read back from the tables."""
+service on the Stripe emulator, aged with direct SQL, and read back from the tables.
+Their fixtures (registry, service, second_pool) are in tests/fixtures/jobs.py."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from payments.model import (
 from payments.service import PaymentService
 from payments.storage import repository as repo
 from payments.storage.pool import Pool
+from payments.unit_of_work import UnitOfWork
 from payments.validation import validate_create
 from supervisor import ChildContext
 
@@ -44,6 +46,12 @@ def job_settings(**overrides: Any) -> Settings:
         ),
         **overrides,
     )
+
+
+def job_uow(pool: Pool, notified: list[Payment] | None = None) -> UnitOfWork:
+    """The unit of work a job writes through; ``notified`` collects the payments it
+    tells the dispatcher of."""
+    return UnitOfWork(pool, on_terminal=notified.append if notified is not None else None)
 
 
 async def create(

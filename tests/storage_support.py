@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from payments.lifecycle import change_status
 from payments.model import (
     EventKind,
     ListFilter,
@@ -21,6 +20,7 @@ from payments.storage import outbox
 from payments.storage import repository as repo
 from payments.storage.database import Connection, Database
 from payments.storage.outbox import CallbackAttempt
+from payments.unit_of_work import Work
 from tests.fixtures.db import make_payment
 
 # The outbox lease the tests claim with, in seconds.
@@ -53,13 +53,13 @@ async def queue_callbacks(
     url: str = "https://orders.internal/payments/callback",
 ) -> list[OutboxEntry]:
     """``count`` payments moved to PAID the way the service does it (their outbox rows
-    written by lifecycle.change_status), calling back ``url``; the rows, oldest first."""
+    written by the unit of work), calling back ``url``; the rows, oldest first."""
     entries = []
     async with db.transaction() as conn:
         for _ in range(count):
             payment = make_payment(status=PaymentStatus.PENDING, status_callback_url=url)
             payment.id = await repo.insert_payment(conn, payment)
-            assert await change_status(conn, payment, PaymentStatus.PAID, reason="test")
+            assert await Work(conn).change_status(payment, PaymentStatus.PAID, reason="test")
             entries.extend(await outbox.entries_for_payment(conn, payment.id))
     return entries
 

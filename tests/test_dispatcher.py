@@ -653,7 +653,7 @@ async def test_a_full_channel_drops_notices_without_blocking() -> None:
     assert [notices.receive_nowait(), notices.receive_nowait()] == [7, 7]
     notices.close()
     assert notifier.notify(payment) is False  # a closed channel: dropped, never raised
-    assert notifier(payment) is False  # usable as PaymentService(on_terminal=...)
+    assert notifier(payment) is False  # usable as UnitOfWork(on_terminal=...)
 
 
 async def test_queued_notices_coalesce_into_one_drain(

@@ -4,24 +4,22 @@ are being paid), and nothing is expired while Stripe cannot be reached."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import trio
 
-from payments.config import MysqlDsn, Settings
+from payments.config import Settings
 from payments.jobs.batch import JobSummary
 from payments.jobs.expirer import Expirer
 from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType, ProviderType
 from payments.providers.registry import ProviderRegistry
-from payments.providers.stripe import StripeProvider
 from payments.sandbox import Sandbox
 from payments.service import PaymentService
 from payments.storage import repository as repo
 from payments.storage.pool import Pool
+from payments.unit_of_work import UnitOfWork
 from tests.fixtures.db import make_payment
-from tests.fixtures.sandbox import CALLBACK_BASE_URL
 from tests.jobs_support import (
     SESSION_EXPIRE,
     SESSION_GET,
@@ -31,6 +29,7 @@ from tests.jobs_support import (
     create,
     create_many,
     job_settings,
+    job_uow,
     load,
     outbox_statuses,
     status_changes,
@@ -46,23 +45,6 @@ REASON = "not completed within 60 minutes"
 SUBSCRIPTION_DELETE = "DELETE /v1/subscriptions/{id}"
 
 
-@pytest.fixture
-def registry(stripe_provider: StripeProvider) -> ProviderRegistry:
-    return ProviderRegistry({ProviderType.STRIPE: stripe_provider})
-
-
-@pytest.fixture
-def service(db_pool: Pool, registry: ProviderRegistry) -> PaymentService:
-    return PaymentService(db_pool, registry, CALLBACK_BASE_URL)
-
-
-@pytest.fixture
-async def second_pool(test_db_dsn: MysqlDsn) -> AsyncIterator[Pool]:
-    pool = Pool(test_db_dsn, max_open=5, max_idle=5)
-    yield pool
-    await pool.aclose()
-
-
 def expirer(
     pool: Pool,
     registry: ProviderRegistry,
@@ -70,14 +52,9 @@ def expirer(
     settings: Settings | None = None,
     **options: Any,
 ) -> Expirer:
-    """An Expirer with the default job settings; ``notified`` collects on_terminal."""
-    return Expirer(
-        pool,
-        registry,
-        settings or job_settings(),
-        on_terminal=notified.append if notified is not None else None,
-        **options,
-    )
+    """An Expirer with the default job settings; ``notified`` collects the
+    payments the unit of work tells the dispatcher of."""
+    return Expirer(job_uow(pool, notified), registry, settings or job_settings(), **options)
 
 
 # --- expiry ---------------------------------------------------------------------------------
@@ -352,10 +329,9 @@ async def test_run_expires_on_its_interval_and_stops_when_asked(
 ) -> None:
     expired = trio.Event()
     job = Expirer(
-        db_pool,
+        UnitOfWork(db_pool, on_terminal=lambda payment: expired.set()),
         registry,
         job_settings(expire_pending_interval_minutes=0.001),  # 60 ms
-        on_terminal=lambda payment: expired.set(),
     )
     payment = await create(service)
     stopping = trio.Event()

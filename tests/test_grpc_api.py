@@ -21,6 +21,7 @@ from payments.model import PaymentStatus
 from payments.providers.registry import ProviderRegistry
 from payments.service import PaymentService
 from payments.storage.pool import Pool
+from payments.unit_of_work import UnitOfWork
 from tests.fixtures.app import KEY_A, KEY_B, NO_ACCESS_KEY, Stack, closed_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -369,7 +370,9 @@ async def test_auth_down_is_unavailable(client: Client, stack: Stack) -> None:
 
 async def test_database_down_is_unavailable(stack: Stack, test_db_dsn: MysqlDsn) -> None:
     dead = Pool(attrs.evolve(test_db_dsn, port=closed_port()), 2, 1, 0, connect_timeout=1)
-    service = PaymentService(dead, ProviderRegistry({}), stack.settings.provider_callback_base_url)
+    service = PaymentService(
+        UnitOfWork(dead), ProviderRegistry({}), stack.settings.provider_callback_base_url
+    )
     other = Client(f"127.0.0.1:{await stack.start_grpc(service=service)}")
     try:
         for method, request in (
@@ -391,7 +394,9 @@ async def test_unexpected_error_is_internal_without_details(
 ) -> None:
     """A database without the schema: SQL errors must not reach the caller."""
     pool = Pool(empty_db_dsn, 2, 1, 0)
-    service = PaymentService(pool, ProviderRegistry({}), stack.settings.provider_callback_base_url)
+    service = PaymentService(
+        UnitOfWork(pool), ProviderRegistry({}), stack.settings.provider_callback_base_url
+    )
     other = Client(f"127.0.0.1:{await stack.start_grpc(service=service)}")
     try:
         reply = await other.call("GetPayment", pb.GetPaymentRequest(id=1), rid="g-500")

@@ -16,6 +16,7 @@ from payments.model import PaymentStatus
 from payments.providers.registry import ProviderRegistry
 from payments.service import PaymentService
 from payments.storage.pool import Pool
+from payments.unit_of_work import UnitOfWork
 from tests.fixtures.app import KEY_A, KEY_B, NO_ACCESS_KEY, TEST_MAX_BODY_BYTES, Stack, closed_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -535,9 +536,7 @@ async def test_auth_down_is_503(client: httpx.AsyncClient, stack: Stack) -> None
 async def test_database_down_is_503(stack: Stack, test_db_dsn: MysqlDsn) -> None:
     dead = Pool(attrs.evolve(test_db_dsn, port=closed_port()), 2, 1, 0, connect_timeout=1)
     service = PaymentService(
-        dead,
-        ProviderRegistry({}),
-        stack.settings.provider_callback_base_url,
+        UnitOfWork(dead), ProviderRegistry({}), stack.settings.provider_callback_base_url
     )
     server = await stack.start_http(service=service)
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:

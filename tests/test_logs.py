@@ -19,6 +19,7 @@ from payments.gen import payments_pb2_grpc as pb_grpc
 from payments.providers.registry import ProviderRegistry
 from payments.service import PaymentService
 from payments.storage.pool import Pool
+from payments.unit_of_work import UnitOfWork
 from tests.fixtures.app import KEY_A, KEY_B, Stack
 from tests.fixtures.auth import APP_API_KEY
 from tests.fixtures.sandbox import SANDBOX_SECRET_KEY
@@ -202,7 +203,9 @@ async def test_an_unexpected_error_is_logged_with_its_request_id_but_answered_pl
 ) -> None:
     """A database without the schema: the SQL error goes to the log, not the caller."""
     pool = Pool(empty_db_dsn, 2, 1, 0)
-    service = PaymentService(pool, ProviderRegistry({}), stack.settings.provider_callback_base_url)
+    service = PaymentService(
+        UnitOfWork(pool), ProviderRegistry({}), stack.settings.provider_callback_base_url
+    )
     server = await stack.start_http(service=service)
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:

@@ -7,7 +7,6 @@ emulator without any webhook (the missed event), and aged with direct SQL.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -19,16 +18,15 @@ from payments.config import MysqlDsn, Settings
 from payments.errors import DependencyUnavailable
 from payments.jobs.batch import JobSummary, TokenBucket
 from payments.jobs.reconciler import Reconciler
-from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType, ProviderType, utcnow
+from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType, utcnow
 from payments.providers.registry import ProviderRegistry
-from payments.providers.stripe import StripeProvider
 from payments.sandbox import Sandbox
 from payments.service import PaymentService
 from payments.storage import claims
 from payments.storage.pool import Pool
 from payments.storage.repository import to_db_datetime
+from payments.unit_of_work import UnitOfWork
 from tests.fixtures.app import closed_port
-from tests.fixtures.sandbox import CALLBACK_BASE_URL
 from tests.jobs_support import (
     SESSION_GET,
     SESSION_LIST,
@@ -38,6 +36,7 @@ from tests.jobs_support import (
     create,
     create_many,
     job_settings,
+    job_uow,
     load,
     outbox_statuses,
     status_changes,
@@ -51,24 +50,6 @@ pytestmark = [
 STALE = 20  # minutes: older than PAYMENTS_RECONCILE_STALE_AFTER_MINUTES (15)
 
 
-@pytest.fixture
-def registry(stripe_provider: StripeProvider) -> ProviderRegistry:
-    return ProviderRegistry({ProviderType.STRIPE: stripe_provider})
-
-
-@pytest.fixture
-def service(db_pool: Pool, registry: ProviderRegistry) -> PaymentService:
-    return PaymentService(db_pool, registry, CALLBACK_BASE_URL)
-
-
-@pytest.fixture
-async def second_pool(test_db_dsn: MysqlDsn) -> AsyncIterator[Pool]:
-    """Another process's pool on the same database (a second replica)."""
-    pool = Pool(test_db_dsn, max_open=5, max_idle=5)
-    yield pool
-    await pool.aclose()
-
-
 def reconciler(
     pool: Pool,
     registry: ProviderRegistry,
@@ -76,14 +57,9 @@ def reconciler(
     settings: Settings | None = None,
     **options: Any,
 ) -> Reconciler:
-    """A Reconciler with the default job settings; ``notified`` collects on_terminal."""
-    return Reconciler(
-        pool,
-        registry,
-        settings or job_settings(),
-        on_terminal=notified.append if notified is not None else None,
-        **options,
-    )
+    """A Reconciler with the default job settings; ``notified`` collects the
+    payments the unit of work tells the dispatcher of."""
+    return Reconciler(job_uow(pool, notified), registry, settings or job_settings(), **options)
 
 
 # --- healing missed events -------------------------------------------------------------------
@@ -377,10 +353,9 @@ async def test_run_repeats_on_its_interval_and_stops_when_asked(
 ) -> None:
     paid = trio.Event()
     job = Reconciler(
-        db_pool,
+        UnitOfWork(db_pool, on_terminal=lambda payment: paid.set()),
         registry,
         job_settings(reconcile_interval_minutes=0.001),  # 60 ms
-        on_terminal=lambda payment: paid.set(),
     )
     stopping = trio.Event()
     started: list[bool] = []
@@ -407,10 +382,9 @@ async def test_a_pass_stops_between_items(
     await age(db_pool, payments, STALE)
     stopping = trio.Event()
     job = Reconciler(
-        db_pool,
+        UnitOfWork(db_pool, on_terminal=lambda payment: stopping.set()),
         registry,
         job_settings(),
-        on_terminal=lambda payment: stopping.set(),
         concurrency=1,
     )
     summary = await job.run_pass(stopping=stopping)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import trio
 
-from payments.runtime import Resources
-from payments.storage.database import Database
+from payments.config import MysqlDsn, Settings
+from payments.runtime import check_settings, open_resources
 from supervisor import ChildContext, ChildSpec, RestartPolicy, Supervisor
 
 
-async def test_health_shows_states_and_restarts_but_no_error_text(db_pool: Database) -> None:
+async def test_health_shows_states_and_restarts_but_no_error_text(test_db_dsn: MysqlDsn) -> None:
     async def crash(ctx: ChildContext) -> None:
         ctx.started()
         raise RuntimeError("SELECT secret FROM internals failed at db.internal:3306")
@@ -19,8 +19,9 @@ async def test_health_shows_states_and_restarts_but_no_error_text(db_pool: Datab
         nursery.start_soon(supervisor.run)
         await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
-    res = Resources(profile=None, pool=db_pool, providers=None, service=None)  # type: ignore[arg-type]
-    res.supervisor = supervisor
-    health = res.health()
+    settings = Settings(mysql_dsn=test_db_dsn, stripe_secret_key="sk_test_health")
+    async with open_resources(check_settings(settings, {"reconcile"}), {"reconcile"}) as res:
+        res.supervisor = supervisor
+        health = res.health()
     assert health["children"] == {"worker": {"state": "failed", "restarts": 0}}
     assert "internals" not in repr(health) and "database_pool" in health

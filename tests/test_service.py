@@ -40,6 +40,7 @@ from payments.service import PaymentService
 from payments.storage import outbox
 from payments.storage import repository as repo
 from payments.storage.database import Database
+from payments.unit_of_work import UnitOfWork
 from payments.validation import validate_create
 from tests.fixtures.sandbox import CALLBACK_BASE_URL
 
@@ -73,16 +74,23 @@ async def db_pool(database: Database) -> Database:
 
 
 @pytest.fixture
-async def service(db_pool: Database, stripe_sandbox: Sandbox) -> AsyncIterator[PaymentService]:
+def notified() -> list[int]:
+    """Ids of the payments the unit of work told the dispatcher of, in order."""
+    return []
+
+
+@pytest.fixture
+async def service(
+    db_pool: Database, stripe_sandbox: Sandbox, notified: list[int]
+) -> AsyncIterator[PaymentService]:
     provider = StripeProvider(
         secret_key=stripe_sandbox.secret_key,
         api_base=stripe_sandbox.url,
         timeout_seconds=2.0,
         max_network_retries=0,
     )
-    yield PaymentService(
-        db_pool, ProviderRegistry({ProviderType.STRIPE: provider}), CALLBACK_BASE_URL
-    )
+    uow = UnitOfWork(db_pool, on_terminal=lambda payment: notified.append(payment.id))
+    yield PaymentService(uow, ProviderRegistry({ProviderType.STRIPE: provider}), CALLBACK_BASE_URL)
     await provider.aclose()
 
 
@@ -110,6 +118,10 @@ async def test_create_opens_a_checkout_session_and_records_events(
         (EventKind.CREATED, PaymentStatus.UNSPECIFIED, PaymentStatus.CREATED),
         (EventKind.PROVIDER_CREATED, PaymentStatus.CREATED, PaymentStatus.PENDING),
     ]
+    # A new payment's two timestamps agree (the Go service's callers compare them), and
+    # the stored ones do too, to the microsecond.
+    assert payment.updated_at == payment.created_at
+    assert stored is not None and stored.updated_at == stored.created_at
 
 
 async def test_replay_returns_the_same_payment_without_calling_stripe(
@@ -225,10 +237,8 @@ async def test_isolation_on_get_list_and_cancel(service: PaymentService) -> None
 
 
 async def test_cancel_expires_the_session_and_is_idempotent(
-    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox
+    service: PaymentService, db_pool: Database, stripe_sandbox: Sandbox, notified: list[int]
 ) -> None:
-    notified: list[int] = []
-    service._on_terminal = lambda p: notified.append(p.id)
     payment = await service.create(ORDERS, new_payment())
     canceled = await service.cancel(ORDERS, payment.id, "  changed my mind ")
     assert canceled.status == PaymentStatus.CANCELED

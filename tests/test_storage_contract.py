@@ -21,7 +21,6 @@ import pytest
 import trio
 
 from payments.errors import DependencyUnavailable, NotFound
-from payments.lifecycle import new_outbox_entry
 from payments.model import (
     EventKind,
     ListFilter,
@@ -38,6 +37,7 @@ from payments.storage.database import Database, DuplicateKey, PoolStats
 from payments.storage.migrate import current_version, latest_version, load_steps, migrate
 from payments.storage.outbox import CallbackAttempt
 from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
+from payments.unit_of_work import new_outbox_entry
 from tests.fixtures.db import make_payment
 from tests.storage_support import (
     LEASE,

@@ -23,6 +23,7 @@ import trio
 from payments.api.wire import provider_callback_from_http
 from payments.config import MysqlDsn
 from payments.errors import InvalidArgument
+from payments.inbound import ProviderEvents
 from payments.model import (
     Caller,
     EventKind,
@@ -30,14 +31,15 @@ from payments.model import (
     PaymentMethod,
     PaymentStatus,
     PaymentType,
+    ProviderType,
 )
 from payments.providers.registry import ProviderRegistry
-from payments.providers.stripe_events import StripeEventParser
+from payments.providers.stripe import StripeProvider
 from payments.sandbox.state import API_VERSION
 from payments.sandbox.webhooks import event_body
-from payments.service import PaymentService
 from payments.storage.pool import Pool
 from payments.storage.provider_callbacks import CallbackOutcome
+from payments.unit_of_work import UnitOfWork
 from tests.fixtures.app import GATEWAY_KEY, TEST_MAX_BODY_BYTES, Stack, closed_port
 from tests.fixtures.sandbox import sign
 
@@ -621,17 +623,14 @@ async def test_money_for_a_canceled_payment_is_recorded_and_flagged(
 
 
 async def test_database_down_is_503_and_a_bad_signature_still_400(
-    stack: Stack, test_db_dsn: MysqlDsn
+    stack: Stack, test_db_dsn: MysqlDsn, stripe_provider: StripeProvider
 ) -> None:
     """Stripe retries a 503 (nothing is lost); a forged event stays refused."""
     dead = Pool(attrs.evolve(test_db_dsn, port=closed_port()), 2, 1, 0, connect_timeout=1)
-    service = PaymentService(
-        dead,
-        ProviderRegistry({}),
-        stack.settings.provider_callback_base_url,
-        event_parsers={"stripe": StripeEventParser(stack.settings.stripe_webhook_secret, 300)},
+    inbound = ProviderEvents(
+        UnitOfWork(dead), ProviderRegistry({ProviderType.STRIPE: stripe_provider})
     )
-    server = await stack.start_http(service=service)
+    server = await stack.start_http(inbound=inbound)
     payment = await stack.create_payment()
     body = event_body(session_event(stack, payment, payment_status="paid", status="complete"))
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:

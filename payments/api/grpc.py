@@ -13,7 +13,7 @@ order swapped (read the request headers, then start the response with the echo) 
 with INTERNAL, not purerpc's CANCELLED-with-a-repr, for anything that escapes a handler.
 Serve it with::
 
-    await serve_purerpc([PaymentsServicer(service, authenticator)], host, port,
+    await serve_purerpc([PaymentsServicer(service, inbound, authenticator)], host, port,
                         handler_class=PaymentsConnectionHandler, task_status=...)
 """
 
@@ -39,7 +39,13 @@ from purerpc.wrappers import (
 
 from payments import logs
 from payments.api import wire
-from payments.api.transport import INTERNAL_MESSAGE, Authenticator, domain_error, grpc_status
+from payments.api.transport import (
+    CALLBACK_PROCESSED,
+    INTERNAL_MESSAGE,
+    Authenticator,
+    domain_error,
+    grpc_status,
+)
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.gen import payments_pb2 as pb
 from payments.gen.payments_grpc import PaymentsServiceServicer
@@ -47,6 +53,7 @@ from payments.model import Caller
 from payments.validation import validate_create
 
 if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
+    from payments.inbound import ProviderEvents
     from payments.service import PaymentService
 
 log = logging.getLogger("payments.api.grpc")
@@ -86,11 +93,13 @@ class PaymentsServicer(PaymentsServiceServicer):
     def __init__(
         self,
         service: PaymentService,
+        inbound: ProviderEvents,
         authenticator: Authenticator,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
         self._service = service
+        self._inbound = inbound
         self._authenticator = authenticator
         # HandleProviderCallback's payload bound (give it PAYMENTS_MAX_BODY_BYTES).
         self._max_payload_bytes = max_payload_bytes
@@ -201,17 +210,17 @@ class PaymentsServicer(PaymentsServiceServicer):
 
         async def run(caller: Caller, ctx: CallContext) -> pb.MessageResponse:
             received = wire.provider_callback_from_proto(message, self._max_payload_bytes)
-            text, payment = await self._service.handle_provider_callback(
+            result = await self._inbound.receive(
                 message.provider,
                 message.callback_hash,
                 received.payload,
                 received.signature,
                 message.request_id.strip() or ctx.request_id,
             )
-            if payment is None:
-                return pb.MessageResponse(message=text)
-            ctx.payment_id = payment.id
-            return pb.MessageResponse(message=text, payment=wire.payment_to_proto(payment))
+            ctx.payment_id = result.payment.id
+            return pb.MessageResponse(
+                message=CALLBACK_PROCESSED, payment=wire.payment_to_proto(result.payment)
+            )
 
         return await self._call(request, "HandleProviderCallback", run)
 

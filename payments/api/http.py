@@ -41,6 +41,7 @@ from werkzeug.exceptions import HTTPException
 from payments import logs
 from payments.api import wire
 from payments.api.transport import (
+    CALLBACK_PROCESSED,
     INTERNAL_MESSAGE,
     Authenticator,
     domain_error,
@@ -52,6 +53,7 @@ from payments.model import Caller
 from payments.validation import validate_create
 
 if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
+    from payments.inbound import ProviderEvents
     from payments.service import PaymentService
 
 log = logging.getLogger("payments.api.http")
@@ -96,6 +98,7 @@ async def _body() -> bytes:
 
 def create_http_app(
     service: PaymentService,
+    inbound: ProviderEvents,
     authenticator: Authenticator,
     settings: Settings,
     health: Callable[[], Mapping[str, Any]] | None = None,
@@ -241,14 +244,13 @@ def create_http_app(
     async def provider_callback(provider: str, callback_hash: str) -> Response:
         """A provider event, forwarded by the gateway (see the module docstring)."""
         received = wire.provider_callback_from_http(await _body(), request.headers)
-        message, payment = await service.handle_provider_callback(
+        result = await inbound.receive(
             provider, callback_hash, received.payload, received.signature, g.request_id
         )
-        document: dict[str, Any] = {"message": message}
-        if payment is not None:
-            g.payment_id = payment.id
-            document["payment"] = wire.payment_to_json(payment)
-        return _json(document)
+        g.payment_id = result.payment.id
+        return _json(
+            {"message": CALLBACK_PROCESSED, "payment": wire.payment_to_json(result.payment)}
+        )
 
     @app.get("/webhooks/providers/<provider>/<callback_hash>")
     async def checkout_return(provider: str, callback_hash: str) -> Response:

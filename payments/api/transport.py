@@ -27,6 +27,8 @@ from payments.errors import (
 from payments.model import Caller
 
 INTERNAL_MESSAGE = "internal server error"
+# The answer to an accepted provider event (applied, recorded or replayed alike).
+CALLBACK_PROCESSED = "Provider callback processed"
 
 
 class Authenticator(Protocol):

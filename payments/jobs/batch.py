@@ -5,7 +5,8 @@ A pass fixes its cutoff once, then reads candidates in batches (payments.storage
 keyset order, so it drains a backlog of any size and never revisits a row) and works
 each candidate in its own transaction under its row lock. Up to ``concurrency`` items
 run at once, because a pass is bound by the provider's latency, not by CPU; each holds
-one database session while it runs. One item failing (provider down, provider refusing,
+one database session while it runs, and changes statuses through the unit of work
+(which tells the dispatcher after each commit). One item failing (provider down, provider refusing,
 even a bug) is counted and logged and the pass goes on: one bad payment must not stop
 the others from being settled. A stop request is honoured between items: no new item
 starts, the ones in flight finish.
@@ -26,10 +27,10 @@ import trio
 
 from payments.config import Settings
 from payments.errors import DependencyUnavailable, PaymentsError
-from payments.model import Payment, PaymentStatus, utcnow
+from payments.model import PaymentStatus, utcnow
 from payments.providers.registry import ProviderRegistry
 from payments.storage import claims
-from payments.storage.database import Database
+from payments.unit_of_work import UnitOfWork
 from supervisor import ChildContext
 
 T = TypeVar("T")
@@ -151,19 +152,18 @@ class PaymentJob:
 
     def __init__(
         self,
-        pool: Database,
+        uow: UnitOfWork,
         providers: ProviderRegistry,
         settings: Settings,
-        on_terminal: Callable[[Payment], object] | None = None,
         rate_per_second: float | None = DEFAULT_RATE_PER_SECOND,
         concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        self._pool = pool
+        self._uow = uow
+        self._pool = uow.database
         self._providers = providers
         self._settings = settings
-        self._on_terminal = on_terminal
         self._bucket = TokenBucket(rate_per_second) if rate_per_second else None
         self._concurrency = concurrency
         self._log = logging.getLogger(f"payments.jobs.{self.selection.job}")
@@ -188,16 +188,6 @@ class PaymentJob:
         if self._bucket is not None:
             await self._bucket.acquire()
         return await call()
-
-    def _notify(self, payment: Payment) -> None:
-        """Tell the dispatcher a payment ended (after the commit). The notifier must not
-        block; should it fail, the dispatcher's sweep still finds the outbox row."""
-        if self._on_terminal is None or not payment.status.is_terminal:
-            return
-        try:
-            self._on_terminal(payment)
-        except Exception:
-            self._log.exception("on_terminal failed", extra={"payment_id": payment.id})
 
     # --- the pass -----------------------------------------------------------------------
 

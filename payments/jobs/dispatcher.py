@@ -1,7 +1,7 @@
 """The status-callback dispatcher: delivers callback-outbox rows to the callers.
 
 The outbox row is written in the transaction that ended the payment
-(payments.lifecycle), so nothing here decides *what* to send: the body is fixed. The
+(payments.unit_of_work), so nothing here decides *what* to send: the body is fixed. The
 dispatcher claims due rows with a lease (payments.storage.outbox.claim_due, safe with
 many replicas), POSTs each to its URL, and records the attempt:
 
@@ -193,7 +193,7 @@ class DispatchNotifier:
             return False
         return True
 
-    __call__ = notify  # usable directly as PaymentService(on_terminal=...)
+    __call__ = notify  # usable directly as the unit of work's notifier
 
 
 def open_notice_channel(

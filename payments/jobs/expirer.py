@@ -2,7 +2,7 @@
 
 Every PAYMENTS_EXPIRE_PENDING_INTERVAL_MINUTES each CREATED, PENDING or PROCESSING
 payment older than the timeout (by ``created_at``) is closed at the provider and then
-moved to EXPIRED (event row, payment and callback-outbox row in one transaction; the
+moved to EXPIRED (event row, payment and callback-outbox row in one unit of work; the
 dispatcher is told after the commit).
 
 The order is chosen for money (payments/closing.py, shared with cancel): a payment is
@@ -23,8 +23,7 @@ from datetime import datetime
 
 from payments.closing import close_at_provider
 from payments.jobs.batch import ItemResult, Outcome, PaymentJob
-from payments.lifecycle import change_status
-from payments.model import Payment, PaymentStatus, can_transition
+from payments.model import Payment, PaymentStatus
 from payments.providers.base import Provider
 from payments.storage import claims
 from payments.storage import repository as repo
@@ -33,8 +32,8 @@ RECONCILED = "reconciled"
 
 
 class Expirer(PaymentJob):
-    """``Expirer(pool, providers, settings, on_terminal=None, rate_per_second=20,
-    concurrency=4)``; ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
+    """``Expirer(uow, providers, settings, rate_per_second=20, concurrency=4)``;
+    ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
 
     selection = claims.STUCK
 
@@ -45,22 +44,19 @@ class Expirer(PaymentJob):
         return self._settings.expire_pending_interval_minutes
 
     async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
-        async with self._pool.transaction() as conn:
-            payment = await claims.claim(conn, self.selection, candidate.id, cutoff)
+        async with self._uow.begin() as work:
+            payment = await claims.claim(work.conn, self.selection, candidate.id, cutoff)
             if payment is None:
                 return ItemResult(Outcome.SKIPPED)
             known = _provider_refs(payment)
             target, reason = await self._settle(self._providers.get(payment.provider), payment)
-            if target is not None and can_transition(payment.status, target):
-                await change_status(conn, payment, target, reason=reason)
+            if target is not None and await work.change_status(payment, target, reason=reason):
                 result = ItemResult(Outcome.CHANGED, target)
             else:
                 if _provider_refs(payment) != known:
                     # Nothing to move, but the provider object it learned is kept.
-                    await repo.update_payment(conn, payment)
+                    await repo.update_payment(work.conn, payment)
                 result = ItemResult(Outcome.UNCHANGED)
-        if result.outcome is Outcome.CHANGED:
-            self._notify(payment)
         return result
 
     async def _settle(

@@ -4,8 +4,8 @@ Every PAYMENTS_RECONCILE_INTERVAL_MINUTES it asks the provider about each PENDIN
 PROCESSING payment with a provider object that nothing has touched for
 PAYMENTS_RECONCILE_STALE_AFTER_MINUTES (a missed or lost webhook, an outage), and moves
 it by the status machine with reason ``reconciled``: the event row, the payment and,
-for a terminal status, the callback-outbox row in one transaction, then the
-dispatcher is told.
+for a terminal status, the callback-outbox row in one unit of work, which tells the
+dispatcher after the commit.
 
 A payment the provider says nothing new about gets its ``updated_at`` touched. That
 makes ``updated_at`` mean "last time the service knew where this payment stood" rather
@@ -21,8 +21,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from payments.jobs.batch import ItemResult, Outcome, PaymentJob
-from payments.lifecycle import change_status
-from payments.model import can_transition, utcnow
+from payments.model import utcnow
 from payments.storage import claims
 from payments.storage import repository as repo
 
@@ -30,8 +29,8 @@ REASON = "reconciled"
 
 
 class Reconciler(PaymentJob):
-    """``Reconciler(pool, providers, settings, on_terminal=None, rate_per_second=20,
-    concurrency=4)``; ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
+    """``Reconciler(uow, providers, settings, rate_per_second=20, concurrency=4)``;
+    ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
 
     selection = claims.STALE
 
@@ -42,8 +41,8 @@ class Reconciler(PaymentJob):
         return self._settings.reconcile_interval_minutes
 
     async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
-        async with self._pool.transaction() as conn:
-            payment = await claims.claim(conn, self.selection, candidate.id, cutoff)
+        async with self._uow.begin() as work:
+            payment = await claims.claim(work.conn, self.selection, candidate.id, cutoff)
             if payment is None:
                 return ItemResult(Outcome.SKIPPED)
             provider = self._providers.get(payment.provider)
@@ -51,15 +50,12 @@ class Reconciler(PaymentJob):
             if state.subscription_id:
                 payment.provider_subscription_id = state.subscription_id
             target = state.status
-            if target is not None and can_transition(payment.status, target):
-                await change_status(conn, payment, target, reason=REASON)
+            if target is not None and await work.change_status(payment, target, reason=REASON):
                 result = ItemResult(Outcome.CHANGED, target)
             else:
                 # Still open (or nothing the status machine allows): touch it, so it
                 # waits a whole stale window before the next question.
                 payment.updated_at = utcnow()
-                await repo.update_payment(conn, payment)
+                await repo.update_payment(work.conn, payment)
                 result = ItemResult(Outcome.UNCHANGED)
-        if result.outcome is Outcome.CHANGED:
-            self._notify(payment)
         return result

@@ -1,6 +1,7 @@
 """What the service needs from a payment provider, and what it gets back.
 
-The service layer depends on this protocol only; ``stripe.py`` implements it. Errors
+The use cases depend on this protocol only; ``stripe.py`` implements it. Each provider
+reads its own events (its signature scheme and event shapes are its own). Errors
 are the domain's: :class:`payments.errors.ProviderRejected` when the provider refused
 the request as invalid (the caller's fault, shown to them), and
 :class:`payments.errors.ProviderUnavailable` for everything that is not the caller's
@@ -78,6 +79,15 @@ class Provider(Protocol):
     async def fetch_state(self, payment: Payment) -> ProviderState:
         """Ask the provider where the payment stands (Checkout Session; a payment link's
         sessions; a subscription), for the reconciler."""
+        ...
+
+    @property
+    def receives_events(self) -> bool:
+        """True when the provider can check its events (its webhook secret is set)."""
+        ...
+
+    def parse_event(self, payload: bytes, signature: str) -> ProviderEvent:
+        """Check the signature of a raw event body and read it (see EventParser)."""
         ...
 
     async def aclose(self) -> None:

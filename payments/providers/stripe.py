@@ -39,9 +39,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import stripe
 from stripe.params.checkout import SessionListParams
 
-from payments.errors import ProviderRejected, ProviderUnavailable
+from payments.errors import BadSignature, ProviderRejected, ProviderUnavailable
 from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType
-from payments.providers.base import CheckoutResult, ProviderState
+from payments.providers.base import CheckoutResult, ProviderEvent, ProviderState
+from payments.providers.stripe_events import StripeEventParser
 
 log = logging.getLogger("payments.providers.stripe")
 
@@ -101,6 +102,9 @@ class StripeProvider:
         api_base: str = "https://api.stripe.com",
         timeout_seconds: float = 10.0,
         max_network_retries: int = 2,
+        *,
+        webhook_secret: str = "",
+        signature_tolerance_seconds: int = 300,
     ) -> None:
         if not secret_key:
             raise ValueError("StripeProvider needs a secret key")
@@ -115,12 +119,29 @@ class StripeProvider:
         self._api_base = api_base
         self._timeout = timeout_seconds
         self._retries = max_network_retries
+        # Without a webhook secret no event can be checked: the route answers 404.
+        self._events = (
+            StripeEventParser(webhook_secret, signature_tolerance_seconds)
+            if webhook_secret.strip()
+            else None
+        )
 
     def __repr__(self) -> str:  # never the key
         return (
             f"StripeProvider(api_base={self._api_base!r}, timeout_seconds={self._timeout}, "
             f"max_network_retries={self._retries})"
         )
+
+    # --- events -----------------------------------------------------------------------
+
+    @property
+    def receives_events(self) -> bool:
+        return self._events is not None
+
+    def parse_event(self, payload: bytes, signature: str) -> ProviderEvent:
+        if self._events is None:
+            raise BadSignature("no webhook secret is configured")
+        return self._events.parse(payload, signature)
 
     # --- create -----------------------------------------------------------------------
 

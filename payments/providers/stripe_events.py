@@ -51,7 +51,7 @@ MAX_ID_LENGTH = 255
 
 
 class StripeEventParser:
-    """EventParser for Stripe (``/webhooks/providers/stripe/{hash}``)."""
+    """EventParser for Stripe; StripeProvider.parse_event delegates to it."""
 
     def __init__(
         self,

@@ -1,0 +1,275 @@
+"""Provider events -> status changes: the use case behind
+``/webhooks/providers/{provider}/{callback_hash}`` (HTTP) and HandleProviderCallback
+(gRPC).
+
+The signature is checked (by the route's provider, which alone knows its scheme)
+before the database is asked anything, so a forger learns nothing, not even whether a
+hash exists. Then, under the payment's row lock, the event must be about the route's
+payment; its status change (by the status machine: late or out-of-order events are
+recorded, never applied), event row, callback-outbox row and the record of this
+callback commit together in one unit of work. A replayed event id hits the unique key
+of the event row: acknowledged, nothing changed, recorded as a duplicate. Every refusal
+is recorded on its own (so it survives) and raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+
+import attrs
+
+from payments.errors import DependencyUnavailable, InvalidArgument, NotFound, PaymentsError
+from payments.model import Payment, PaymentStatus, ProviderType, utcnow
+from payments.providers.base import ProviderEvent
+from payments.providers.registry import ProviderRegistry
+from payments.storage import provider_callbacks
+from payments.storage import repository as repo
+from payments.storage.database import DuplicateKey
+from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
+from payments.unit_of_work import UnitOfWork, Work
+
+log = logging.getLogger("payments.inbound")
+
+_REPLAYED_EVENT_KEY = "uq_payment_events_provider_event"
+
+
+@attrs.frozen
+class Received:
+    """What became of an accepted event: the payment as it now stands, and how the
+    event was taken (PROCESSED, or DUPLICATE for a replay)."""
+
+    payment: Payment
+    outcome: CallbackOutcome
+    reason: str
+
+
+class ProviderEvents:
+    """Applies the providers' events to payments."""
+
+    def __init__(self, uow: UnitOfWork, providers: ProviderRegistry) -> None:
+        self._uow = uow
+        self._pool = uow.database
+        self._providers = providers
+
+    async def receive(
+        self, provider: str, callback_hash: str, payload: bytes, signature: str, request_id: str
+    ) -> Received:
+        """Apply one event posted for ``callback_hash`` under the provider route name
+        ``provider``.
+
+        Refusals: unknown provider or hash NotFound; bad signature, a body that is not
+        an event, or an event about another payment InvalidArgument.
+        """
+        inbound = _Inbound(provider, callback_hash, payload, request_id, utcnow())
+        found = self._providers.for_events(provider)
+        if found is None:
+            raise await self._reject(inbound, NotFound("unknown provider"))
+        if not callback_hash.strip():
+            raise await self._reject(inbound, InvalidArgument("callback_hash", "is required"))
+        if not payload.strip():
+            raise await self._reject(inbound, InvalidArgument("payload", "is required"))
+        provider_type, source = found
+        try:
+            event = source.parse_event(payload, signature)
+        except InvalidArgument as exc:
+            raise await self._reject(inbound, exc, peek=True) from None
+        return await self._apply_event(inbound, provider_type, event)
+
+    async def _apply_event(
+        self, inbound: _Inbound, provider_type: ProviderType, event: ProviderEvent
+    ) -> Received:
+        rejection: tuple[PaymentsError, str] | None = None
+        async with self._uow.begin() as work:
+            payment = await repo.get_payment_by_callback_hash(
+                work.conn, inbound.callback_hash, for_update=True
+            )
+            if payment is None:
+                rejection = (NotFound("payment not found"), "unknown callback hash")
+            elif problem := _foreign_event(payment, provider_type, event):
+                rejection = (InvalidArgument("payload", "event is not about this payment"), problem)
+            else:
+                outcome, reason, after = await _apply(work, payment, event)
+                await provider_callbacks.insert(
+                    work.conn,
+                    inbound.record(outcome, reason, event.event_id, event.event_type, after.id),
+                )
+        if rejection is not None:
+            error, reason = rejection
+            raise await self._reject(
+                inbound, error, reason, event=event, payment_id=payment.id if payment else None
+            )
+        log.info(
+            "provider event %s",
+            outcome,
+            extra={
+                "payment_id": after.id,
+                "event_id": event.event_id,
+                "event_type": event.event_type,
+                "reason": reason,
+                "request_id": inbound.request_id,
+            },
+        )
+        return Received(after, outcome, reason)
+
+    async def _reject(
+        self,
+        inbound: _Inbound,
+        error: PaymentsError,
+        reason: str = "",
+        *,
+        event: ProviderEvent | None = None,
+        payment_id: int | None = None,
+        peek: bool = False,
+    ) -> PaymentsError:
+        """Record a refused callback in its own transaction; the error to raise.
+
+        Best effort: when the database is down the refusal still answers (a bad
+        signature stays bad); the failure to record it is logged.
+        """
+        if event is not None:
+            event_id, event_type = event.event_id, event.event_type
+        else:  # unverified, kept only to help whoever reads the record
+            event_id, event_type = _peek_event(inbound.payload) if peek else ("", "")
+        try:
+            async with self._pool.connection() as conn:
+                if payment_id is None and inbound.callback_hash.strip():
+                    known = await repo.get_payment_by_callback_hash(conn, inbound.callback_hash)
+                    payment_id = known.id if known is not None else None
+                await provider_callbacks.insert(
+                    conn,
+                    inbound.record(
+                        CallbackOutcome.REJECTED,
+                        reason or error.message,
+                        event_id,
+                        event_type,
+                        payment_id,
+                    ),
+                )
+        except DependencyUnavailable:
+            log.warning("could not record a rejected provider callback")
+        log.info(
+            "provider callback rejected",
+            extra={
+                "reason": reason or error.message,
+                "payment_id": payment_id or 0,
+                "event_id": event_id,
+                "request_id": inbound.request_id,
+            },
+        )
+        return error
+
+
+@attrs.frozen
+class _Inbound:
+    """A provider callback as it arrived, for its record."""
+
+    provider: str
+    callback_hash: str
+    payload: bytes
+    request_id: str
+    received_at: datetime
+
+    def record(
+        self,
+        outcome: CallbackOutcome,
+        reason: str,
+        event_id: str,
+        event_type: str,
+        payment_id: int | None,
+    ) -> ProviderCallback:
+        return ProviderCallback(
+            provider=self.provider,
+            callback_hash=self.callback_hash,
+            outcome=outcome,
+            payload=self.payload.decode("utf-8", errors="replace"),
+            received_at=self.received_at,
+            reason=reason,
+            request_id=self.request_id,
+            event_id=event_id,
+            event_type=event_type,
+            payment_id=payment_id,
+        )
+
+
+async def _apply(
+    work: Work, payment: Payment, event: ProviderEvent
+) -> tuple[CallbackOutcome, str, Payment]:
+    """Apply ``event`` to the locked ``payment``: (outcome, reason, the payment after)."""
+    updated = attrs.evolve(payment)
+    revealed = bool(event.subscription_id) and not payment.provider_subscription_id
+    if revealed:  # written with the status change, or on its own below
+        updated.provider_subscription_id = event.subscription_id
+    target = event.target_status or payment.status
+    try:
+        changed = await work.change_status(
+            updated,
+            target,
+            reason=f"provider event {event.event_type}",
+            provider_event_id=event.event_id,
+            provider_event_type=event.event_type,
+        )
+    except DuplicateKey as exc:
+        if exc.key != _REPLAYED_EVENT_KEY:
+            raise
+        # Only the failed INSERT is undone; the transaction goes on to record it.
+        return CallbackOutcome.DUPLICATE, "event already recorded", payment
+    if changed:
+        reason = f"{payment.status.name} -> {updated.status.name}"
+        return CallbackOutcome.PROCESSED, reason, updated
+    if revealed:
+        updated.updated_at = utcnow()
+        await repo.update_payment(work.conn, updated)
+    if event.target_status is None:
+        reason = "recorded: the event type moves no status"
+    elif event.target_status == payment.status:
+        reason = f"recorded: payment is already {payment.status.name}"
+    else:
+        reason = (
+            f"recorded, not applied: {payment.status.name} -> "
+            f"{event.target_status.name} is not allowed"
+        )
+        if event.target_status == PaymentStatus.PAID:
+            # Money arrived for a payment that already ended otherwise: a person
+            # has to look (refund, or reopen by hand).
+            log.warning(
+                "payment received for a payment that is %s",
+                payment.status.name,
+                extra={"payment_id": payment.id, "event_id": event.event_id},
+            )
+    return CallbackOutcome.PROCESSED, reason, updated
+
+
+def _foreign_event(payment: Payment, provider_type: ProviderType, event: ProviderEvent) -> str:
+    """Why ``event`` is not about ``payment`` ("" when it is).
+
+    Our ``metadata.callback_hash`` on the provider's object names the payment outright;
+    without it, one of the object ids (session, link, subscription) must be the
+    payment's. The event is signed, so neither can be forged.
+    """
+    if (payment.provider or ProviderType.STRIPE) != provider_type:
+        return f"the payment is not a {ProviderRegistry.name_of(provider_type)} payment"
+    if event.callback_hash:
+        if event.callback_hash != payment.provider_callback_hash:
+            return "metadata.callback_hash names another payment"
+        return ""
+    known = {payment.provider_payment_id, payment.provider_subscription_id} - {""}
+    if known.intersection(event.refs):
+        return ""
+    return "the event's objects are not this payment's"
+
+
+def _peek_event(payload: bytes) -> tuple[str, str]:
+    """The id and type an unverified body claims, for the record of its refusal."""
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        return "", ""
+    if not isinstance(document, dict):
+        return "", ""
+    event_id, event_type = document.get("id"), document.get("type")
+    return (
+        event_id if isinstance(event_id, str) else "",
+        event_type if isinstance(event_type, str) else "",
+    )
