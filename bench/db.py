@@ -7,7 +7,7 @@ does not change with it: rows go in with plain SQL, as an operator's script woul
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -82,15 +82,19 @@ async def drop_database(dsn: MysqlDsn) -> None:
     await _statements(dsn, [f"DROP DATABASE IF EXISTS {_quote_name(dsn.database)}"])
 
 
-async def insert_rows(
-    dsn: MysqlDsn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
-) -> None:
-    """Multi-row INSERTs of ``INSERT_CHUNK`` rows each."""
+async def insert_rows(dsn: MysqlDsn, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Multi-row INSERTs of ``INSERT_CHUNK`` rows each; the columns are the first row's
+    keys, and every row must have the same ones."""
+    if not rows:
+        return
+    columns = list(rows[0])
     marks = "(" + ", ".join(["%s"] * len(columns)) + ")"
     async with _connect(dsn, dsn.database) as conn, conn.cursor() as cursor:
         for start in range(0, len(rows), INSERT_CHUNK):
             chunk = rows[start : start + INSERT_CHUNK]
+            if any(list(row) != columns for row in chunk):
+                raise ValueError(f"{table}: rows name different columns")
             sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join(
                 [marks] * len(chunk)
             )
-            await cursor.execute(sql, [value for row in chunk for value in row])
+            await cursor.execute(sql, [row[column] for row in chunk for column in columns])
