@@ -345,6 +345,12 @@ def test_proto_create_request_maps_every_field() -> None:
         "cancel_url": "https://c/x",
         "metadata": {"a": "b"},
     }
+    assert {f.name for f in pb.CreatePaymentRequest.DESCRIPTOR.fields} == set(attrs.asdict(raw))
+    # The JSON decoder follows the same message: protojson of it (enum names, int64 as
+    # strings) and the plain JSON shape (numbers) decode to the same input.
+    for options in ({}, {"use_integers_for_enums": True}):
+        body = json_format.MessageToDict(message, preserving_proto_field_name=True, **options)
+        assert wire.create_input_from_json(body) == raw
 
 
 # --- ids and lists ----------------------------------------------------------------------

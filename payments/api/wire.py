@@ -156,17 +156,18 @@ _INTEGER_RANGES: dict[int, tuple[int, int]] = {
 
 def _field_decoder(field: FieldDescriptor) -> _Decode:
     """How a JSON value of this proto field is type-checked (null is the zero value)."""
-    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+    is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+    if is_map and field.name == "metadata":  # the one map field; _metadata names it
         return lambda value, _: _metadata(value)
-    if field.is_repeated or field.message_type is not None:
-        raise NotImplementedError(f"JSON decoding of {field.full_name}")
-    if field.type == FieldDescriptor.TYPE_STRING:
+    if field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated:
         return _string
-    if field.type == FieldDescriptor.TYPE_ENUM:
+    if field.type == FieldDescriptor.TYPE_ENUM and not field.is_repeated:
         kind: type[enum.IntEnum] = getattr(model, field.enum_type.name)
         return lambda value, name: 0 if value is None else enum_number(value, name, kind)
-    low, high = _INTEGER_RANGES[field.type]
-    return lambda value, name: _integer(value, name, low, high)
+    if field.type in _INTEGER_RANGES and not field.is_repeated:
+        low, high = _INTEGER_RANGES[field.type]
+        return lambda value, name: _integer(value, name, low, high)
+    raise NotImplementedError(f"JSON decoding of {field.full_name}")  # at import, not per call
 
 
 _Input = TypeVar("_Input")
