@@ -154,42 +154,9 @@ async def complete_sessions(
 
 # --- job backlogs, inserted with SQL ---------------------------------------------------
 
-PAYMENT_COLUMNS = (
-    "request_id",
-    "caller_service",
-    "resource_type",
-    "resource_id",
-    "customer_ref",
-    "amount_cents",
-    "currency",
-    "status",
-    "payment_method",
-    "payment_type",
-    "provider",
-    "status_callback_url",
-    "provider_callback_hash",
-    "provider_callback_url",
-    "request_fingerprint",
-    "provider_payment_id",
-    "checkout_url",
-    "metadata",
-    "created_at",
-    "updated_at",
-)
-
-OUTBOX_COLUMNS = (
-    "payment_id",
-    "status",
-    "delivery_id",
-    "url",
-    "request_id",
-    "payload",
-    "state",
-    "attempts",
-    "next_attempt_at",
-    "created_at",
-    "updated_at",
-)
+# Rows are dicts keyed by column: each column is named once, beside its value, so a
+# column added by a migration (with its default) needs no edit here.
+Row = dict[str, Any]
 
 
 def stale_payment_rows(
@@ -200,7 +167,7 @@ def stale_payment_rows(
     *,
     created_ago: timedelta,
     updated_ago: timedelta,
-) -> list[list[Any]]:
+) -> list[Row]:
     """PENDING hosted-card payments of ``orders``, one per session, aged as asked."""
     now = datetime.now(UTC)
     created = naive_utc(now - created_ago)
@@ -210,39 +177,39 @@ def stale_payment_rows(
         callback_hash = str(uuid.uuid4())
         request_id = f"bench-{label}-{index}-{secrets.token_hex(3)}"
         rows.append(
-            [
-                request_id,
-                "orders",
-                "order",
-                request_id,
-                "cus-bench",
-                2500,
-                "EUR",
-                PENDING,
-                1,
-                1,
-                1,
-                status_callback_url,
-                callback_hash,
-                f"{callback_base}/{callback_hash}",
-                hashlib.sha256(request_id.encode()).hexdigest(),
-                session_id,
-                f"https://checkout.stripe.test/pay/{session_id}",
-                json.dumps({"order_ref": "bench"}),
-                created,
-                updated,
-            ]
+            {
+                "request_id": request_id,
+                "caller_service": "orders",
+                "resource_type": "order",
+                "resource_id": request_id,
+                "customer_ref": "cus-bench",
+                "amount_cents": 2500,
+                "currency": "EUR",
+                "status": PENDING,
+                "payment_method": 1,
+                "payment_type": 1,
+                "provider": 1,
+                "status_callback_url": status_callback_url,
+                "provider_callback_hash": callback_hash,
+                "provider_callback_url": f"{callback_base}/{callback_hash}",
+                "request_fingerprint": hashlib.sha256(request_id.encode()).hexdigest(),
+                "provider_payment_id": session_id,
+                "checkout_url": f"https://checkout.stripe.test/pay/{session_id}",
+                "metadata": json.dumps({"order_ref": "bench"}),
+                "created_at": created,
+                "updated_at": updated,
+            }
         )
     return rows
 
 
-async def insert_payments(dsn: MysqlDsn, rows: Sequence[Sequence[Any]]) -> None:
-    await insert_rows(dsn, "payments", PAYMENT_COLUMNS, rows)
+async def insert_payments(dsn: MysqlDsn, rows: Sequence[Row]) -> None:
+    await insert_rows(dsn, "payments", rows)
 
 
 def due_outbox_rows(
     count: int, url: str, sample_payment: dict[str, Any], first_payment_id: int
-) -> list[list[Any]]:
+) -> list[Row]:
     """``count`` pending callbacks due now, each announcing PAID for its own payment,
     with the body a real PAID callback has (``{"payment": {...}}``)."""
     now = datetime.now(UTC)
@@ -253,22 +220,22 @@ def due_outbox_rows(
         payment_id = first_payment_id + index
         payment = {**sample_payment, "id": payment_id, "status": PAID}
         rows.append(
-            [
-                payment_id,
-                PAID,
-                uuid.uuid4().hex,
-                url,
-                str(payment.get("request_id", f"bench-dispatch-{index}")),
-                json.dumps({"payment": payment}, separators=(",", ":")),
-                "pending",
-                0,
-                due,
-                stamp,
-                stamp,
-            ]
+            {
+                "payment_id": payment_id,
+                "status": PAID,
+                "delivery_id": uuid.uuid4().hex,
+                "url": url,
+                "request_id": str(payment.get("request_id", f"bench-dispatch-{index}")),
+                "payload": json.dumps({"payment": payment}, separators=(",", ":")),
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": due,
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
         )
     return rows
 
 
-async def insert_outbox(dsn: MysqlDsn, rows: Sequence[Sequence[Any]]) -> None:
-    await insert_rows(dsn, "callback_outbox", OUTBOX_COLUMNS, rows)
+async def insert_outbox(dsn: MysqlDsn, rows: Sequence[Row]) -> None:
+    await insert_rows(dsn, "callback_outbox", rows)

@@ -8,7 +8,7 @@ Its database is made and dropped by the test fixture's MysqlServer (tests/fixtur
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,15 +49,19 @@ def _connect(dsn: MysqlDsn, database: str | None) -> trio_mysql.Connection:
     )
 
 
-async def insert_rows(
-    dsn: MysqlDsn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
-) -> None:
-    """Multi-row INSERTs of ``INSERT_CHUNK`` rows each."""
+async def insert_rows(dsn: MysqlDsn, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Multi-row INSERTs of ``INSERT_CHUNK`` rows each; the columns are the first row's
+    keys, and every row must have the same ones."""
+    if not rows:
+        return
+    columns = list(rows[0])
     marks = "(" + ", ".join(["%s"] * len(columns)) + ")"
     async with _connect(dsn, dsn.database) as conn, conn.cursor() as cursor:
         for start in range(0, len(rows), INSERT_CHUNK):
             chunk = rows[start : start + INSERT_CHUNK]
+            if any(list(row) != columns for row in chunk):
+                raise ValueError(f"{table}: rows name different columns")
             sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join(
                 [marks] * len(chunk)
             )
-            await cursor.execute(sql, [value for row in chunk for value in row])
+            await cursor.execute(sql, [row[column] for row in chunk for column in columns])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +89,9 @@ def check_callback(callback: Received, payment: dict[str, Any]) -> None:
     sent = document["payment"]
     for name in ("id", "request_id", "caller_service", "status", "provider_payment_id"):
         assert sent[name] == payment[name], name
+    # Timestamps as HTTP and gRPC write them: RFC 3339 UTC to the second.
+    assert sent["created_at"] == payment["created_at"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", sent["updated_at"]), sent
     assert type(sent["id"]) is int and type(sent["amount_cents"]) is int
 
 

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
@@ -286,6 +287,11 @@ async def test_a_signed_callback_verifies_with_standard_webhooks(
     body = Webhook(SECRET).verify(request.body, request.headers)
     assert body == json.loads(entry.payload)
     assert body["payment"]["id"] == payment.id and body["payment"]["status"] == 10
+    # RFC 3339 UTC to the second, as on HTTP and gRPC (storage keeps the microseconds).
+    for name in ("created_at", "updated_at"):
+        text = body["payment"][name]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", text), text
+        assert datetime.fromisoformat(text) == getattr(payment, name).replace(microsecond=0)
     assert request.headers["content-type"] == "application/json"
     assert request.headers["x-request-id"] == payment.request_id
     assert request.headers["x-api-key"] == API_KEY

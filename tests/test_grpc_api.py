@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -193,6 +194,31 @@ async def test_grpc_and_http_show_the_same_payment(client: Client, stack: Stack)
     for key in ("id", "amount_cents"):
         via_grpc[key] = int(via_grpc[key])
     assert response.json()["payment"] == via_grpc
+
+
+async def test_timestamps_are_rfc3339_utc_to_the_second_on_both_transports(
+    client: Client, stack: Stack
+) -> None:
+    """The Go service's format, byte for byte, while storage keeps the microseconds."""
+    payment = (await client.create()).payment
+    created = datetime(2026, 11, 29, 18, 45, 15, 999999)  # naive UTC, as the column holds
+    updated = datetime(2026, 11, 29, 18, 46, 0, 1)
+    async with stack.pool.connection() as conn:
+        await conn.execute(
+            "UPDATE payments SET created_at = %s, updated_at = %s WHERE id = %s",
+            [created, updated, payment.id],
+        )
+    stored = await stack.payment(payment.id)
+    assert (stored.created_at.microsecond, stored.updated_at.microsecond) == (999999, 1)
+
+    got = (await client.call("GetPayment", pb.GetPaymentRequest(id=payment.id))).payment
+    async with httpx.AsyncClient(base_url=stack.http_url) as http:
+        response = await http.get(f"/payments/{payment.id}", headers=stack.headers())
+    expected = ("2026-11-29T18:45:15Z", "2026-11-29T18:46:00Z")
+    assert (got.created_at, got.updated_at) == expected
+    assert '"created_at":"2026-11-29T18:45:15Z","updated_at":"2026-11-29T18:46:00Z"' in (
+        response.text
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,9 @@ from payments.service import PaymentService
 from payments.storage.pool import Pool
 from payments.unit_of_work import UnitOfWork
 from tests.fixtures.app import KEY_A, KEY_B, NO_ACCESS_KEY, TEST_MAX_BODY_BYTES, Stack, closed_port
+
+# The Go service's timestamp format: RFC 3339 UTC to the second.
+RFC3339_SECONDS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,7 +165,8 @@ async def test_create_each_method_and_type(
     assert payment["amount_cents"] == 2500 and payment["currency"] == "EUR"
     assert payment["provider"] == 1
     assert payment["payment_type"] == (2 if recurring else 1)
-    assert payment["created_at"].endswith("Z")
+    assert RFC3339_SECONDS.fullmatch(payment["created_at"]), payment["created_at"]
+    assert RFC3339_SECONDS.fullmatch(payment["updated_at"]), payment["updated_at"]
     assert payment["provider_callback_url"] == (
         f"{stack.settings.provider_callback_base_url}/{payment['provider_callback_hash']}"
     )

@@ -155,6 +155,14 @@ async def test_a_completed_checkout_pays_the_payment_in_one_transaction(
     [entry] = history.outbox
     assert entry.status == S.PAID and entry.url == "https://svc-a.internal/cb"
     assert json.loads(entry.payload)["payment"]["status"] == int(S.PAID)
+    # The callback carries the wire timestamps: to the second, as HTTP and gRPC do.
+    stamps = {
+        name: json.loads(entry.payload)["payment"][name] for name in ("created_at", "updated_at")
+    }
+    assert stamps == {
+        "created_at": paid.created_at.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "updated_at": paid.updated_at.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+    }
     # Written by one change: the same instant everywhere.
     assert change.created_at == paid.updated_at == entry.created_at
     [record] = history.callbacks

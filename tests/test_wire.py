@@ -91,8 +91,8 @@ def test_payment_json_uses_proto_names_numbers_and_omits_zero_values() -> None:
         "provider_callback_url": "https://pay.example/webhooks/providers/stripe/hash-1",
         "status_callback_url": "https://svc-a.internal/cb",
         "metadata": {"order": "1042"},
-        "created_at": "2026-11-26T08:18:56.123456Z",
-        "updated_at": "2026-11-26T08:18:57.123456Z",
+        "created_at": "2026-11-26T08:18:56Z",
+        "updated_at": "2026-11-26T08:18:57Z",
     }
     # Internal fields never leave the service.
     assert "request_fingerprint" not in out and "success_url" not in out
@@ -129,21 +129,53 @@ def test_json_matches_protojson_of_the_proto_message() -> None:
 @pytest.mark.parametrize(
     ("moment", "expected"),
     [
-        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "2026-01-02T03:04:05.000000Z"),
-        (datetime(2026, 1, 2, 3, 4, 5, 7), "2026-01-02T03:04:05.000007Z"),  # naive = UTC
+        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "2026-01-02T03:04:05Z"),
+        (datetime(2026, 1, 2, 3, 4, 5, 7), "2026-01-02T03:04:05Z"),  # naive = UTC
+        # Fractions are cut, never rounded up into the next second (Go's time.RFC3339).
+        (datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "2026-12-31T23:59:59Z"),
         (
-            datetime(2026, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2))),
-            "2026-01-02T03:04:05.000000Z",
+            datetime(2026, 1, 2, 5, 4, 5, 500000, tzinfo=timezone(timedelta(hours=2))),
+            "2026-01-02T03:04:05Z",
         ),
     ],
 )
-def test_timestamps_are_rfc3339_utc(moment: datetime, expected: str) -> None:
+def test_timestamps_are_rfc3339_utc_to_the_second(moment: datetime, expected: str) -> None:
+    """The Go service's format, byte for byte (CONTRACT.md; issue 14)."""
     assert wire.format_timestamp(moment) == expected
 
 
-def test_proto_and_json_timestamps_agree() -> None:
+def test_proto_and_json_timestamps_agree_and_drop_only_the_fraction() -> None:
     payment = make_payment()
-    assert wire.payment_to_proto(payment).created_at == wire.payment_to_json(payment)["created_at"]
+    message, document = wire.payment_to_proto(payment), wire.payment_to_json(payment)
+    assert (message.created_at, message.updated_at) == (
+        "2026-11-26T08:18:56Z",
+        "2026-11-26T08:18:57Z",
+    )
+    assert (document["created_at"], document["updated_at"]) == (
+        message.created_at,
+        message.updated_at,
+    )
+    assert payment.created_at.microsecond == 123456  # the entity (and storage) keep it
+
+
+def test_every_proto_field_of_payment_is_mapped() -> None:
+    """A Payment with every wire field non-zero sets every field of the proto message."""
+    payment = make_payment(
+        customer_ref="cus-1",
+        payment_type=PaymentType.RECURRING,
+        recurring_interval="month",
+        recurring_interval_count=2,
+        provider_subscription_id="sub_1",
+        status=PaymentStatus.PAID,
+        refunded_cents=1,
+    )
+    message = wire.payment_to_proto(payment)
+    every = {field.name for field in pb.Payment.DESCRIPTOR.fields}
+    assert {field.name for field, _ in message.ListFields()} == every
+    assert set(wire.payment_to_json(payment)) == every
+    for field in attrs.fields(Payment):
+        if field.name in every and field.name not in ("created_at", "updated_at"):
+            assert getattr(message, field.name) == getattr(payment, field.name), field.name
 
 
 def test_dumps_is_compact_utf8_and_64_bit_numbers_stay_numbers() -> None:
@@ -313,6 +345,12 @@ def test_proto_create_request_maps_every_field() -> None:
         "cancel_url": "https://c/x",
         "metadata": {"a": "b"},
     }
+    assert {f.name for f in pb.CreatePaymentRequest.DESCRIPTOR.fields} == set(attrs.asdict(raw))
+    # The JSON decoder follows the same message: protojson of it (enum names, int64 as
+    # strings) and the plain JSON shape (numbers) decode to the same input.
+    for options in ({}, {"use_integers_for_enums": True}):
+        body = json_format.MessageToDict(message, preserving_proto_field_name=True, **options)
+        assert wire.create_input_from_json(body) == raw
 
 
 # --- ids and lists ----------------------------------------------------------------------

@@ -1,34 +1,35 @@
 """The JSON and protobuf shapes of CONTRACT.md, in both directions.
 
-Responses: snake_case proto names, enums as numbers, 64-bit integers as JSON numbers,
-zero values left out, timestamps RFC 3339 UTC with microseconds (the same string on
-HTTP and gRPC). Requests: types are checked here, strictly, so a wrong type is a 400
-naming the field and never a 500 further in; the business rules stay in
-payments.validation.
+Responses come from payments.mapping (the attrs entities, mapped by cattrs). Requests:
+types are checked here, strictly and field by field as the proto message declares them,
+so a wrong type is a 400 naming the field and never a 500 further in; the business
+rules stay in payments.validation.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 import attrs
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from payments import model
 from payments.errors import InvalidArgument
 from payments.gen import payments_pb2 as pb
+from payments.mapping import WireMapping, wire_mapping
+from payments.mapping import format_timestamp as format_timestamp  # re-exported
+from payments.mapping import payment_to_json as payment_to_json  # re-exported
+from payments.mapping import payment_to_proto as payment_to_proto  # re-exported
 from payments.model import (
     CreatePaymentInput,
     ListFilter,
-    Payment,
-    PaymentMethod,
     PaymentStatus,
-    PaymentType,
     ProviderType,
 )
-from payments.payment_json import format_timestamp
-from payments.payment_json import payment_to_json as payment_to_json  # re-exported
 from payments.validation import validate_list
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -38,37 +39,6 @@ _INTEGER = re.compile(r"-?[0-9]{1,20}")
 _UNSIGNED = re.compile(r"[0-9]{1,20}")
 
 # --- responses --------------------------------------------------------------------------
-
-
-def payment_to_proto(payment: Payment) -> pb.Payment:
-    """The protobuf message of a payment (same values as :func:`payment_to_json`)."""
-    return pb.Payment(
-        id=payment.id,
-        request_id=payment.request_id,
-        caller_service=payment.caller_service,
-        resource_type=payment.resource_type,
-        resource_id=payment.resource_id,
-        customer_ref=payment.customer_ref,
-        amount_cents=payment.amount_cents,
-        currency=payment.currency,
-        status=int(payment.status),
-        payment_method=int(payment.payment_method),
-        payment_type=int(payment.payment_type),
-        provider=int(payment.provider),
-        recurring_interval=payment.recurring_interval,
-        recurring_interval_count=payment.recurring_interval_count,
-        provider_payment_id=payment.provider_payment_id,
-        provider_subscription_id=payment.provider_subscription_id,
-        checkout_url=payment.checkout_url,
-        provider_callback_hash=payment.provider_callback_hash,
-        provider_callback_url=payment.provider_callback_url,
-        status_callback_url=payment.status_callback_url,
-        refunded_cents=payment.refunded_cents,
-        refundable_cents=payment.refundable_cents,
-        metadata=dict(payment.metadata),
-        created_at=format_timestamp(payment.created_at),
-        updated_at=format_timestamp(payment.updated_at),
-    )
 
 
 def dumps(document: Mapping[str, Any]) -> bytes:
@@ -135,19 +105,13 @@ def _integer(value: Any, field: str, low: int, high: int) -> int:
     return number
 
 
-_ENUM_PREFIXES: dict[type, str] = {
-    PaymentStatus: "PAYMENT_STATUS_",
-    PaymentMethod: "PAYMENT_METHOD_",
-    PaymentType: "PAYMENT_TYPE_",
-    ProviderType: "PROVIDER_TYPE_",
-}
+def _enum_prefix(kind: type[enum.IntEnum]) -> str:
+    """``PAYMENT_METHOD_`` for PaymentMethod: the proto enum's zero name less UNSPECIFIED."""
+    zero = pb.DESCRIPTOR.enum_types_by_name[kind.__name__].values_by_number[0].name
+    return zero.removesuffix("UNSPECIFIED")
 
 
-def enum_number(
-    value: Any,
-    field: str,
-    kind: type[PaymentStatus] | type[PaymentMethod] | type[PaymentType] | type[ProviderType],
-) -> int:
+def enum_number(value: Any, field: str, kind: type[enum.IntEnum]) -> int:
     """The wire number of an enum given as its number, full name or short name.
 
     ``1``, ``"PAYMENT_METHOD_HOSTED_CARD"`` and ``"hosted_card"`` are the same. An
@@ -158,7 +122,7 @@ def enum_number(
         if _INTEGER.fullmatch(text):
             return _integer(text, field, INT32_MIN, INT32_MAX)
         name = text.upper()
-        prefix = _ENUM_PREFIXES[kind]
+        prefix = _enum_prefix(kind)
         if name.startswith(prefix):
             name = name[len(prefix) :]
         member = kind.__members__.get(name)
@@ -181,62 +145,67 @@ def _metadata(value: Any) -> dict[str, str]:
     return value
 
 
-_STRING_FIELDS = (
-    "request_id",
-    "caller_service",
-    "resource_type",
-    "resource_id",
-    "customer_ref",
-    "currency",
-    "recurring_interval",
-    "status_callback_url",
-    "success_url",
-    "cancel_url",
-)
-_EnumKind = type[PaymentMethod] | type[PaymentType] | type[ProviderType]
-_ENUM_FIELDS: tuple[tuple[str, _EnumKind], ...] = (
-    ("payment_method", PaymentMethod),
-    ("payment_type", PaymentType),
-    ("provider", ProviderType),
+_Decode = Callable[[Any, str], Any]
+_INTEGER_RANGES: dict[int, tuple[int, int]] = {
+    FieldDescriptor.TYPE_INT32: (INT32_MIN, INT32_MAX),
+    FieldDescriptor.TYPE_INT64: (INT64_MIN, INT64_MAX),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, UINT64_MAX),
+}
+
+
+def _field_decoder(field: FieldDescriptor) -> _Decode:
+    """How a JSON value of this proto field is type-checked (null is the zero value)."""
+    is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+    if is_map and field.name == "metadata":  # the one map field; _metadata names it
+        return lambda value, _: _metadata(value)
+    if field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated:
+        return _string
+    if field.type == FieldDescriptor.TYPE_ENUM and not field.is_repeated:
+        kind: type[enum.IntEnum] = getattr(model, field.enum_type.name)
+        return lambda value, name: 0 if value is None else enum_number(value, name, kind)
+    if field.type in _INTEGER_RANGES and not field.is_repeated:
+        low, high = _INTEGER_RANGES[field.type]
+        return lambda value, name: _integer(value, name, low, high)
+    raise NotImplementedError(f"JSON decoding of {field.full_name}")  # at import, not per call
+
+
+_Input = TypeVar("_Input")
+
+
+@attrs.frozen
+class JsonRequest(Generic[_Input]):
+    """A request message's JSON form decoded into its attrs input class, by field name."""
+
+    target: type[_Input]
+    decoders: tuple[tuple[str, _Decode], ...]
+
+    @classmethod
+    def of(cls, message: Descriptor, target: type[_Input]) -> JsonRequest[_Input]:
+        wanted = {attribute.name for attribute in attrs.fields(target)}  # type: ignore[arg-type]
+        return cls(
+            target, tuple((f.name, _field_decoder(f)) for f in message.fields if f.name in wanted)
+        )
+
+    def decode(self, body: Mapping[str, Any]) -> _Input:
+        """Unknown members are ignored (as protojson can be told), absent ones are zero."""
+        return self.target(**{name: decode(body.get(name), name) for name, decode in self.decoders})
+
+
+_CREATE_REQUEST = JsonRequest.of(pb.CreatePaymentRequest.DESCRIPTOR, CreatePaymentInput)
+_CREATE_INPUT: WireMapping[CreatePaymentInput, pb.CreatePaymentRequest] = wire_mapping(
+    CreatePaymentInput, pb.CreatePaymentRequest
 )
 
 
 def create_input_from_json(body: Mapping[str, Any]) -> CreatePaymentInput:
-    """Type-check a create body (unknown fields are ignored, as protojson can be told)."""
-    values: dict[str, Any] = {name: _string(body.get(name), name) for name in _STRING_FIELDS}
-    values["amount_cents"] = _integer(
-        body.get("amount_cents"), "amount_cents", INT64_MIN, INT64_MAX
-    )
-    values["recurring_interval_count"] = _integer(
-        body.get("recurring_interval_count"), "recurring_interval_count", INT32_MIN, INT32_MAX
-    )
-    for name, kind in _ENUM_FIELDS:
-        raw = body.get(name)
-        values[name] = 0 if raw is None else enum_number(raw, name, kind)
-    values["metadata"] = _metadata(body.get("metadata"))
-    return CreatePaymentInput(**values)
+    """Type-check a create body field by field as CreatePaymentRequest declares them."""
+    return _CREATE_REQUEST.decode(body)
 
 
 def create_input_from_proto(message: pb.CreatePaymentRequest) -> CreatePaymentInput:
     """The proto request, already typed by protobuf, as the service's input."""
-    return CreatePaymentInput(
-        request_id=message.request_id,
-        caller_service=message.caller_service,
-        resource_type=message.resource_type,
-        resource_id=message.resource_id,
-        customer_ref=message.customer_ref,
-        amount_cents=message.amount_cents,
-        currency=message.currency,
-        payment_method=message.payment_method,
-        payment_type=message.payment_type,
-        provider=message.provider,
-        recurring_interval=message.recurring_interval,
-        recurring_interval_count=message.recurring_interval_count,
-        status_callback_url=message.status_callback_url,
-        success_url=message.success_url,
-        cancel_url=message.cancel_url,
-        metadata=dict(message.metadata),
-    )
+    return _CREATE_INPUT.from_proto(message)
 
 
 def cancel_reason_from_json(body: Mapping[str, Any]) -> str:

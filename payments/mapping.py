@@ -1,0 +1,140 @@
+"""Entities to their wire shapes (JSON and protobuf), driven by the attrs classes.
+
+A field is written once, in its attrs class; the proto message (the contract) says which
+of those fields go on the wire, matched by name. cattrs does the value conversion with
+the contract's rules: enums as their numbers, 64-bit integers as plain ints (so JSON
+numbers, not protojson's strings), maps as dicts, timestamps as RFC 3339 UTC to the
+second (what the Go service wrote), and zero values left out, as protojson does.
+The JSON object and the proto message are built from the same dict, so HTTP, gRPC and
+the status callbacks cannot disagree. A new entity maps with one
+``wire_mapping(Entity, pb.Message)`` line.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from payments.gen import payments_pb2 as pb
+from payments.model import Payment
+
+E = TypeVar("E")
+M = TypeVar("M", bound=Message)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC to the second, e.g. ``2026-11-29T18:45:15Z`` (fractions cut, as Go's
+    ``time.RFC3339`` does). Storage keeps microseconds; only the wire drops them.
+
+    A naive datetime is taken as UTC (that is what the database keeps).
+    """
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 string from the wire as an aware UTC datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _is_int_enum(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, enum.IntEnum)
+
+
+def _make_converter() -> cattrs.Converter:
+    made = cattrs.Converter()
+    made.register_unstructure_hook_func(_is_int_enum, int)
+    made.register_unstructure_hook(datetime, format_timestamp)
+    made.register_structure_hook(datetime, lambda value, _: parse_timestamp(value))
+    return made
+
+
+converter = _make_converter()
+
+
+@attrs.frozen
+class WireMapping(Generic[E, M]):
+    """One attrs entity and its proto message, fields matched by name.
+
+    Every field of the message must be an attrs field or a property of the entity (else
+    building the mapping fails at import); entity fields the message lacks stay inside.
+    """
+
+    entity: type[E]
+    message: type[M]
+    names: tuple[str, ...]  # the message's fields, in field-number order
+    _unstructure: Callable[[E], dict[str, Any]]
+    _properties: tuple[str, ...]
+
+    def to_json(self, entity: E) -> dict[str, Any]:
+        """The JSON object: message fields in proto order, zero values left out."""
+        values = self._unstructure(entity)
+        for name in self._properties:
+            values[name] = converter.unstructure(getattr(entity, name))
+        return {name: value for name in self.names if (value := values[name])}
+
+    def to_proto(self, entity: E) -> M:
+        """The proto message, from the same values as :meth:`to_json`."""
+        return self.message(**self.to_json(entity))
+
+    def from_proto(self, message: M) -> E:
+        """The entity from a message: its fields the message has, by name; the others
+        take their defaults."""
+        fields = {field.name: field for field in self.message.DESCRIPTOR.fields}
+        values = {
+            attribute.name: _proto_value(fields[attribute.name], getattr(message, attribute.name))
+            for attribute in attrs.fields(self.entity)  # type: ignore[misc]
+            if attribute.name in fields
+        }
+        return converter.structure(values, self.entity)
+
+
+def _proto_value(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return dict(value)
+    if field.is_repeated:
+        return list(value)
+    return value
+
+
+def wire_mapping(entity: type[E], message: type[M]) -> WireMapping[E, M]:
+    """Map ``entity`` to ``message`` and register the mapping, so an entity nested in
+    another (a list of attempts in a delivery) takes the same shape: map the nested
+    entity first."""
+    names = tuple(field.name for field in message.DESCRIPTOR.fields)
+    attributes = {attribute.name for attribute in attrs.fields(attrs.resolve_types(entity))}  # type: ignore[arg-type]
+    properties = tuple(name for name in names if name not in attributes)
+    for name in properties:
+        if not isinstance(getattr(entity, name, None), property):
+            raise TypeError(f"{message.__name__}.{name} has no field on {entity.__name__}")
+    omitted = {name: override(omit=True) for name in attributes if name not in names}
+    mapping = WireMapping(
+        entity=entity,
+        message=message,
+        names=names,
+        unstructure=make_dict_unstructure_fn(entity, converter, **omitted),
+        properties=properties,
+    )
+    converter.register_unstructure_hook(entity, mapping.to_json)
+    return mapping
+
+
+PAYMENT: WireMapping[Payment, pb.Payment] = wire_mapping(Payment, pb.Payment)
+
+
+def payment_to_json(payment: Payment) -> dict[str, Any]:
+    """The JSON object of a payment: the HTTP responses and the status-callback bodies."""
+    return PAYMENT.to_json(payment)
+
+
+def payment_to_proto(payment: Payment) -> pb.Payment:
+    """The protobuf message of a payment (the same values as :func:`payment_to_json`)."""
+    return PAYMENT.to_proto(payment)
