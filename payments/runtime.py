@@ -44,7 +44,8 @@ from payments.providers.registry import ProviderRegistry
 from payments.providers.stripe_events import StripeEventParser
 from payments.sandbox import StripeState, serve_sandbox
 from payments.service import PaymentService
-from payments.storage.database import Database, open_database
+from payments.storage.backends import open_database
+from payments.storage.database import Database
 from payments.storage.migrate import migrate as apply_schema
 from supervisor import (
     Backoff,

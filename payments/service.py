@@ -47,8 +47,7 @@ from payments.providers.base import CheckoutResult, EventParser, ProviderEvent
 from payments.providers.registry import ProviderRegistry
 from payments.storage import provider_callbacks
 from payments.storage import repository as repo
-from payments.storage.database import Connection, Database, DuplicateKey
-from payments.storage.pool import Deadlock
+from payments.storage.database import Connection, Database, Deadlock, DuplicateKey
 from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
 
 log = logging.getLogger("payments.service")

@@ -26,7 +26,7 @@ from payments.sandbox import Sandbox
 from payments.service import PaymentService
 from payments.storage import claims
 from payments.storage.pool import Pool
-from payments.storage.repository import to_db_datetime
+from payments.storage.timestamps import to_db_datetime
 from tests.fixtures.app import closed_port
 from tests.fixtures.sandbox import CALLBACK_BASE_URL
 from tests.jobs_support import (
