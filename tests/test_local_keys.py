@@ -1,4 +1,4 @@
-"""Local API keys (payments.api.local_keys) and ``payments keys create``.
+"""Local API keys (payments.auth.local_keys) and ``payments keys create``.
 
 The authenticator must answer exactly as GrpcAuthenticator does, so the transports
 cannot tell them apart; the keys file must refuse bad input naming the file and the
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from payments import cli
-from payments.api import auth, local_keys
-from payments.api.local_keys import (
+from payments.auth import client as auth
+from payments.auth import local_keys
+from payments.auth.local_keys import (
     KeyEntry,
     KeysFileError,
     LocalKeyAuthenticator,
@@ -347,12 +348,12 @@ def test_a_file_others_may_write_is_warned_about(
     keys_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys_file.chmod(0o666)
-    with caplog.at_level(logging.WARNING, logger="payments.api.local_keys"):
+    with caplog.at_level(logging.WARNING, logger="payments.auth.local_keys"):
         read_keys_file(keys_file)
     assert "writable by group or others" in caplog.text
     caplog.clear()
     keys_file.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="payments.api.local_keys"):
+    with caplog.at_level(logging.WARNING, logger="payments.auth.local_keys"):
         read_keys_file(keys_file)
     assert caplog.text == ""
 

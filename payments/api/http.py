@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
@@ -40,19 +40,13 @@ from werkzeug.exceptions import HTTPException
 
 from payments import logs
 from payments.api import wire
-from payments.api.transport import (
-    INTERNAL_MESSAGE,
-    Authenticator,
-    domain_error,
-    http_status,
-)
+from payments.api.transport import INTERNAL_MESSAGE, domain_error, http_status
+from payments.auth import Authenticator
 from payments.config import Settings
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.model import Caller
+from payments.service import PaymentService
 from payments.validation import validate_create
-
-if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
-    from payments.service import PaymentService
 
 log = logging.getLogger("payments.api.http")
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-from payments.api.transport import Authenticator
+from payments.auth import Authenticator
 from payments.errors import Unauthenticated
 from payments.model import Caller
 

@@ -53,17 +53,17 @@ from purerpc.client import _Channel as _PurerpcChannel
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 
-from payments.api.grpc_server import quiet_header_logging
-from payments.api.transport import Authenticator
+from payments.auth import Authenticator
 from payments.config import Settings, parse_host_port
 from payments.errors import DependencyUnavailable, PermissionDenied, Unauthenticated
 from payments.gen import auth_pb2
 from payments.gen.auth_grpc import AuthServiceStub
 from payments.model import Caller
+from payments.purerpc_compat import quiet_header_logging
 
 __all__ = ["AuthStats", "Authenticator", "GrpcAuthenticator"]
 
-log = logging.getLogger("payments.api.auth")
+log = logging.getLogger("payments.auth.client")
 quiet_header_logging()  # hpack would log our x-api-key at DEBUG
 
 # Longer keys are refused without asking Auth (no real key is this long; it bounds the

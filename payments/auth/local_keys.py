@@ -1,4 +1,4 @@
-"""Local API keys: an :class:`~payments.api.transport.Authenticator` without an Auth service.
+"""Local API keys: an :class:`~payments.auth.Authenticator` without an Auth service.
 
 For deployments that have no Auth service, and for the embedded profile. Keys come
 from a file (``PAYMENTS_API_KEYS_FILE``) and/or the environment (``PAYMENTS_API_KEYS``),
@@ -76,7 +76,7 @@ __all__ = [
     "read_keys_file",
 ]
 
-log = logging.getLogger("payments.api.local_keys")
+log = logging.getLogger("payments.auth.local_keys")
 
 FILE_VARIABLE = "PAYMENTS_API_KEYS_FILE"
 ENV_VARIABLE = "PAYMENTS_API_KEYS"
