@@ -192,7 +192,7 @@ def test_the_walk_sees_the_whole_project() -> None:
         MODULES
     )
     kinds = {edge.kind for edge in EDGES}
-    assert kinds == set(Kind), kinds
+    assert {Kind.MODULE, Kind.DEFERRED} <= kinds, kinds
     assert len(EDGES) > 100
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from payments import cli
-from payments.auth import client as auth
-from payments.auth import local_keys
+from payments.auth import MAX_API_KEY_LENGTH
+from payments.auth.client import GrpcAuthenticator
 from payments.auth.local_keys import (
     KeyEntry,
     KeysFileError,
@@ -84,10 +84,18 @@ def assert_no_secret(message: str, *secrets: str) -> None:
 # --- authenticate -------------------------------------------------------------------------
 
 
-def test_messages_and_limits_are_the_grpc_authenticators() -> None:
-    assert local_keys.MISSING_KEY_MESSAGE == auth.MISSING_KEY_MESSAGE
-    assert local_keys.INVALID_KEY_MESSAGE == auth.INVALID_KEY_MESSAGE
-    assert local_keys.MAX_API_KEY_LENGTH == auth.MAX_API_KEY_LENGTH
+@pytest.mark.parametrize("key", ["", "   ", "x" * (MAX_API_KEY_LENGTH + 1), "\ud800"])
+async def test_bad_keys_are_refused_as_the_grpc_authenticator_refuses_them(
+    authenticator: LocalKeyAuthenticator, key: str
+) -> None:
+    # Refused before any look-up, so the gRPC one needs no Auth server (and is not opened).
+    grpc = GrpcAuthenticator("127.0.0.1:1", "", "payments-service")
+    with pytest.raises(Unauthenticated) as local:
+        await authenticator.authenticate(key)
+    with pytest.raises(Unauthenticated) as remote:
+        await grpc.authenticate(key)
+    assert local.value.message == remote.value.message
+    assert local.value.message in ("missing API key", "invalid API key")
 
 
 async def test_a_valid_key_is_its_service(authenticator: LocalKeyAuthenticator) -> None:
@@ -108,7 +116,7 @@ async def test_a_trusted_caller_is_marked_trusted(authenticator: LocalKeyAuthent
         ORDERS_KEY[:-1],
         f" {ORDERS_KEY}",  # keys match exactly, as the Auth service's do
         hash_key(ORDERS_KEY),  # the stored hash is not a key
-        "x" * (local_keys.MAX_API_KEY_LENGTH + 1),
+        "x" * (MAX_API_KEY_LENGTH + 1),
         "\ud800",  # a lone surrogate cannot even be encoded
     ],
 )
