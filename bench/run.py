@@ -47,7 +47,7 @@ from bench.procs import (
     find_pid,
     memory,
 )
-from bench.profile import Recording
+from bench.pyspy import Recording
 from bench.stack import CALLER_KEY, STRIPE_KEY, Stack
 from bench.tools import ensure_tools
 from payments.gen import payments_pb2 as pb

@@ -27,7 +27,7 @@ import trio
 from dotenv import dotenv_values
 
 from payments import runtime
-from payments.api import local_keys
+from payments.auth import local_keys
 from payments.buildinfo import build_info
 from payments.config import ConfigError, load_settings
 from payments.errors import PaymentsError

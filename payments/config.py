@@ -7,6 +7,8 @@ naming the variable, never a silent default. ``config/.env.example`` documents e
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -258,10 +260,41 @@ def _dsn(value: str, name: str) -> MysqlDsn | None:
     return parse_mysql_dsn(value, name) if value.strip() else None
 
 
-def _signing_secret(value: str, name: str) -> str:
-    # Checked here so a bad secret stops the start; the rule is payments.jobs.signing's.
-    from payments.jobs.signing import parse_signing_secret
+SECRET_VARIABLE = "PAYMENTS_CALLBACK_SIGNING_SECRET"  # noqa: S105  (a name, not a secret)
+SECRET_PREFIX = "whsec_"  # noqa: S105
+MIN_SECRET_BYTES = 24
 
+
+def parse_signing_secret(value: str) -> bytes:
+    """The HMAC key of a callback signing secret (payments.jobs.signing signs with it).
+
+    The value is ``whsec_`` followed by standard base64, or the bare base64 alone
+    (padding optional), and must decode to at least 24 bytes (the Standard Webhooks
+    minimum). Anything else is a ConfigError naming the variable (never repeating the
+    value): the library itself would quietly decode a non-base64 string into some other
+    key (its base64 decoding drops characters it does not know), signing with a key the
+    receiver does not have. Generate one with::
+
+        python -c "import os, base64; print('whsec_' + base64.b64encode(os.urandom(32)).decode())"
+    """
+    text = value.strip().removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(
+            f"{SECRET_VARIABLE}: not base64; expected whsec_<base64 of at least "
+            f"{MIN_SECRET_BYTES} random bytes>"
+        ) from None
+    if len(key) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{SECRET_VARIABLE}: decodes to {len(key)} bytes; at least {MIN_SECRET_BYTES} "
+            "are required"
+        )
+    return key
+
+
+def _signing_secret(value: str, name: str) -> str:
+    # Checked here so a bad secret stops the start.
     parse_signing_secret(value)
     return value.strip()
 

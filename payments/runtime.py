@@ -24,13 +24,13 @@ import attrs
 import trio
 
 from payments import logs
-from payments.api.auth import GrpcAuthenticator
-from payments.api.auth_chain import FirstKnown
 from payments.api.grpc import PaymentsConnectionHandler, PaymentsServicer
 from payments.api.grpc_server import serve_purerpc
 from payments.api.http import create_http_app, serve_http
-from payments.api.local_keys import KeyEntry, LocalKeyAuthenticator
-from payments.api.transport import Authenticator
+from payments.auth import Authenticator
+from payments.auth.chain import FirstKnown
+from payments.auth.client import GrpcAuthenticator
+from payments.auth.local_keys import KeyEntry, LocalKeyAuthenticator
 from payments.buildinfo import build_info
 from payments.config import ConfigError, Settings
 from payments.errors import DependencyUnavailable
@@ -42,7 +42,8 @@ from payments.jobs.reconciler import Reconciler
 from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
 from payments.service import PaymentService
-from payments.storage.database import Database, open_database
+from payments.storage.backends import open_database
+from payments.storage.database import Database
 from payments.storage.migrate import migrate as apply_schema
 from payments.unit_of_work import UnitOfWork
 from supervisor import (

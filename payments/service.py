@@ -38,8 +38,7 @@ from payments.model import (
 from payments.opening import record_opened
 from payments.providers.registry import ProviderRegistry
 from payments.storage import repository as repo
-from payments.storage.database import DuplicateKey
-from payments.storage.pool import Deadlock
+from payments.storage.database import Deadlock, DuplicateKey
 from payments.unit_of_work import UnitOfWork
 
 log = logging.getLogger("payments.service")

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from purerpc import StatusCode
 
-from payments.api.auth import GrpcAuthenticator
+from payments.auth.client import GrpcAuthenticator
 from payments.config import ConfigError, Settings
 from payments.errors import DependencyUnavailable, PermissionDenied, Unauthenticated
 from payments.model import Caller

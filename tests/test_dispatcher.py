@@ -26,7 +26,7 @@ import trio
 import trio.testing
 from standardwebhooks.webhooks import Webhook
 
-from payments.config import ConfigError, MysqlDsn, Settings
+from payments.config import ConfigError, MysqlDsn, Settings, parse_signing_secret
 from payments.jobs import dispatcher as dispatcher_module
 from payments.jobs.dispatcher import (
     MAX_RETRY_DELAY,
@@ -36,7 +36,7 @@ from payments.jobs.dispatcher import (
     retry_delay,
     url_problem,
 )
-from payments.jobs.signing import CallbackSigner, parse_signing_secret
+from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, Payment, utcnow
 from payments.storage import outbox
 from payments.storage import repository as repo

@@ -1,4 +1,4 @@
-"""Local API keys (payments.api.local_keys) and ``payments keys create``.
+"""Local API keys (payments.auth.local_keys) and ``payments keys create``.
 
 The authenticator must answer exactly as GrpcAuthenticator does, so the transports
 cannot tell them apart; the keys file must refuse bad input naming the file and the
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from payments import cli
-from payments.api import auth, local_keys
-from payments.api.local_keys import (
+from payments.auth import MAX_API_KEY_LENGTH
+from payments.auth.client import GrpcAuthenticator
+from payments.auth.local_keys import (
     KeyEntry,
     KeysFileError,
     LocalKeyAuthenticator,
@@ -83,10 +84,18 @@ def assert_no_secret(message: str, *secrets: str) -> None:
 # --- authenticate -------------------------------------------------------------------------
 
 
-def test_messages_and_limits_are_the_grpc_authenticators() -> None:
-    assert local_keys.MISSING_KEY_MESSAGE == auth.MISSING_KEY_MESSAGE
-    assert local_keys.INVALID_KEY_MESSAGE == auth.INVALID_KEY_MESSAGE
-    assert local_keys.MAX_API_KEY_LENGTH == auth.MAX_API_KEY_LENGTH
+@pytest.mark.parametrize("key", ["", "   ", "x" * (MAX_API_KEY_LENGTH + 1), "\ud800"])
+async def test_bad_keys_are_refused_as_the_grpc_authenticator_refuses_them(
+    authenticator: LocalKeyAuthenticator, key: str
+) -> None:
+    # Refused before any look-up, so the gRPC one needs no Auth server (and is not opened).
+    grpc = GrpcAuthenticator("127.0.0.1:1", "", "payments-service")
+    with pytest.raises(Unauthenticated) as local:
+        await authenticator.authenticate(key)
+    with pytest.raises(Unauthenticated) as remote:
+        await grpc.authenticate(key)
+    assert local.value.message == remote.value.message
+    assert local.value.message in ("missing API key", "invalid API key")
 
 
 async def test_a_valid_key_is_its_service(authenticator: LocalKeyAuthenticator) -> None:
@@ -107,7 +116,7 @@ async def test_a_trusted_caller_is_marked_trusted(authenticator: LocalKeyAuthent
         ORDERS_KEY[:-1],
         f" {ORDERS_KEY}",  # keys match exactly, as the Auth service's do
         hash_key(ORDERS_KEY),  # the stored hash is not a key
-        "x" * (local_keys.MAX_API_KEY_LENGTH + 1),
+        "x" * (MAX_API_KEY_LENGTH + 1),
         "\ud800",  # a lone surrogate cannot even be encoded
     ],
 )
@@ -347,12 +356,12 @@ def test_a_file_others_may_write_is_warned_about(
     keys_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys_file.chmod(0o666)
-    with caplog.at_level(logging.WARNING, logger="payments.api.local_keys"):
+    with caplog.at_level(logging.WARNING, logger="payments.auth.local_keys"):
         read_keys_file(keys_file)
     assert "writable by group or others" in caplog.text
     caplog.clear()
     keys_file.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="payments.api.local_keys"):
+    with caplog.at_level(logging.WARNING, logger="payments.auth.local_keys"):
         read_keys_file(keys_file)
     assert caplog.text == ""
 

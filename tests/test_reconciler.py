@@ -24,7 +24,7 @@ from payments.sandbox import Sandbox
 from payments.service import PaymentService
 from payments.storage import claims
 from payments.storage.pool import Pool
-from payments.storage.repository import to_db_datetime
+from payments.storage.timestamps import to_db_datetime
 from payments.unit_of_work import UnitOfWork
 from tests.fixtures.app import closed_port
 from tests.jobs_support import (

@@ -28,14 +28,8 @@ from payments.errors import DependencyUnavailable
 from payments.model import utcnow
 from payments.storage import claims, outbox, provider_callbacks
 from payments.storage import repository as repo
-from payments.storage.database import (
-    DEFAULT_SQLITE_PATH,
-    Connection,
-    DatabaseStartupError,
-    DuplicateKey,
-    open_database,
-    sqlite_path_from,
-)
+from payments.storage.backends import DEFAULT_SQLITE_PATH, open_database, sqlite_path_from
+from payments.storage.database import Connection, DatabaseStartupError, DuplicateKey
 from payments.storage.dialect import MYSQL, SQLITE
 from payments.storage.migrate import Step, current_version, load_steps, migrate
 from payments.storage.pool import Pool

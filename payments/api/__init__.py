@@ -1,1 +1,1 @@
-"""Transports: HTTP (quart-trio) and gRPC (purerpc), the Auth client and the wire mapping."""
+"""Transports: HTTP (quart-trio) and gRPC (purerpc), their error tables and the wire mapping."""

@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from purerpc import Cardinality, RpcFailedError, Status, StatusCode
@@ -39,22 +39,15 @@ from purerpc.wrappers import (
 
 from payments import logs
 from payments.api import wire
-from payments.api.transport import (
-    CALLBACK_PROCESSED,
-    INTERNAL_MESSAGE,
-    Authenticator,
-    domain_error,
-    grpc_status,
-)
+from payments.api.transport import CALLBACK_PROCESSED, INTERNAL_MESSAGE, domain_error, grpc_status
+from payments.auth import Authenticator
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.gen import payments_pb2 as pb
 from payments.gen.payments_grpc import PaymentsServiceServicer
+from payments.inbound import ProviderEvents
 from payments.model import Caller
+from payments.service import PaymentService
 from payments.validation import validate_create
-
-if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
-    from payments.inbound import ProviderEvents
-    from payments.service import PaymentService
 
 log = logging.getLogger("payments.api.grpc")
 

@@ -21,20 +21,13 @@ import trio
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.server import ConnectionHandler
 
+from payments.purerpc_compat import quiet_header_logging
+
 log = logging.getLogger("payments.api.grpc_server")
 
 # After the last call of a shutdown, how long connections get to write their final
 # responses before they are cut.
 FLUSH_SECONDS = 1.0
-
-
-def quiet_header_logging() -> None:
-    """Keep hpack's DEBUG lines out of the log whatever LOG_LEVEL says: hpack logs every
-    header it encodes or decodes, value included, so ``x-api-key`` (ours and callers')
-    would reach the log verbatim. Called on import by the modules that speak HTTP/2."""
-    hpack_log = logging.getLogger("hpack")
-    if hpack_log.level < logging.INFO:  # NOTSET (0) would follow the root down to DEBUG
-        hpack_log.setLevel(logging.INFO)
 
 
 quiet_header_logging()

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
@@ -40,21 +40,14 @@ from werkzeug.exceptions import HTTPException
 
 from payments import logs
 from payments.api import wire
-from payments.api.transport import (
-    CALLBACK_PROCESSED,
-    INTERNAL_MESSAGE,
-    Authenticator,
-    domain_error,
-    http_status,
-)
+from payments.api.transport import CALLBACK_PROCESSED, INTERNAL_MESSAGE, domain_error, http_status
+from payments.auth import Authenticator
 from payments.config import Settings
 from payments.errors import InvalidArgument, Unauthenticated
+from payments.inbound import ProviderEvents
 from payments.model import Caller
+from payments.service import PaymentService
 from payments.validation import validate_create
-
-if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
-    from payments.inbound import ProviderEvents
-    from payments.service import PaymentService
 
 log = logging.getLogger("payments.api.http")
 

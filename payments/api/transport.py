@@ -1,4 +1,4 @@
-"""What both transports share: the two error tables and the authenticator they call.
+"""What both transports share: the two error tables.
 
 Error tables: domain error -> HTTP status, domain error -> gRPC status code. Both
 transports answer the same error the same way, so the tables sit side by side.
@@ -8,7 +8,7 @@ Anything not listed is unexpected: 500 / INTERNAL with the fixed message
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from purerpc import StatusCode
 
@@ -24,19 +24,10 @@ from payments.errors import (
     ProviderUnavailable,
     Unauthenticated,
 )
-from payments.model import Caller
 
 INTERNAL_MESSAGE = "internal server error"
 # The answer to an accepted provider event (applied, recorded or replayed alike).
 CALLBACK_PROCESSED = "Provider callback processed"
-
-
-class Authenticator(Protocol):
-    """Turns a caller's API key into the calling service (payments.api.auth's
-    GrpcAuthenticator). Raises Unauthenticated, PermissionDenied or
-    DependencyUnavailable."""
-
-    async def authenticate(self, api_key: str) -> Caller: ...
 
 
 T = TypeVar("T")

@@ -8,53 +8,19 @@ retry so the receiver can deduplicate), ``webhook-timestamp`` (unix seconds of t
 attempt) and ``webhook-signature`` (``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``),
 made by the ``standardwebhooks`` library so any Standard Webhooks verifier accepts it.
 
-The secret rule (checked at start by :func:`parse_signing_secret`): the value is
-``whsec_`` followed by standard base64, or the bare base64 alone (padding optional),
-and it must decode to at least 24 bytes (the Standard Webhooks minimum). Anything else
-is a configuration error. The library itself would quietly decode a non-base64 string
-into some other key (its base64 decoding drops characters it does not know), signing
-with a key the receiver does not have; refusing it at start is the only safe choice.
-Generate one with::
-
-    python -c "import os, base64; print('whsec_' + base64.b64encode(os.urandom(32)).decode())"
+The secret's rule is a setting's, so it lives in :func:`payments.config.parse_signing_secret`,
+which refuses a bad secret at start.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from datetime import UTC, datetime
 
 from standardwebhooks.webhooks import Webhook
 
-from payments.config import ConfigError
+from payments.config import parse_signing_secret
 from payments.model import OutboxEntry
-
-SECRET_VARIABLE = "PAYMENTS_CALLBACK_SIGNING_SECRET"  # noqa: S105  (a name, not a secret)
-SECRET_PREFIX = "whsec_"  # noqa: S105
-MIN_SECRET_BYTES = 24
-
-
-def parse_signing_secret(value: str) -> bytes:
-    """The HMAC key a configured secret stands for (see the rule in the module doc).
-
-    Raises ConfigError naming the variable; the message never repeats the value.
-    """
-    text = value.strip().removeprefix(SECRET_PREFIX)
-    try:
-        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(
-            f"{SECRET_VARIABLE}: not base64; expected whsec_<base64 of at least "
-            f"{MIN_SECRET_BYTES} random bytes>"
-        ) from None
-    if len(key) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{SECRET_VARIABLE}: decodes to {len(key)} bytes; at least {MIN_SECRET_BYTES} "
-            "are required"
-        )
-    return key
 
 
 class CallbackSigner:

@@ -1,28 +1,8 @@
-"""Storage: one repository contract, two backends (MySQL/MariaDB and SQLite).
+"""Storage: one contract, two backends (MySQL/MariaDB and SQLite), and migrations.
 
-The service owns transactions (``db.transaction()``); the repository functions take
-the connection they run on and never commit by themselves. ``open_database`` picks the
-backend from the settings (see database.py).
+``database`` is the contract the service is written against (and the errors it may
+catch); ``backends.open_database`` picks the backend from the settings; the
+repositories (repository, outbox, claims, provider_callbacks) are plain functions over
+a connection, and the caller owns the transaction. Nothing is imported here, so
+importing one repository loads no driver.
 """
-
-from payments.storage.database import (
-    Connection,
-    Database,
-    DatabaseStartupError,
-    DuplicateKey,
-    PoolStats,
-    open_database,
-)
-from payments.storage.pool import Pool
-from payments.storage.sqlite import SqliteDatabase
-
-__all__ = [
-    "Connection",
-    "Database",
-    "DatabaseStartupError",
-    "DuplicateKey",
-    "Pool",
-    "PoolStats",
-    "SqliteDatabase",
-    "open_database",
-]

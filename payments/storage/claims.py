@@ -34,7 +34,7 @@ from payments.model import Payment, PaymentStatus
 from payments.storage import repository as repo
 from payments.storage.database import Connection
 from payments.storage.dialect import MYSQL, Dialect
-from payments.storage.repository import from_db_datetime, to_db_datetime
+from payments.storage.timestamps import from_db_datetime, to_db_datetime
 
 
 @attrs.frozen

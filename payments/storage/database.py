@@ -1,12 +1,13 @@
-"""The storage contract the service is written against, and the factory that picks a
-backend.
+"""The storage contract the service is written against, and what it may catch.
 
 Two backends implement it: :class:`payments.storage.pool.Pool` (MySQL/MariaDB through
 trio-mysql, for production and many replicas) and
 :class:`payments.storage.sqlite.SqliteDatabase` (one SQLite file, for the embedded
-single-process profile). The repositories (repository, outbox, claims,
-provider_callbacks) take a :class:`Connection` and run the same SQL on both; what
-differs is rendered by the connection's :class:`~payments.storage.dialect.Dialect`.
+single-process profile); :mod:`payments.storage.backends` picks one. This module
+imports neither, so the service and the repositories load no driver. The repositories
+(repository, outbox, claims, provider_callbacks) take a :class:`Connection` and run the
+same SQL on both; what differs is rendered by the connection's
+:class:`~payments.storage.dialect.Dialect`.
 
 The rules both keep (tests/test_storage_contract.py checks them on both):
 
@@ -14,37 +15,41 @@ The rules both keep (tests/test_storage_contract.py checks them on both):
   inside a transaction that commits when the block ends and rolls back when it raises
   (or is cancelled). A session is one task's at a time.
 * Placeholders are ``%s``; values are always parameters. Datetimes go in as naive UTC
-  and come back as naive UTC ``datetime`` with microseconds (the repositories make them
+  and come back as naive UTC ``datetime`` with microseconds (timestamps.py makes them
   aware). Text is full Unicode, emoji included, and compares exactly (binary).
 * A UNIQUE violation raises :class:`DuplicateKey` naming the index as schema.sql names
   it; the statement is undone and an open transaction goes on.
 * The database being unreachable, locked or failing raises
-  ``DependencyUnavailable("database unavailable")``; a bad statement (a bug) raises the
-  driver's own error.
+  ``DependencyUnavailable("database unavailable")``; :class:`Deadlock`, a kind of it,
+  when the transaction was chosen as a deadlock victim and may simply run again. A bad
+  statement (a bug) raises the driver's own error.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
 from payments.config import ConfigError
+from payments.errors import DependencyUnavailable
 from payments.storage.dialect import Dialect
 
-if TYPE_CHECKING:
-    from payments.config import Settings
+__all__ = [
+    "UNAVAILABLE",
+    "Connection",
+    "Database",
+    "DatabaseStartupError",
+    "Deadlock",
+    "DependencyUnavailable",
+    "DuplicateKey",
+    "PoolStats",
+]
 
 # What every backend's DependencyUnavailable says (never SQL text, never a path).
 UNAVAILABLE = "database unavailable"
-
-# The setting that names the SQLite file when MYSQL_DSN is not set (Settings.sqlite_path).
-SQLITE_PATH_VARIABLE = "PAYMENTS_SQLITE_PATH"
-DEFAULT_SQLITE_PATH = Path("var") / "payments.db"
 
 
 class DuplicateKey(Exception):
@@ -57,6 +62,12 @@ class DuplicateKey(Exception):
     def __init__(self, key: str) -> None:
         super().__init__(f"duplicate key {key or '(unknown)'}")
         self.key = key
+
+
+class Deadlock(DependencyUnavailable):
+    """InnoDB chose this transaction as a deadlock victim and rolled it back; running the
+    transaction again is the documented answer (concurrent inserts of one unique key
+    meet this)."""
 
 
 class DatabaseStartupError(ConfigError):
@@ -141,36 +152,3 @@ class Database(Protocol):
     async def aclose(self) -> None:
         """Refuse new checkouts and close what is idle (safe to call twice)."""
         ...
-
-
-def sqlite_path_from(value: str | os.PathLike[str] | None) -> Path:
-    """The SQLite file a PAYMENTS_SQLITE_PATH value names ('' or None: the default)."""
-    text = os.fspath(value).strip() if value is not None else ""
-    return Path(text).expanduser() if text else DEFAULT_SQLITE_PATH
-
-
-def open_database(
-    settings: Settings,
-    *,
-    sqlite_path: str | os.PathLike[str] | None = None,
-    **sqlite_options: Any,
-) -> Database:
-    """The database the settings choose: MySQL when MYSQL_DSN is set, else SQLite.
-
-    No I/O here (like ``Pool.from_settings``). MySQL: the pool from the MYSQL_*
-    settings; sessions connect on demand and the schema is ``payments migrate``'s job.
-    SQLite: the file at ``sqlite_path`` if given, else PAYMENTS_SQLITE_PATH
-    (``settings.sqlite_path``; default ``./var/payments.db``). Its first checkout opens,
-    checks and migrates it, so start with ``await migrate(db)`` (or
-    ``await db.start()``): a corrupt, locked or unwritable file then stops the start
-    with :class:`DatabaseStartupError`. ``sqlite_options`` go to
-    :class:`~payments.storage.sqlite.SqliteDatabase` (busy_timeout, ...).
-    """
-    if settings.mysql_dsn is not None:
-        from payments.storage.pool import Pool
-
-        return Pool.from_settings(settings)
-    from payments.storage.sqlite import SqliteDatabase
-
-    path = sqlite_path if sqlite_path is not None else settings.sqlite_path
-    return SqliteDatabase(sqlite_path_from(path), **sqlite_options)

@@ -36,7 +36,7 @@ from payments.storage.database import Connection, Database
 from payments.storage.dialect import MYSQL, SQLITE, Dialect
 from payments.storage.pool import Connection as MysqlConnection
 from payments.storage.pool import Pool
-from payments.storage.repository import to_db_datetime
+from payments.storage.timestamps import to_db_datetime
 
 log = logging.getLogger("payments.storage.migrate")
 

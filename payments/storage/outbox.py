@@ -31,7 +31,7 @@ import attrs
 from payments.model import OutboxEntry, OutboxState, PaymentStatus
 from payments.storage.database import Connection, Database, DuplicateKey
 from payments.storage.dialect import MYSQL, Dialect
-from payments.storage.repository import from_db_datetime, to_db_datetime
+from payments.storage.timestamps import from_db_datetime, to_db_datetime
 
 # VARCHAR(500) of last_error and callback_attempts.error (strict mode refuses longer).
 ERROR_MAX_CHARS = 500

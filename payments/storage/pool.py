@@ -43,7 +43,7 @@ from trio_mysql.cursors import Cursor
 
 from payments.config import ConfigError, MysqlDsn, Settings
 from payments.errors import DependencyUnavailable
-from payments.storage.database import UNAVAILABLE, DuplicateKey, PoolStats
+from payments.storage.database import UNAVAILABLE, Deadlock, DuplicateKey, PoolStats
 from payments.storage.dialect import MYSQL, Dialect
 
 log = logging.getLogger("payments.storage")
@@ -88,12 +88,6 @@ def _is_server_error(errno: int | None) -> bool:
 
 
 DEADLOCK_ERRNO = 1213
-
-
-class Deadlock(DependencyUnavailable):
-    """InnoDB chose this transaction as a deadlock victim and rolled it back; running the
-    transaction again is the documented answer (concurrent inserts of one unique key
-    meet this)."""
 
 
 def _is_unavailable(exc: BaseException) -> bool:

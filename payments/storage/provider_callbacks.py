@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from payments.storage.database import Connection
-from payments.storage.repository import from_db_datetime, to_db_datetime
+from payments.storage.timestamps import from_db_datetime, to_db_datetime
 
 # Column sizes of schema.sql (SQLite does not enforce them: cutting here keeps both alike).
 _LIMITS = {

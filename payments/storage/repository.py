@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -32,6 +31,7 @@ from payments.model import (
     ProviderType,
 )
 from payments.storage.database import Connection
+from payments.storage.timestamps import from_db_datetime, to_db_datetime
 
 # --- mapping ------------------------------------------------------------------------
 
@@ -57,26 +57,6 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "provider_event_type",
     "created_at",
 )
-
-
-def to_db_datetime(value: datetime) -> datetime:
-    """Aware datetime -> naive UTC for a DATETIME column. A naive one is a bug: refuse it
-    rather than guess its zone."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("naive datetime: entities hold timezone-aware UTC datetimes")
-    return value.astimezone(UTC).replace(tzinfo=None)
-
-
-def from_db_datetime(value: datetime | str) -> datetime:
-    """Naive UTC from a datetime column -> aware UTC.
-
-    MySQL hands back ``datetime`` (the session time_zone is +00:00), and so does SQLite
-    for a plain column (its converter); an SQLite expression over such columns (MIN,
-    MAX) has no declared type and comes back as the stored ISO text.
-    """
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC)
 
 
 def _metadata_to_db(metadata: dict[str, str]) -> str:

@@ -8,15 +8,13 @@ service, local keys or the dev key).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Self
 
-from payments.api.transport import Authenticator
+from payments.auth import Authenticator, Unmanaged
 from payments.errors import Unauthenticated
 from payments.model import Caller
 
 
-class FirstKnown:
+class FirstKnown(Unmanaged):
     """Answers with the first authenticator that knows the key."""
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
@@ -31,14 +29,3 @@ class FirstKnown:
             except Unauthenticated:
                 continue
         return await self._authenticators[-1].authenticate(api_key)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None

@@ -1,9 +1,10 @@
-"""Local API keys: an :class:`~payments.api.transport.Authenticator` without an Auth service.
+"""Local API keys: an :class:`~payments.auth.Authenticator` without an Auth service.
 
 For deployments that have no Auth service, and for the embedded profile. Keys come
 from a file (``PAYMENTS_API_KEYS_FILE``) and/or the environment (``PAYMENTS_API_KEYS``),
 and grant what the Auth service would grant (CONTRACT.md, "Auth service"): a service
-name and the services it may call. The rules and messages are GrpcAuthenticator's:
+name and the services it may call. The rules and messages are GrpcAuthenticator's
+(the refusals of a malformed key are payments.auth.key_digest's, shared by both):
 
 - blank key: ``Unauthenticated("missing API key")``;
 - unknown key: ``Unauthenticated("invalid API key")``;
@@ -51,11 +52,10 @@ import stat
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import attrs
 
+from payments.auth import INVALID_KEY_MESSAGE, Unmanaged, key_digest
 from payments.config import ConfigError
 from payments.errors import PermissionDenied, Unauthenticated
 from payments.model import Caller
@@ -76,7 +76,7 @@ __all__ = [
     "read_keys_file",
 ]
 
-log = logging.getLogger("payments.api.local_keys")
+log = logging.getLogger("payments.auth.local_keys")
 
 FILE_VARIABLE = "PAYMENTS_API_KEYS_FILE"
 ENV_VARIABLE = "PAYMENTS_API_KEYS"
@@ -85,11 +85,6 @@ ENV_VARIABLE = "PAYMENTS_API_KEYS"
 # Not "pk_": that is Stripe's publishable-key prefix, a confusion to avoid here.
 KEY_PREFIX = "paysvc_"
 HASH_SCHEME = "sha256:"
-
-# The same as GrpcAuthenticator (tests/test_local_keys.py checks they stay equal).
-MISSING_KEY_MESSAGE = "missing API key"
-INVALID_KEY_MESSAGE = "invalid API key"
-MAX_API_KEY_LENGTH = 4096
 
 _HASH = re.compile(r"sha256:([0-9a-fA-F]{64})")
 # Printable ASCII minus whitespace and the format's separators.
@@ -248,10 +243,10 @@ def _check_duplicates(entries: Sequence[KeyEntry]) -> None:
 # --- the authenticator ------------------------------------------------------------------
 
 
-class LocalKeyAuthenticator:
-    """The :class:`~payments.api.transport.Authenticator` over local keys (see the
-    module docstring). Immutable once built; an async context manager that does
-    nothing, so the runtime can open it like GrpcAuthenticator."""
+class LocalKeyAuthenticator(Unmanaged):
+    """The :class:`~payments.auth.Authenticator` over local keys (see the module
+    docstring). Immutable once built; opened like GrpcAuthenticator, with nothing to
+    open."""
 
     def __init__(
         self,
@@ -292,29 +287,10 @@ class LocalKeyAuthenticator:
     def entries(self) -> tuple[KeyEntry, ...]:
         return self._entries
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
     async def authenticate(self, api_key: str) -> Caller:
         """The calling service for ``api_key``; raises Unauthenticated or
         PermissionDenied. No I/O and no checkpoint: the entries are in memory."""
-        if not api_key or not api_key.strip():
-            raise Unauthenticated(MISSING_KEY_MESSAGE)
-        try:
-            encoded = api_key.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: no stored key looks like that
-            raise Unauthenticated(INVALID_KEY_MESSAGE) from None
-        if len(encoded) > MAX_API_KEY_LENGTH:
-            raise Unauthenticated(INVALID_KEY_MESSAGE)
-        digest = hashlib.sha256(encoded).digest()
+        digest = key_digest(api_key)
         found: KeyEntry | None = None
         for entry in self._entries:  # every entry, match or not (see the module docstring)
             if hmac.compare_digest(entry.digest, digest):

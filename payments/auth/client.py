@@ -36,7 +36,6 @@ API keys never reach the log, not even hashed.
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -53,26 +52,20 @@ from purerpc.client import _Channel as _PurerpcChannel
 from purerpc.grpc_proto import GRPCProtoSocket
 from purerpc.grpclib.config import GRPCConfiguration
 
-from payments.api.grpc_server import quiet_header_logging
-from payments.api.transport import Authenticator
+from payments.auth import INVALID_KEY_MESSAGE, key_digest
 from payments.config import Settings, parse_host_port
 from payments.errors import DependencyUnavailable, PermissionDenied, Unauthenticated
 from payments.gen import auth_pb2
 from payments.gen.auth_grpc import AuthServiceStub
 from payments.model import Caller
+from payments.purerpc_compat import quiet_header_logging
 
-__all__ = ["AuthStats", "Authenticator", "GrpcAuthenticator"]
+__all__ = ["AuthStats", "GrpcAuthenticator"]
 
-log = logging.getLogger("payments.api.auth")
+log = logging.getLogger("payments.auth.client")
 quiet_header_logging()  # hpack would log our x-api-key at DEBUG
 
-# Longer keys are refused without asking Auth (no real key is this long; it bounds the
-# work a caller can make us do).
-MAX_API_KEY_LENGTH = 4096
 DEFAULT_CACHE_MAX_ENTRIES = 10_000
-
-MISSING_KEY_MESSAGE = "missing API key"
-INVALID_KEY_MESSAGE = "invalid API key"
 UNAVAILABLE_MESSAGE = "auth service unavailable"
 
 _INVALID_KEY_CODES = frozenset({purerpc.StatusCode.UNAUTHENTICATED, purerpc.StatusCode.NOT_FOUND})
@@ -191,8 +184,8 @@ class _Connection:
 
 
 class GrpcAuthenticator:
-    """The :class:`Authenticator` of the service: a purerpc client of the Auth service
-    with a short cache and single flight (see the module docstring).
+    """The :class:`~payments.auth.Authenticator` of the service: a purerpc client of the
+    Auth service with a short cache and single flight (see the module docstring).
 
     Use it as an async context manager; it owns a nursery for its connection and its
     in-flight calls, closed (and the connection with it) on exit::
@@ -277,15 +270,7 @@ class GrpcAuthenticator:
     async def authenticate(self, api_key: str) -> Caller:
         """The calling service for ``api_key``; raises Unauthenticated,
         PermissionDenied or DependencyUnavailable (see the module docstring)."""
-        if not api_key or not api_key.strip():
-            raise Unauthenticated(MISSING_KEY_MESSAGE)
-        try:
-            encoded = api_key.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: no Auth key looks like that
-            raise Unauthenticated(INVALID_KEY_MESSAGE) from None
-        if len(encoded) > MAX_API_KEY_LENGTH:
-            raise Unauthenticated(INVALID_KEY_MESSAGE)
-        digest = hashlib.sha256(encoded).digest()
+        digest = key_digest(api_key)
 
         cached = self._cache_get(digest)
         if cached is not None:

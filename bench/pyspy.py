@@ -3,7 +3,7 @@
 py-spy is not a project dependency: install it anywhere (``pip install py-spy`` in any
 virtualenv) and put it on PATH, or name it with ``BENCH_PY_SPY``. Profiles are py-spy's
 "raw" format (folded stacks, one ``frame;frame;... count`` per line), which
-flamegraph.pl or speedscope read, and which ``python -m bench.profile FILE`` sums up:
+flamegraph.pl or speedscope read, and which ``python -m bench.pyspy FILE`` sums up:
 the frames with the most samples of their own, and those on the most stacks.
 
 Sampling pauses the process briefly at each sample (about 1% at 100 Hz), so a profiled
@@ -94,7 +94,7 @@ def summarize(path: Path, top: int = 30) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.pyspy", description=__doc__)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
