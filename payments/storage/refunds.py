@@ -14,9 +14,9 @@ Stripe does not know yet.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -35,77 +35,69 @@ MAX_FAILURE_REASON = 500
 
 REFUND_COLUMNS: tuple[str, ...] = tuple(field.name for field in attrs.fields(Refund))
 _INSERT_COLUMNS = tuple(column for column in REFUND_COLUMNS if column != "id")
-_DATETIMES = frozenset({"created_at", "updated_at"})
-
+# What update_refund writes, in its SQL's order; the rest is fixed at creation.
+_UPDATE_COLUMNS = ("status", "failure_reason", "provider_refund_id", "updated_at")
 EVENT_COLUMNS: tuple[str, ...] = tuple(field.name for field in attrs.fields(RefundEvent))
 _INSERT_EVENT_COLUMNS = tuple(column for column in EVENT_COLUMNS if column != "id")
 
 
-def _refund_to_row(refund: Refund) -> list[Any]:
-    row: dict[str, Any] = {}
-    for column in _INSERT_COLUMNS:
-        value = getattr(refund, column)
-        if column == "status":
-            value = int(value)
-        elif column in _DATETIMES:
-            value = to_db_datetime(value)
-        elif column == "metadata":
-            value = _metadata_to_db(value)
-        elif column == "provider_refund_id":
-            value = value or None
-        elif column == "failure_reason":
-            value = value[:MAX_FAILURE_REASON]
-        row[column] = value
-    return [row[column] for column in _INSERT_COLUMNS]
+def _empty_as_null(value: str) -> str | None:
+    # NULL, not '': a UNIQUE key then allows any number of rows without a value.
+    return value or None
 
 
-def _refund_from_row(row: Sequence[Any]) -> Refund:
+def _null_as_empty(value: str | None) -> str:
+    return value or ""
+
+
+# Column -> conversion, one table each way for both entities (columns are field names;
+# a column absent here is stored as the entity holds it).
+_TO_DB: dict[str, Callable[[Any], Any]] = {
+    "status": int,
+    "from_status": int,
+    "to_status": int,
+    "kind": str,
+    "created_at": to_db_datetime,
+    "updated_at": to_db_datetime,
+    "metadata": _metadata_to_db,
+    "provider_refund_id": _empty_as_null,
+    "provider_event_id": _empty_as_null,
+    "failure_reason": lambda text: text[:MAX_FAILURE_REASON],
+}
+_FROM_DB: dict[str, Callable[[Any], Any]] = {
+    "id": int,
+    "payment_id": int,
+    "refund_id": int,
+    "amount_cents": int,
+    "status": RefundStatus,
+    "from_status": RefundStatus,
+    "to_status": RefundStatus,
+    "kind": EventKind,
+    "created_at": from_db_datetime,
+    "updated_at": from_db_datetime,
+    "metadata": _metadata_from_db,
+    "provider_refund_id": _null_as_empty,
+    "provider_event_id": _null_as_empty,
+}
+
+_Entity = TypeVar("_Entity", Refund, RefundEvent)
+
+
+def _to_row(entity: Refund | RefundEvent, columns: Sequence[str]) -> list[Any]:
+    row = []
+    for column in columns:
+        value = getattr(entity, column)
+        convert = _TO_DB.get(column)
+        row.append(convert(value) if convert else value)
+    return row
+
+
+def _from_row(cls: type[_Entity], columns: Sequence[str], row: Sequence[Any]) -> _Entity:
     fields: dict[str, Any] = {}
-    for column, value in zip(REFUND_COLUMNS, row, strict=True):
-        if column == "status":
-            value = RefundStatus(value)
-        elif column in _DATETIMES:
-            value = from_db_datetime(value)
-        elif column == "metadata":
-            value = _metadata_from_db(value)
-        elif column == "provider_refund_id":
-            value = value or ""
-        elif column in ("id", "payment_id", "amount_cents"):
-            value = int(value)
-        fields[column] = value
-    return Refund(**fields)
-
-
-def _event_to_row(event: RefundEvent) -> list[Any]:
-    row: dict[str, Any] = {
-        "refund_id": event.refund_id,
-        "payment_id": event.payment_id,
-        "kind": str(event.kind),
-        "from_status": int(event.from_status),
-        "to_status": int(event.to_status),
-        "reason": event.reason,
-        # NULL, not '': the UNIQUE key then allows any number of rows without one.
-        "provider_event_id": event.provider_event_id or None,
-        "provider_event_type": event.provider_event_type,
-        "created_at": to_db_datetime(event.created_at),
-    }
-    return [row[column] for column in _INSERT_EVENT_COLUMNS]
-
-
-def _event_from_row(row: Sequence[Any]) -> RefundEvent:
-    values = dict(zip(EVENT_COLUMNS, row, strict=True))
-    return RefundEvent(
-        id=int(values["id"]),
-        refund_id=int(values["refund_id"]),
-        payment_id=int(values["payment_id"]),
-        kind=EventKind(values["kind"]),
-        from_status=RefundStatus(values["from_status"]),
-        to_status=RefundStatus(values["to_status"]),
-        reason=values["reason"],
-        provider_event_id=values["provider_event_id"] or "",
-        provider_event_type=values["provider_event_type"],
-        created_at=from_db_datetime(values["created_at"]),
-    )
+    for column, value in zip(columns, row, strict=True):
+        convert = _FROM_DB.get(column)
+        fields[column] = convert(value) if convert else value
+    return cls(**fields)
 
 
 def _insert_sql(table: str, columns: Sequence[str]) -> str:
@@ -132,7 +124,7 @@ async def _one(
 ) -> Refund | None:
     lock = conn.dialect.for_update if for_update else ""
     row = await conn.fetchone(f"{_SELECT_REFUND} WHERE {where}{lock}", args)
-    return None if row is None else _refund_from_row(row)
+    return None if row is None else _from_row(Refund, REFUND_COLUMNS, row)
 
 
 # --- refunds ------------------------------------------------------------------------
@@ -145,7 +137,7 @@ async def insert_refund(conn: Connection, refund: Refund) -> int:
     already names a refund (the idempotency check of create), or
     ``uq_refunds_provider_refund_id`` when the Stripe refund is recorded already.
     """
-    return await conn.insert(_INSERT_REFUND, _refund_to_row(refund))
+    return await conn.insert(_INSERT_REFUND, _to_row(refund, _INSERT_COLUMNS))
 
 
 async def get_refund(
@@ -179,7 +171,7 @@ async def get_refund_by_provider_id(
 async def list_refunds(conn: Connection, payment_id: int) -> list[Refund]:
     """A payment's refunds, oldest first."""
     rows = await conn.fetchall(f"{_SELECT_REFUND} WHERE payment_id = %s ORDER BY id", (payment_id,))
-    return [_refund_from_row(row) for row in rows]
+    return [_from_row(Refund, REFUND_COLUMNS, row) for row in rows]
 
 
 async def list_pending_refunds(
@@ -191,7 +183,7 @@ async def list_pending_refunds(
         f"{_SELECT_REFUND} WHERE status = %s AND updated_at < %s ORDER BY updated_at, id LIMIT %s",
         (int(RefundStatus.PENDING), to_db_datetime(updated_before), max(0, limit)),
     )
-    return [_refund_from_row(row) for row in rows]
+    return [_from_row(Refund, REFUND_COLUMNS, row) for row in rows]
 
 
 async def update_refund(conn: Connection, refund: Refund) -> None:
@@ -205,13 +197,7 @@ async def update_refund(conn: Connection, refund: Refund) -> None:
     matched = await conn.execute(
         "UPDATE refunds SET status = %s, failure_reason = %s, provider_refund_id = %s,"
         " updated_at = %s WHERE id = %s",
-        (
-            int(refund.status),
-            refund.failure_reason[:MAX_FAILURE_REASON],
-            refund.provider_refund_id or None,
-            to_db_datetime(refund.updated_at),
-            refund.id,
-        ),
+        [*_to_row(refund, _UPDATE_COLUMNS), refund.id],
     )
     if matched == 0:
         raise NotFound("refund not found")
@@ -247,10 +233,10 @@ async def insert_refund_event(conn: Connection, event: RefundEvent) -> int:
     """Record one history row; return its id. Raises DuplicateKey
     ``uq_refund_events_provider_event`` when this provider event is recorded for this
     refund already: a replayed event, to acknowledge and ignore."""
-    return await conn.insert(_INSERT_EVENT, _event_to_row(event))
+    return await conn.insert(_INSERT_EVENT, _to_row(event, _INSERT_EVENT_COLUMNS))
 
 
 async def list_refund_events(conn: Connection, refund_id: int) -> list[RefundEvent]:
     """A refund's history, oldest first."""
     rows = await conn.fetchall(f"{_SELECT_EVENT} WHERE refund_id = %s ORDER BY id", (refund_id,))
-    return [_event_from_row(row) for row in rows]
+    return [_from_row(RefundEvent, EVENT_COLUMNS, row) for row in rows]
