@@ -169,3 +169,59 @@ CREATE TABLE IF NOT EXISTS provider_callbacks (
     KEY ix_provider_callbacks_payment (payment_id, id),
     KEY ix_provider_callbacks_received (received_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- migrate:step 3 refunds, refund_events
+
+-- One row per refund of a payment, written (PENDING) under the payment's row lock
+-- before Stripe is called, so concurrent refunds are summed against the amount.
+CREATE TABLE IF NOT EXISTS refunds (
+    id                  BIGINT UNSIGNED  NOT NULL AUTO_INCREMENT,
+    -- no FOREIGN KEY (see payment_events): written under the payment's own row lock
+    payment_id          BIGINT UNSIGNED  NOT NULL,
+    request_id          VARCHAR(128)     NOT NULL,
+    caller_service      VARCHAR(128)     NOT NULL,
+    amount_cents        BIGINT           NOT NULL,
+    currency            CHAR(3)          NOT NULL,
+    -- RefundStatus: the proto numbers
+    status              TINYINT UNSIGNED NOT NULL,
+    -- sha256 of the create parameters ('' for a refund made outside the service)
+    request_fingerprint CHAR(64)         NOT NULL DEFAULT '',
+    created_at          DATETIME(6)      NOT NULL,
+    updated_at          DATETIME(6)      NOT NULL,
+    -- '' or one of Stripe's duplicate, fraudulent, requested_by_customer
+    reason              VARCHAR(32)      NOT NULL DEFAULT '',
+    failure_reason      VARCHAR(500)     NOT NULL DEFAULT '',
+    -- NULL until Stripe has the refund: the UNIQUE key allows many NULLs, one per re_ id
+    provider_refund_id  VARCHAR(255)     NULL DEFAULT NULL,
+    metadata            MEDIUMTEXT       NOT NULL,
+    PRIMARY KEY (id),
+    -- idempotency: (caller_service, request_id) names one refund forever
+    UNIQUE KEY uq_refunds_caller_request (caller_service, request_id),
+    -- a Stripe refund is recorded once (events about our own refunds find it here)
+    UNIQUE KEY uq_refunds_provider_refund_id (provider_refund_id),
+    -- a payment's refunds, oldest first, and their sums under the payment's lock
+    KEY ix_refunds_payment (payment_id, id),
+    -- the reconciler: PENDING refunds not updated for a while
+    KEY ix_refunds_status_updated (status, updated_at),
+    CONSTRAINT ck_refunds_metadata_json CHECK (JSON_VALID(metadata))
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- A refund's history: one row per status change, like payment_events.
+CREATE TABLE IF NOT EXISTS refund_events (
+    id                  BIGINT UNSIGNED  NOT NULL AUTO_INCREMENT,
+    refund_id           BIGINT UNSIGNED  NOT NULL,
+    payment_id          BIGINT UNSIGNED  NOT NULL,
+    -- payments.model.EventKind
+    kind                VARCHAR(32)      NOT NULL,
+    from_status         TINYINT UNSIGNED NOT NULL,
+    to_status           TINYINT UNSIGNED NOT NULL,
+    reason              TEXT             NOT NULL,
+    -- NULL when not from a provider event. One event (charge.refunded) may move several
+    -- refunds, so the key is per refund: a replayed event is detected for each.
+    provider_event_id   VARCHAR(255)     NULL DEFAULT NULL,
+    provider_event_type VARCHAR(255)     NOT NULL DEFAULT '',
+    created_at          DATETIME(6)      NOT NULL,
+    PRIMARY KEY (id),
+    KEY ix_refund_events_refund (refund_id, id),
+    UNIQUE KEY uq_refund_events_provider_event (provider_event_id, refund_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

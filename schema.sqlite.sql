@@ -136,3 +136,44 @@ CREATE TABLE IF NOT EXISTS provider_callbacks (
 CREATE INDEX IF NOT EXISTS ix_provider_callbacks_event ON provider_callbacks (event_id);
 CREATE INDEX IF NOT EXISTS ix_provider_callbacks_payment ON provider_callbacks (payment_id, id);
 CREATE INDEX IF NOT EXISTS ix_provider_callbacks_received ON provider_callbacks (received_at);
+
+-- migrate:step 3 refunds, refund_events
+
+CREATE TABLE IF NOT EXISTS refunds (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    payment_id          INTEGER       NOT NULL,
+    request_id          TEXT          NOT NULL,
+    caller_service      TEXT          NOT NULL,
+    amount_cents        INTEGER       NOT NULL,
+    currency            TEXT          NOT NULL,
+    status              INTEGER       NOT NULL,
+    request_fingerprint TEXT          NOT NULL DEFAULT '',
+    created_at          DATETIME_TEXT NOT NULL,
+    updated_at          DATETIME_TEXT NOT NULL,
+    reason              TEXT          NOT NULL DEFAULT '',
+    failure_reason      TEXT          NOT NULL DEFAULT '',
+    -- NULL until Stripe has the refund (a UNIQUE index allows many NULLs)
+    provider_refund_id  TEXT          NULL DEFAULT NULL,
+    metadata            TEXT          NOT NULL
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS uq_refunds_caller_request ON refunds (caller_service, request_id);
+CREATE UNIQUE INDEX IF NOT EXISTS uq_refunds_provider_refund_id ON refunds (provider_refund_id);
+CREATE INDEX IF NOT EXISTS ix_refunds_payment ON refunds (payment_id, id);
+CREATE INDEX IF NOT EXISTS ix_refunds_status_updated ON refunds (status, updated_at);
+
+CREATE TABLE IF NOT EXISTS refund_events (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    refund_id           INTEGER       NOT NULL,
+    payment_id          INTEGER       NOT NULL,
+    kind                TEXT          NOT NULL,
+    from_status         INTEGER       NOT NULL,
+    to_status           INTEGER       NOT NULL,
+    reason              TEXT          NOT NULL,
+    provider_event_id   TEXT          NULL DEFAULT NULL,
+    provider_event_type TEXT          NOT NULL DEFAULT '',
+    created_at          DATETIME_TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS ix_refund_events_refund ON refund_events (refund_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS uq_refund_events_provider_event ON refund_events (provider_event_id, refund_id);

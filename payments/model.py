@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import attrs
@@ -270,3 +270,200 @@ class OutboxEntry:
     last_error: str = ""
     delivered_at: datetime | None = None
     id: int = 0
+
+
+# --- refunds ------------------------------------------------------------------------
+
+
+class RefundStatus(enum.IntEnum):
+    """A refund's status; the numbers are proto/payments.proto's RefundStatus."""
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    SUCCEEDED = 10
+    FAILED = 20
+    CANCELED = 30
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in REFUND_TERMINAL_STATUSES
+
+
+REFUND_TERMINAL_STATUSES = frozenset(
+    {RefundStatus.SUCCEEDED, RefundStatus.FAILED, RefundStatus.CANCELED}
+)
+# Statuses whose amount is no longer refundable: a PENDING refund may still succeed, so
+# it holds its amount; FAILED and CANCELED ones give it back.
+REFUND_HOLDING_STATUSES = frozenset({RefundStatus.PENDING, RefundStatus.SUCCEEDED})
+REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")  # Stripe's, or ""
+
+_R = RefundStatus
+# The refund status machine, written like the payment one: forward only, terminal final.
+REFUND_TRANSITIONS: Mapping[RefundStatus, frozenset[RefundStatus]] = {
+    _R.PENDING: frozenset({_R.SUCCEEDED, _R.FAILED, _R.CANCELED}),
+    _R.SUCCEEDED: frozenset(),
+    _R.FAILED: frozenset(),
+    _R.CANCELED: frozenset(),
+}
+
+
+def can_refund_transition(current: RefundStatus, new: RefundStatus) -> bool:
+    """True when the refund status machine lets ``current`` move to ``new``."""
+    return new in REFUND_TRANSITIONS.get(current, frozenset())
+
+
+def check_refund_transition(current: RefundStatus, new: RefundStatus) -> RefundStatus:
+    """Return ``new`` when the refund machine allows it, else raise TransitionRefused."""
+    if not can_refund_transition(current, new):
+        raise TransitionRefused(f"refund {current.name} -> {new.name} is not allowed")
+    return new
+
+
+def refund_idempotency_key(caller_service: str, request_id: str) -> str:
+    """The Stripe idempotency key of a refund, derived from (caller_service, request_id).
+
+    Its own namespace: a caller may use one request_id for a payment and for a refund,
+    and Stripe would refuse one key reused for another request. A retry of the same
+    refund reuses the key (the 409 rule forbids other parameters under one request_id),
+    so a crash between Stripe's answer and the commit never makes a second refund.
+    """
+    raw = json.dumps(["refund", caller_service, request_id])  # unambiguous framing
+    return f"refunds-{hashlib.sha256(raw.encode()).hexdigest()[:48]}"
+
+
+@attrs.frozen
+class NewRefund:
+    """A validated create-refund request, as the caller sent it.
+
+    ``amount_cents`` 0 means "everything still refundable" and stays 0 here: the
+    fingerprint is of the request, so a replay of an omitted amount matches although
+    the resolved amount (on :class:`Refund`) is a number.
+    """
+
+    payment_id: int
+    request_id: str
+    caller_service: str
+    amount_cents: int
+    reason: str = ""
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+
+    def fingerprint(self) -> str:
+        """A digest of every parameter: the same request_id with another digest is a 409."""
+        fields = attrs.asdict(self, recurse=False)
+        fields["metadata"] = dict(sorted(self.metadata.items()))
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@attrs.define
+class Refund:
+    """A refund as stored. ``id`` is 0 until the row is inserted.
+
+    Fields named as proto ``Refund``'s (the wire maps them by name), plus storage's
+    ``request_fingerprint`` (NewRefund.fingerprint; "" for a refund made outside the
+    service, e.g. in Stripe's dashboard).
+    """
+
+    id: int
+    payment_id: int
+    request_id: str
+    caller_service: str
+    amount_cents: int
+    currency: str
+    status: RefundStatus
+    request_fingerprint: str
+    created_at: datetime
+    updated_at: datetime
+    reason: str = ""
+    failure_reason: str = ""
+    provider_refund_id: str = ""
+    metadata: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def idempotency_key(self) -> str:
+        return refund_idempotency_key(self.caller_service, self.request_id)
+
+
+@attrs.frozen
+class RefundEvent:
+    """One row of a refund's history (refund_events), written in the same transaction
+    as the change. ``from_status`` is UNSPECIFIED on the row recording the creation.
+    """
+
+    refund_id: int
+    payment_id: int
+    kind: EventKind  # CREATED, PROVIDER_CREATED, STATUS_CHANGED or PROVIDER_EVENT
+    from_status: RefundStatus
+    to_status: RefundStatus
+    created_at: datetime
+    reason: str = ""
+    provider_event_id: str = ""
+    provider_event_type: str = ""
+    id: int = 0
+
+
+@attrs.frozen
+class RefundTotals:
+    """A payment's refunds summed by what the amount rules need."""
+
+    pending_cents: int = 0
+    succeeded_cents: int = 0
+
+    @classmethod
+    def of(cls, refunds: Iterable[Refund]) -> RefundTotals:
+        """The totals of these refunds (storage sums the same in one query)."""
+        pending = succeeded = 0
+        for refund in refunds:
+            if refund.status == RefundStatus.PENDING:
+                pending += refund.amount_cents
+            elif refund.status == RefundStatus.SUCCEEDED:
+                succeeded += refund.amount_cents
+        return cls(pending_cents=pending, succeeded_cents=succeeded)
+
+
+def refunded_cents(totals: RefundTotals) -> int:
+    """The payment's ``refunded_cents``: money that has gone back (SUCCEEDED only)."""
+    return totals.succeeded_cents
+
+
+def refundable_cents(status: PaymentStatus, amount_cents: int, totals: RefundTotals) -> int:
+    """What may still be refunded: the amount less PENDING and SUCCEEDED refunds, 0
+    unless the payment is PAID (never below 0, should a dashboard refund overshoot)."""
+    if status != PaymentStatus.PAID:
+        return 0
+    return max(0, amount_cents - totals.pending_cents - totals.succeeded_cents)
+
+
+class RefundRefused(Exception):
+    """A refund the amount rules do not allow; the service answers FAILED_PRECONDITION.
+
+    ``refundable_cents`` is what was refundable, for the message the contract asks for.
+    """
+
+    def __init__(self, message: str, refundable_cents: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.refundable_cents = refundable_cents
+
+
+def refund_amount(
+    status: PaymentStatus, amount_cents: int, totals: RefundTotals, requested_cents: int
+) -> int:
+    """The amount a refund request gets: ``requested_cents``, or all that is refundable
+    when it is 0. Raises RefundRefused when the payment is not PAID, nothing is left,
+    or the request exceeds what is refundable. Call it under the payment's row lock,
+    with totals read in the same transaction, so concurrent refunds cannot overshoot.
+    """
+    if requested_cents < 0:
+        raise ValueError("requested_cents must not be negative (validation refuses it)")
+    if status != PaymentStatus.PAID:
+        raise RefundRefused(f"payment is {status.name}, only a PAID payment is refunded", 0)
+    available = refundable_cents(status, amount_cents, totals)
+    if available == 0:
+        raise RefundRefused("payment has nothing left to refund (refundable_cents 0)", 0)
+    if requested_cents > available:
+        raise RefundRefused(
+            f"amount_cents {requested_cents} exceeds the refundable amount {available}",
+            available,
+        )
+    return requested_cents or available

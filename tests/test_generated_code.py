@@ -108,7 +108,106 @@ def test_service_names_and_methods() -> None:
         "ListPayments",
         "CancelPayment",
         "HandleProviderCallback",
+        "CreateRefund",
+        "GetRefund",
+        "ListRefunds",
+        "ListCallbackDeliveries",
+        "ResendCallback",
     }
+    io = {m.name: (m.input_type.name, m.output_type.name) for m in payments_service.methods}
+    assert io["CreateRefund"] == ("CreateRefundRequest", "RefundEnvelopeResponse")
+    assert io["GetRefund"] == ("GetRefundRequest", "RefundEnvelopeResponse")
+    assert io["ListRefunds"] == ("ListRefundsRequest", "ListRefundsResponse")
+    assert io["ListCallbackDeliveries"] == (
+        "ListCallbackDeliveriesRequest",
+        "ListCallbackDeliveriesResponse",
+    )
+    assert io["ResendCallback"] == ("ResendCallbackRequest", "CallbackDeliveryEnvelope")
     auth_service = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
     assert auth_service.full_name == "auth.AuthService"
     assert [m.name for m in auth_service.methods] == ["ValidateInternalAccess"]
+
+
+_U64, _I64, _I32 = (
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_INT32,
+)
+_STR, _ENUM, _MSG = (
+    FieldDescriptor.TYPE_STRING,
+    FieldDescriptor.TYPE_ENUM,
+    FieldDescriptor.TYPE_MESSAGE,
+)
+
+# CONTRACT.md, sections "Refunds" and "Callback deliveries": name -> (number, type).
+NEW_MESSAGES: dict[str, dict[str, tuple[int, int]]] = {
+    "Refund": {
+        "id": (1, _U64),
+        "payment_id": (2, _U64),
+        "request_id": (3, _STR),
+        "caller_service": (4, _STR),
+        "amount_cents": (5, _I64),
+        "currency": (6, _STR),
+        "status": (7, _ENUM),
+        "reason": (8, _STR),
+        "failure_reason": (9, _STR),
+        "provider_refund_id": (10, _STR),
+        "metadata": (11, _MSG),
+        "created_at": (12, _STR),
+        "updated_at": (13, _STR),
+    },
+    "CreateRefundRequest": {
+        "payment_id": (1, _U64),
+        "request_id": (2, _STR),
+        "amount_cents": (3, _I64),
+        "reason": (4, _STR),
+        "metadata": (5, _MSG),
+    },
+    "GetRefundRequest": {"id": (1, _U64)},
+    "ListRefundsRequest": {"payment_id": (1, _U64)},
+    "RefundEnvelopeResponse": {"refund": (1, _MSG)},
+    "ListRefundsResponse": {"refunds": (1, _MSG)},
+    "CallbackDelivery": {
+        "id": (1, _U64),
+        "webhook_id": (2, _STR),
+        "kind": (3, _STR),
+        "refund_id": (4, _U64),
+        "state": (5, _STR),
+        "attempt_count": (6, _I32),
+        "next_attempt_at": (7, _STR),
+        "created_at": (8, _STR),
+        "attempts": (9, _MSG),
+    },
+    "CallbackAttempt": {
+        "at": (1, _STR),
+        "status_code": (2, _I32),
+        "duration_ms": (3, _I64),
+        "error": (4, _STR),
+    },
+    "ListCallbackDeliveriesRequest": {"payment_id": (1, _U64)},
+    "ListCallbackDeliveriesResponse": {"deliveries": (1, _MSG)},
+    "ResendCallbackRequest": {"payment_id": (1, _U64)},
+    "CallbackDeliveryEnvelope": {"delivery": (1, _MSG)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_MESSAGES))
+def test_new_messages_match_the_contract(name: str) -> None:
+    descriptor = payments_pb2.DESCRIPTOR.message_types_by_name[name]
+    fields = {f.name: (f.number, f.type) for f in descriptor.fields}
+    assert fields == NEW_MESSAGES[name]
+
+
+def test_new_repeated_and_map_fields() -> None:
+    by_name = payments_pb2.DESCRIPTOR.message_types_by_name
+    assert by_name["ListRefundsResponse"].fields_by_name["refunds"].message_type.name == "Refund"
+    assert by_name["ListRefundsResponse"].fields_by_name["refunds"].is_repeated
+    deliveries = by_name["ListCallbackDeliveriesResponse"].fields_by_name["deliveries"]
+    assert deliveries.is_repeated and deliveries.message_type.name == "CallbackDelivery"
+    attempts = by_name["CallbackDelivery"].fields_by_name["attempts"]
+    assert attempts.is_repeated and attempts.message_type.name == "CallbackAttempt"
+    for message in ("Refund", "CreateRefundRequest"):
+        metadata = by_name[message].fields_by_name["metadata"].message_type
+        assert metadata.GetOptions().map_entry
+    status = by_name["Refund"].fields_by_name["status"].enum_type
+    assert status.name == "RefundStatus"

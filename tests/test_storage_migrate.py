@@ -28,6 +28,8 @@ EXPECTED_TABLES = {
     "callback_outbox",
     "callback_attempts",
     "provider_callbacks",
+    "refunds",
+    "refund_events",
 }
 
 

@@ -29,7 +29,7 @@ import attrs
 from purerpc import Cardinality, RpcFailedError, Status, StatusCode
 from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpclib.events import RequestReceived
-from purerpc.server import ConnectionHandler
+from purerpc.server import ConnectionHandler, Service
 from purerpc.wrappers import (
     call_server_stream_stream,
     call_server_stream_unary,
@@ -96,6 +96,20 @@ class PaymentsServicer(PaymentsServiceServicer):
         self._authenticator = authenticator
         # HandleProviderCallback's payload bound (give it PAYMENTS_MAX_BODY_BYTES).
         self._max_payload_bytes = max_payload_bytes
+
+    @property
+    def service(self) -> Service:
+        """The generated service minus the methods this class does not override: a
+        contract method not built yet then answers UNIMPLEMENTED, not INTERNAL (the
+        generated placeholder raises NotImplementedError)."""
+        full = super().service
+        built = Service(full.name)
+        built.methods = {
+            name: bound
+            for name, bound in full.methods.items()
+            if getattr(type(self), name) is not getattr(PaymentsServiceServicer, name)
+        }
+        return built
 
     async def _call(
         self,

@@ -21,6 +21,21 @@ class PaymentsServiceServicer(purerpc.Servicer):
     async def HandleProviderCallback(self, input_message):
         raise NotImplementedError()
 
+    async def CreateRefund(self, input_message):
+        raise NotImplementedError()
+
+    async def GetRefund(self, input_message):
+        raise NotImplementedError()
+
+    async def ListRefunds(self, input_message):
+        raise NotImplementedError()
+
+    async def ListCallbackDeliveries(self, input_message):
+        raise NotImplementedError()
+
+    async def ResendCallback(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -80,6 +95,51 @@ class PaymentsServiceServicer(purerpc.Servicer):
                 payments__pb2.MessageResponse,
             )
         )
+        service_obj.add_method(
+            "CreateRefund",
+            self.CreateRefund,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.CreateRefundRequest,
+                payments__pb2.RefundEnvelopeResponse,
+            )
+        )
+        service_obj.add_method(
+            "GetRefund",
+            self.GetRefund,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.GetRefundRequest,
+                payments__pb2.RefundEnvelopeResponse,
+            )
+        )
+        service_obj.add_method(
+            "ListRefunds",
+            self.ListRefunds,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.ListRefundsRequest,
+                payments__pb2.ListRefundsResponse,
+            )
+        )
+        service_obj.add_method(
+            "ListCallbackDeliveries",
+            self.ListCallbackDeliveries,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.ListCallbackDeliveriesRequest,
+                payments__pb2.ListCallbackDeliveriesResponse,
+            )
+        )
+        service_obj.add_method(
+            "ResendCallback",
+            self.ResendCallback,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.ResendCallbackRequest,
+                payments__pb2.CallbackDeliveryEnvelope,
+            )
+        )
         return service_obj
 
 
@@ -135,5 +195,45 @@ class PaymentsServiceStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 payments__pb2.HandleProviderCallbackRequest,
                 payments__pb2.MessageResponse,
+            )
+        )
+        self.CreateRefund = self._client.get_method_stub(
+            "CreateRefund",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.CreateRefundRequest,
+                payments__pb2.RefundEnvelopeResponse,
+            )
+        )
+        self.GetRefund = self._client.get_method_stub(
+            "GetRefund",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.GetRefundRequest,
+                payments__pb2.RefundEnvelopeResponse,
+            )
+        )
+        self.ListRefunds = self._client.get_method_stub(
+            "ListRefunds",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.ListRefundsRequest,
+                payments__pb2.ListRefundsResponse,
+            )
+        )
+        self.ListCallbackDeliveries = self._client.get_method_stub(
+            "ListCallbackDeliveries",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.ListCallbackDeliveriesRequest,
+                payments__pb2.ListCallbackDeliveriesResponse,
+            )
+        )
+        self.ResendCallback = self._client.get_method_stub(
+            "ResendCallback",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                payments__pb2.ResendCallbackRequest,
+                payments__pb2.CallbackDeliveryEnvelope,
             )
         )

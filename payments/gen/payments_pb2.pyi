@@ -34,6 +34,14 @@ class ProviderType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PROVIDER_TYPE_UNSPECIFIED: _ClassVar[ProviderType]
     PROVIDER_TYPE_STRIPE: _ClassVar[ProviderType]
+
+class RefundStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFUND_STATUS_UNSPECIFIED: _ClassVar[RefundStatus]
+    REFUND_STATUS_PENDING: _ClassVar[RefundStatus]
+    REFUND_STATUS_SUCCEEDED: _ClassVar[RefundStatus]
+    REFUND_STATUS_FAILED: _ClassVar[RefundStatus]
+    REFUND_STATUS_CANCELED: _ClassVar[RefundStatus]
 PAYMENT_STATUS_UNSPECIFIED: PaymentStatus
 PAYMENT_STATUS_CREATED: PaymentStatus
 PAYMENT_STATUS_PENDING: PaymentStatus
@@ -50,6 +58,11 @@ PAYMENT_TYPE_ONE_TIME: PaymentType
 PAYMENT_TYPE_RECURRING: PaymentType
 PROVIDER_TYPE_UNSPECIFIED: ProviderType
 PROVIDER_TYPE_STRIPE: ProviderType
+REFUND_STATUS_UNSPECIFIED: RefundStatus
+REFUND_STATUS_PENDING: RefundStatus
+REFUND_STATUS_SUCCEEDED: RefundStatus
+REFUND_STATUS_FAILED: RefundStatus
+REFUND_STATUS_CANCELED: RefundStatus
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -240,3 +253,143 @@ class ErrorResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     error: str
     def __init__(self, error: _Optional[str] = ...) -> None: ...
+
+class Refund(_message.Message):
+    __slots__ = ("id", "payment_id", "request_id", "caller_service", "amount_cents", "currency", "status", "reason", "failure_reason", "provider_refund_id", "metadata", "created_at", "updated_at")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_CENTS_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_REFUND_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    payment_id: int
+    request_id: str
+    caller_service: str
+    amount_cents: int
+    currency: str
+    status: RefundStatus
+    reason: str
+    failure_reason: str
+    provider_refund_id: str
+    metadata: _containers.ScalarMap[str, str]
+    created_at: str
+    updated_at: str
+    def __init__(self, id: _Optional[int] = ..., payment_id: _Optional[int] = ..., request_id: _Optional[str] = ..., caller_service: _Optional[str] = ..., amount_cents: _Optional[int] = ..., currency: _Optional[str] = ..., status: _Optional[_Union[RefundStatus, str]] = ..., reason: _Optional[str] = ..., failure_reason: _Optional[str] = ..., provider_refund_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ...) -> None: ...
+
+class CreateRefundRequest(_message.Message):
+    __slots__ = ("payment_id", "request_id", "amount_cents", "reason", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_CENTS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    payment_id: int
+    request_id: str
+    amount_cents: int
+    reason: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, payment_id: _Optional[int] = ..., request_id: _Optional[str] = ..., amount_cents: _Optional[int] = ..., reason: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GetRefundRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class ListRefundsRequest(_message.Message):
+    __slots__ = ("payment_id",)
+    PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    payment_id: int
+    def __init__(self, payment_id: _Optional[int] = ...) -> None: ...
+
+class RefundEnvelopeResponse(_message.Message):
+    __slots__ = ("refund",)
+    REFUND_FIELD_NUMBER: _ClassVar[int]
+    refund: Refund
+    def __init__(self, refund: _Optional[_Union[Refund, _Mapping]] = ...) -> None: ...
+
+class ListRefundsResponse(_message.Message):
+    __slots__ = ("refunds",)
+    REFUNDS_FIELD_NUMBER: _ClassVar[int]
+    refunds: _containers.RepeatedCompositeFieldContainer[Refund]
+    def __init__(self, refunds: _Optional[_Iterable[_Union[Refund, _Mapping]]] = ...) -> None: ...
+
+class CallbackAttempt(_message.Message):
+    __slots__ = ("at", "status_code", "duration_ms", "error")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    at: str
+    status_code: int
+    duration_ms: int
+    error: str
+    def __init__(self, at: _Optional[str] = ..., status_code: _Optional[int] = ..., duration_ms: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class CallbackDelivery(_message.Message):
+    __slots__ = ("id", "webhook_id", "kind", "refund_id", "state", "attempt_count", "next_attempt_at", "created_at", "attempts")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REFUND_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    webhook_id: str
+    kind: str
+    refund_id: int
+    state: str
+    attempt_count: int
+    next_attempt_at: str
+    created_at: str
+    attempts: _containers.RepeatedCompositeFieldContainer[CallbackAttempt]
+    def __init__(self, id: _Optional[int] = ..., webhook_id: _Optional[str] = ..., kind: _Optional[str] = ..., refund_id: _Optional[int] = ..., state: _Optional[str] = ..., attempt_count: _Optional[int] = ..., next_attempt_at: _Optional[str] = ..., created_at: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[CallbackAttempt, _Mapping]]] = ...) -> None: ...
+
+class ListCallbackDeliveriesRequest(_message.Message):
+    __slots__ = ("payment_id",)
+    PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    payment_id: int
+    def __init__(self, payment_id: _Optional[int] = ...) -> None: ...
+
+class ListCallbackDeliveriesResponse(_message.Message):
+    __slots__ = ("deliveries",)
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    deliveries: _containers.RepeatedCompositeFieldContainer[CallbackDelivery]
+    def __init__(self, deliveries: _Optional[_Iterable[_Union[CallbackDelivery, _Mapping]]] = ...) -> None: ...
+
+class ResendCallbackRequest(_message.Message):
+    __slots__ = ("payment_id",)
+    PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    payment_id: int
+    def __init__(self, payment_id: _Optional[int] = ...) -> None: ...
+
+class CallbackDeliveryEnvelope(_message.Message):
+    __slots__ = ("delivery",)
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    delivery: CallbackDelivery
+    def __init__(self, delivery: _Optional[_Union[CallbackDelivery, _Mapping]] = ...) -> None: ...

@@ -64,6 +64,31 @@ class PaymentsServiceStub:
                 request_serializer=payments__pb2.HandleProviderCallbackRequest.SerializeToString,
                 response_deserializer=payments__pb2.MessageResponse.FromString,
                 _registered_method=True)
+        self.CreateRefund = channel.unary_unary(
+                '/payments.PaymentsService/CreateRefund',
+                request_serializer=payments__pb2.CreateRefundRequest.SerializeToString,
+                response_deserializer=payments__pb2.RefundEnvelopeResponse.FromString,
+                _registered_method=True)
+        self.GetRefund = channel.unary_unary(
+                '/payments.PaymentsService/GetRefund',
+                request_serializer=payments__pb2.GetRefundRequest.SerializeToString,
+                response_deserializer=payments__pb2.RefundEnvelopeResponse.FromString,
+                _registered_method=True)
+        self.ListRefunds = channel.unary_unary(
+                '/payments.PaymentsService/ListRefunds',
+                request_serializer=payments__pb2.ListRefundsRequest.SerializeToString,
+                response_deserializer=payments__pb2.ListRefundsResponse.FromString,
+                _registered_method=True)
+        self.ListCallbackDeliveries = channel.unary_unary(
+                '/payments.PaymentsService/ListCallbackDeliveries',
+                request_serializer=payments__pb2.ListCallbackDeliveriesRequest.SerializeToString,
+                response_deserializer=payments__pb2.ListCallbackDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.ResendCallback = channel.unary_unary(
+                '/payments.PaymentsService/ResendCallback',
+                request_serializer=payments__pb2.ResendCallbackRequest.SerializeToString,
+                response_deserializer=payments__pb2.CallbackDeliveryEnvelope.FromString,
+                _registered_method=True)
 
 
 class PaymentsServiceServicer:
@@ -105,6 +130,36 @@ class PaymentsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRefund(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRefund(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRefunds(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCallbackDeliveries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResendCallback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PaymentsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +192,31 @@ def add_PaymentsServiceServicer_to_server(servicer, server):
                     servicer.HandleProviderCallback,
                     request_deserializer=payments__pb2.HandleProviderCallbackRequest.FromString,
                     response_serializer=payments__pb2.MessageResponse.SerializeToString,
+            ),
+            'CreateRefund': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRefund,
+                    request_deserializer=payments__pb2.CreateRefundRequest.FromString,
+                    response_serializer=payments__pb2.RefundEnvelopeResponse.SerializeToString,
+            ),
+            'GetRefund': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRefund,
+                    request_deserializer=payments__pb2.GetRefundRequest.FromString,
+                    response_serializer=payments__pb2.RefundEnvelopeResponse.SerializeToString,
+            ),
+            'ListRefunds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRefunds,
+                    request_deserializer=payments__pb2.ListRefundsRequest.FromString,
+                    response_serializer=payments__pb2.ListRefundsResponse.SerializeToString,
+            ),
+            'ListCallbackDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCallbackDeliveries,
+                    request_deserializer=payments__pb2.ListCallbackDeliveriesRequest.FromString,
+                    response_serializer=payments__pb2.ListCallbackDeliveriesResponse.SerializeToString,
+            ),
+            'ResendCallback': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResendCallback,
+                    request_deserializer=payments__pb2.ResendCallbackRequest.FromString,
+                    response_serializer=payments__pb2.CallbackDeliveryEnvelope.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +381,141 @@ class PaymentsService:
             '/payments.PaymentsService/HandleProviderCallback',
             payments__pb2.HandleProviderCallbackRequest.SerializeToString,
             payments__pb2.MessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRefund(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/payments.PaymentsService/CreateRefund',
+            payments__pb2.CreateRefundRequest.SerializeToString,
+            payments__pb2.RefundEnvelopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRefund(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/payments.PaymentsService/GetRefund',
+            payments__pb2.GetRefundRequest.SerializeToString,
+            payments__pb2.RefundEnvelopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRefunds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/payments.PaymentsService/ListRefunds',
+            payments__pb2.ListRefundsRequest.SerializeToString,
+            payments__pb2.ListRefundsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCallbackDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/payments.PaymentsService/ListCallbackDeliveries',
+            payments__pb2.ListCallbackDeliveriesRequest.SerializeToString,
+            payments__pb2.ListCallbackDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResendCallback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/payments.PaymentsService/ResendCallback',
+            payments__pb2.ResendCallbackRequest.SerializeToString,
+            payments__pb2.CallbackDeliveryEnvelope.FromString,
             options,
             channel_credentials,
             insecure,
