@@ -312,13 +312,6 @@ def can_refund_transition(current: RefundStatus, new: RefundStatus) -> bool:
     return new in REFUND_TRANSITIONS.get(current, frozenset())
 
 
-def check_refund_transition(current: RefundStatus, new: RefundStatus) -> RefundStatus:
-    """Return ``new`` when the refund machine allows it, else raise TransitionRefused."""
-    if not can_refund_transition(current, new):
-        raise TransitionRefused(f"refund {current.name} -> {new.name} is not allowed")
-    return new
-
-
 def refund_idempotency_key(caller_service: str, request_id: str) -> str:
     """The Stripe idempotency key of a refund, derived from (caller_service, request_id).
 

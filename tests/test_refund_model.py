@@ -18,9 +18,7 @@ from payments.model import (
     RefundRefused,
     RefundStatus,
     RefundTotals,
-    TransitionRefused,
     can_refund_transition,
-    check_refund_transition,
     idempotency_key,
     refund_amount,
     refund_idempotency_key,
@@ -37,11 +35,6 @@ T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 def test_refund_transitions_only_move_forward(current: RefundStatus, new: RefundStatus) -> None:
     expected = current == R.PENDING and new in {R.SUCCEEDED, R.FAILED, R.CANCELED}
     assert can_refund_transition(current, new) is expected
-    if expected:
-        assert check_refund_transition(current, new) is new
-    else:
-        with pytest.raises(TransitionRefused, match=f"{current.name} -> {new.name}"):
-            check_refund_transition(current, new)
 
 
 def test_every_refund_status_is_in_the_table() -> None:

@@ -34,7 +34,7 @@ from payments.storage import repository as repo
 from payments.storage.database import Connection, Database, DuplicateKey
 from payments.storage.sqlite import SqliteDatabase
 from tests.fixtures.db import make_payment
-from tests.test_sqlite import RecordingConnection
+from tests.storage_support import RecordingConnection
 
 T0 = datetime(2025, 3, 1, 12, 30, 45, 123456, tzinfo=UTC)
 UNICODE_METADATA = {"note": "Rückerstattung №7 — 退款 — 💸", "quote": 'it\'s "x"; -- y'}

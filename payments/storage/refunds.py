@@ -23,12 +23,8 @@ import attrs
 from payments.errors import NotFound
 from payments.model import EventKind, Refund, RefundEvent, RefundStatus, RefundTotals
 from payments.storage.database import Connection
-from payments.storage.repository import (
-    _metadata_from_db,
-    _metadata_to_db,
-    from_db_datetime,
-    to_db_datetime,
-)
+from payments.storage.repository import _metadata_from_db, _metadata_to_db
+from payments.storage.timestamps import from_db_datetime, to_db_datetime
 
 # The longest failure_reason kept (schema.sql's VARCHAR(500); SQLite does not enforce it).
 MAX_FAILURE_REASON = 500
@@ -191,8 +187,8 @@ async def update_refund(conn: Connection, refund: Refund) -> None:
     updated_at. Raises NotFound when the row is gone, DuplicateKey
     ``uq_refunds_provider_refund_id`` when another refund has that Stripe id.
 
-    The status machine is the caller's job (model.check_refund_transition), under the
-    payment's row lock.
+    The status machine is the unit of work's job (model.can_refund_transition), under
+    the payment's row lock.
     """
     matched = await conn.execute(
         "UPDATE refunds SET status = %s, failure_reason = %s, provider_refund_id = %s,"

@@ -254,7 +254,7 @@ async def update_payment(conn: Connection, payment: Payment) -> None:
     """Write what changes after creation: status, provider ids, checkout URL, refunds,
     updated_at. Raises NotFound when the row is gone (a bug, or a concurrent delete).
 
-    The status machine is the service's job (model.check_transition); the service
+    The status machine is the unit of work's job (model.can_transition); the caller
     holds the row lock (``for_update``) while it decides.
     """
     matched = await conn.execute(
