@@ -47,6 +47,10 @@ from tests.fixtures.auth import (
     FakeAuthServer,
 )
 
+# An upper bound on start-up, not a pause: a ready process is seen at once. Start-up
+# (imports, migrations) took over 20 s when 2 cores ran several suites at once.
+START_TIMEOUT = 60.0
+
 BIN = Path(sys.executable).parent
 PAYMENTS_BIN = BIN / "payments"
 
@@ -202,7 +206,7 @@ class SandboxProcess:
                 stderr=subprocess.STDOUT,
             )
         prefix = "payments-sandbox listening on "
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             for line in log_path.read_text(errors="replace").splitlines():
                 if line.startswith(prefix):
@@ -370,7 +374,7 @@ class ServiceProcess:
                 entries.append(json.loads(line))
         return entries
 
-    def wait_ready(self, timeout: float = 20, *, http: bool = True) -> None:
+    def wait_ready(self, timeout: float = START_TIMEOUT, *, http: bool = True) -> None:
         """Until GET /healthz answers 200 (or, with ``http=False``, the gRPC port
         accepts connections); fails with the log if the process dies first."""
         deadline = time.monotonic() + timeout
