@@ -65,13 +65,13 @@ class ApiResponse:
 
 @attrs.define
 class _Stored:
-    """A saved idempotent result."""
+    """A saved idempotent result (kept as its JSON dict: it is persisted)."""
 
     method: str
     path: str
     params: Json
     status: int
-    body: bytes
+    body: str
     request_id: str
 
 
@@ -346,13 +346,15 @@ class StripeApi:
             body = call.handler(call.params, call.object_id)
             response = self._json(call, 200, body)
             if key:
-                self.state.idempotency[(self.state.secret_key, key)] = _Stored(
-                    call.method,
-                    call.path,
-                    call.params,
-                    response.status,
-                    response.body,
-                    call.record.request_id,
+                self.state.idempotency[key] = attrs.asdict(
+                    _Stored(
+                        call.method,
+                        call.path,
+                        call.params,
+                        response.status,
+                        response.body.decode(),
+                        call.record.request_id,
+                    )
                 )
             return self._finish(call, response)
         except StripeError as exc:
@@ -446,9 +448,10 @@ class StripeApi:
                 f"Invalid idempotency key: must be at most {MAX_IDEMPOTENCY_KEY} characters",
                 None,
             )
-        stored: _Stored | None = self.state.idempotency.get((self.state.secret_key, key))
-        if stored is None:
+        saved: Json | None = self.state.idempotency.get(key)
+        if saved is None:
             return None
+        stored = _Stored(**saved)
         if (stored.method, stored.path) != (call.method, call.path):
             raise StripeError(
                 "Keys for idempotent requests can only be used for the same endpoint they "
@@ -471,7 +474,7 @@ class StripeApi:
             None,
             {"idempotent-replayed": "true", "original-request": stored.request_id},
         )
-        return attrs.evolve(response, body=stored.body)
+        return attrs.evolve(response, body=stored.body.encode())
 
     # --- shared validation -----------------------------------------------------------
 

@@ -18,13 +18,18 @@ from __future__ import annotations
 import collections
 import copy
 import enum
+import hashlib
+import json
 import secrets
 import string
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from payments.sandbox.store import SandboxStore
 
 API_VERSION = "2026-10-28.endive"
 SESSION_LIFETIME_SECONDS = 24 * 3600
@@ -222,6 +227,42 @@ class DeliveryRecord:
         return self.status is not None and 200 <= self.status < 300
 
 
+class Table(dict[str, Any]):
+    """Objects of one kind by id, remembering which ids were read or written since the
+    last :meth:`StripeState.flush`: every handler reaches an object it changes through
+    ``[]``, ``get`` or assignment, so these marks are all a flush needs to write (its
+    cost follows the request, not the account's history). Iterating marks nothing:
+    listings only read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.touched: set[str] = set(self)
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        self.touched.add(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401  (marks it touched)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.touched.add(key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 class SessionStateError(ValueError):
     """A helper was asked for a move the session's status does not allow."""
 
@@ -242,28 +283,34 @@ class StripeState:
         self.faults = Faults()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.webhook: WebhookEndpoint | None = None  # kept across reset()
+        self.store: SandboxStore | None = None  # see attach()
         self.reset()
 
     def reset(self) -> None:
         """Forget every object, request, event, delivery and fault (keeps key, URL,
-        listeners and the webhook endpoint)."""
-        self.products: dict[str, dict[str, Any]] = {}
-        self.prices: dict[str, dict[str, Any]] = {}
-        self.payment_links: dict[str, dict[str, Any]] = {}
-        self.sessions: dict[str, dict[str, Any]] = {}
-        self.subscriptions: dict[str, dict[str, Any]] = {}
-        self.customers: dict[str, dict[str, Any]] = {}
-        self.invoices: dict[str, dict[str, Any]] = {}
+        listeners and the webhook endpoint; empties the store when one is attached)."""
+        self.products = Table()
+        self.prices = Table()
+        self.payment_links = Table()
+        self.sessions = Table()
+        self.subscriptions = Table()
+        self.customers = Table()
+        self.invoices = Table()
         # line items are not part of the session / link JSON (Stripe needs an expand)
-        self.line_items: dict[str, list[dict[str, Any]]] = {}
+        self.line_items = Table()
         # extra create params kept for later objects (subscription_data of a session/link)
-        self.create_params: dict[str, dict[str, Any]] = {}
+        self.create_params = Table()
+        # Idempotency-Key -> the stored answer (payments.sandbox.api keeps its shape)
+        self.idempotency = Table()
         self.requests: list[RequestRecord] = []
         self.calls: collections.Counter[str] = collections.Counter()
         self.events: list[dict[str, Any]] = []
         self.deliveries: list[DeliveryRecord] = []
-        self.idempotency: dict[tuple[str, str], Any] = {}
         self.faults.clear()
+        self._events_saved = 0
+        self._digests: dict[tuple[str, str], bytes] = {}
+        if self.store is not None:
+            self.store.clear()
 
     # --- persistence (the embedded profile keeps checkouts payable across restarts) -------
 
@@ -277,20 +324,66 @@ class StripeState:
         "invoices",
         "line_items",
         "create_params",
-        "events",
+        "idempotency",
     )
 
+    def _tables(self) -> Iterator[tuple[str, Table]]:
+        for name in self._PERSISTED:
+            yield name, getattr(self, name)
+
     def snapshot(self) -> dict[str, Any]:
-        """The account's objects and events as JSON-ready data. Idempotency records,
-        the request log and deliveries are not kept: they serve tests, not a restart."""
-        return {name: getattr(self, name) for name in self._PERSISTED}
+        """The account's objects and events as JSON-ready data (the request log and
+        deliveries serve tests, not a restart)."""
+        return {**{name: dict(table) for name, table in self._tables()}, "events": self.events}
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Load what :meth:`snapshot` returned (unknown or missing parts are skipped)."""
-        for name in self._PERSISTED:
+        """Load what :meth:`snapshot` returned (unknown or missing parts are skipped);
+        with a store attached, the next :meth:`flush` writes it all."""
+        for name, table in self._tables():
             value = data.get(name)
-            if isinstance(value, type(getattr(self, name))):
-                setattr(self, name, value)
+            if isinstance(value, dict):
+                table.update(value)
+        if isinstance(data.get("events"), list):
+            self.events = list(data["events"])
+
+    def attach(self, store: SandboxStore) -> None:
+        """Load the account from ``store`` and write every later change through to it.
+
+        A legacy ``sandbox.json`` snapshot may be :meth:`restore`-d first: the objects
+        not yet in the store are written by the flush that ends this call.
+        """
+        self.store = store
+        for kind, key, value in store.objects():
+            if kind in self._PERSISTED:
+                dict.__setitem__(getattr(self, kind), key, value)
+                self._digests[(kind, key)] = _digest(_dumps(value))
+        stored_events = store.events()
+        self.events = stored_events + self.events
+        self._events_saved = len(stored_events)
+        self.flush()
+
+    def flush(self) -> int:
+        """Write what changed since the last flush (objects read or written, new
+        events) in one transaction; the server calls this before it answers. Returns
+        how many rows were written. Without a store it only forgets the marks."""
+        rows: list[tuple[str, str, str]] = []
+        for kind, table in self._tables():
+            for key in table.touched:
+                if not dict.__contains__(table, key):
+                    continue
+                text = _dumps(dict.__getitem__(table, key))
+                digest = _digest(text)
+                if self._digests.get((kind, key)) != digest:
+                    rows.append((kind, key, text))
+                    self._digests[(kind, key)] = digest
+            table.touched.clear()
+        events = [_dumps(e) for e in self.events[self._events_saved :]]
+        if self.store is None:
+            self._digests.clear()
+        elif rows or events:
+            self.store.write(rows, events)
+        self._events_saved = len(self.events)
+        return len(rows) + len(events)
 
     def now(self) -> int:
         return int(self.clock())
