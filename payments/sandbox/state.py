@@ -20,21 +20,20 @@ import copy
 import enum
 import hashlib
 import json
-import secrets
-import string
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from payments.sandbox import money
+from payments.sandbox.ids import new_id
+
 if TYPE_CHECKING:
     from payments.sandbox.store import SandboxStore
 
 API_VERSION = "2026-10-28.endive"
 SESSION_LIFETIME_SECONDS = 24 * 3600
-
-_ALPHABET = string.ascii_letters + string.digits
 
 # Currencies Stripe presents (lower-case ISO 4217).
 _CURRENCY_CODES = """
@@ -56,11 +55,6 @@ MINIMUM_CHARGE = {
     "jpy": 50, "mxn": 1000, "myr": 200, "nok": 300, "nzd": 50, "pln": 200, "ron": 200,
     "sek": 300, "sgd": 50, "thb": 1000,
 }  # fmt: skip
-
-
-def new_id(prefix: str, length: int = 24) -> str:
-    """A Stripe-looking id: ``prefix`` + random base62."""
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
 class FaultKind(enum.StrEnum):
@@ -255,6 +249,11 @@ class Table(dict[str, Any]):
             self[key] = value
 
 
+def _route(metadata: dict[str, Any] | None) -> str:
+    """The callback hash in an object's metadata ("" when none)."""
+    return str((metadata or {}).get("callback_hash") or "")
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -302,6 +301,14 @@ class StripeState:
         self.create_params = Table()
         # Idempotency-Key -> the stored answer (payments.sandbox.api keeps its shape)
         self.idempotency = Table()
+        # money that moved (payments.sandbox.money)
+        self.payment_intents = Table()
+        self.charges = Table()
+        self.refunds = Table()
+        self.invoice_payments = Table()
+        # charge id -> the callback hash its payment's events went to (the gateway's map)
+        self.callback_routes = Table()
+        self.refund_hold = False  # the next refund stays pending (a knob, not persisted)
         self.requests: list[RequestRecord] = []
         self.calls: collections.Counter[str] = collections.Counter()
         self.events: list[dict[str, Any]] = []
@@ -325,6 +332,11 @@ class StripeState:
         "line_items",
         "create_params",
         "idempotency",
+        "payment_intents",
+        "charges",
+        "refunds",
+        "invoice_payments",
+        "callback_routes",
     )
 
     def _tables(self) -> Iterator[tuple[str, Table]]:
@@ -614,7 +626,17 @@ class StripeState:
             url=None,
         )
         if session["mode"] == "payment":
-            session["payment_intent"] = new_id("pi_")
+            data = self.create_params.get(session_id, {}).get("payment_intent_data", {})
+            intent = money.open_intent(
+                self,
+                session["amount_total"],
+                session["currency"],
+                customer=customer["id"],
+                metadata=data.get("metadata", {}),
+            )
+            session["payment_intent"] = intent["id"]
+            if payment_status == "paid":
+                money.capture(self, intent["id"], route=_route(session.get("metadata")))
         if session["mode"] == "subscription":
             subscription = self._start_subscription(session, customer["id"])
             session["subscription"] = subscription["id"]
@@ -646,6 +668,8 @@ class StripeState:
         if session["status"] != "complete" or session["payment_status"] != "unpaid":
             raise SessionStateError(f"session {session_id} has no payment pending")
         session["payment_status"] = "paid"
+        if session["payment_intent"]:
+            money.capture(self, session["payment_intent"], route=_route(session.get("metadata")))
         self.emit("checkout.session.async_payment_succeeded", session)
         return session
 
@@ -657,6 +681,8 @@ class StripeState:
             self.complete_session(session_id, payment_status="unpaid")
         elif session["status"] != "complete" or session["payment_status"] != "unpaid":
             raise SessionStateError(f"session {session_id} has no payment pending")
+        if session["payment_intent"]:
+            money.fail_intent(self, session["payment_intent"])
         self.emit("checkout.session.async_payment_failed", session)
         return session
 
@@ -922,6 +948,32 @@ class StripeState:
             attempt_count=invoice["attempt_count"] + 1,
         )
         invoice["status_transitions"]["paid_at"] = self.now()
+        if invoice["amount_paid"] <= 0:
+            return
+        details = invoice["parent"]["subscription_details"]
+        intent = money.pay(
+            self,
+            invoice["amount_paid"],
+            invoice["currency"],
+            customer=invoice["customer"],
+            metadata={},
+            route=_route(details.get("metadata")),
+        )
+        payment = {
+            "id": new_id("inpay_"),
+            "object": "invoice_payment",
+            "amount_paid": invoice["amount_paid"],
+            "amount_requested": invoice["amount_due"],
+            "created": self.now(),
+            "currency": invoice["currency"],
+            "invoice": invoice["id"],
+            "is_default": True,
+            "livemode": False,
+            "payment": {"type": "payment_intent", "payment_intent": intent["id"]},
+            "status": "paid",
+            "status_transitions": {"canceled_at": None, "paid_at": self.now()},
+        }
+        self.invoice_payments[payment["id"]] = payment
 
     def _open_invoice(self, subscription_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The subscription and its latest invoice if still open, else a new renewal."""
