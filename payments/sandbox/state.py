@@ -643,9 +643,25 @@ class StripeState:
             session["invoice"] = subscription["latest_invoice"]
         self.emit("checkout.session.completed", session)
         if session["mode"] == "subscription":
-            self.emit("customer.subscription.created", self.subscriptions[session["subscription"]])
+            self._announce_first_invoice(session)
         self._apply_link_limit(session.get("payment_link"))
         return session
+
+    def _announce_first_invoice(self, session: dict[str, Any]) -> None:
+        """The events Stripe sends after a subscription checkout, in the order a
+        Checkout subscription showed them at Stripe: ``invoice.created`` (a draft),
+        ``invoice.finalized``, ``customer.subscription.created``, then, when the money
+        came with the checkout, ``invoice.paid`` and ``invoice.payment_succeeded``.
+        Stripe promises no delivery order, and the sender posts each event on its own
+        task, so a receiver must cope with any order anyway."""
+        invoice = self.invoices[session["invoice"]]
+        self.emit("invoice.created", {**invoice, "status": "draft"})
+        self.emit("invoice.finalized", invoice)
+        self.emit("customer.subscription.created", self.subscriptions[session["subscription"]])
+        if session["payment_status"] != "unpaid":
+            self._settle(invoice)
+            self.emit("invoice.paid", invoice)
+            self.emit("invoice.payment_succeeded", invoice)
 
     def _apply_link_limit(self, link_id: str | None) -> None:
         """Stripe deactivates a link once ``restrictions.completed_sessions.limit``
@@ -687,17 +703,9 @@ class StripeState:
         return session
 
     def pay_session(self, session_id: str) -> dict[str, Any]:
-        """What the hosted page's Pay does: the session completes paid and, in
-        subscription mode, the first invoice's ``invoice.paid`` follows, as at Stripe.
-
-        (:meth:`complete_session` alone stays as it was: tests count its events.)
-        """
-        session = self.complete_session(session_id)
-        if session["mode"] == "subscription" and session["invoice"]:
-            invoice = self.invoices[session["invoice"]]
-            if invoice["status"] == "paid":
-                self.emit("invoice.paid", invoice)
-        return session
+        """What the hosted page's Pay does: the session completes paid (in
+        subscription mode with the first invoice's events, see complete_session)."""
+        return self.complete_session(session_id)
 
     def decline_session(self, session_id: str) -> dict[str, Any]:
         """What the hosted page's Decline does: the payment fails, for good.
@@ -838,9 +846,7 @@ class StripeState:
             "status": "active" if session["payment_status"] != "unpaid" else "incomplete",
         }
         self.subscriptions[sub_id] = subscription
-        invoice = self._new_invoice(subscription, "subscription_create")
-        if session["payment_status"] != "unpaid":
-            self._settle(invoice)
+        self._new_invoice(subscription, "subscription_create")  # settled by the caller
         return subscription
 
     # --- invoices (subscriptions) ----------------------------------------------------
