@@ -290,3 +290,21 @@ async def test_the_dashboard_shows_refunds_and_refunds_from_the_stripe_side(
     await idle(sandbox)
     paths = {r.path for r in receiver.received if json.loads(r.body)["type"] == "charge.refunded"}
     assert paths == {"/hooks/h-dash"}
+
+
+async def test_the_callback_sink_answers_and_the_dashboard_lists_it(sandbox: Sandbox) -> None:
+    """The quick start's status_callback_url: it answers 200 and shows what came,
+    never the service's key."""
+    body = {"payment": {"id": 7, "status": 10}, "refund": {"id": 3, "status": 2}}
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=5) as http:
+        answer = await http.post(
+            "/_sandbox/callbacks/demo",
+            json=body,
+            headers={"X-API-Key": "service-secret-key", "webhook-id": "msg_1"},
+        )
+        assert (answer.status_code, answer.json()) == (200, {"received": True})
+        assert (await http.get("/_sandbox/callbacks/demo")).status_code == 405
+        page = (await http.get("/_sandbox/dashboard")).text
+    assert "payment 7: status 10; refund 3: status 2" in page
+    assert "/_sandbox/callbacks/demo" in page and "msg_1" in page
+    assert "service-secret-key" not in page

@@ -12,7 +12,10 @@ a Checkout Session or a Payment Link, as it would open Stripe's hosted checkout:
     POST /pay/{cs_...}/cancel        leaves it open -> 303 cancel_url
     GET  /_sandbox/dashboard         sessions, charges with their refunds (and forms to
                                      refund, hold the next refund pending, settle it:
-                                     payments.sandbox.refund_panel), the events sent
+                                     payments.sandbox.refund_panel), the status
+                                     callbacks received, the events sent
+    POST /_sandbox/callbacks/...     a status-callback receiver for trying the service
+                                     by hand (payments.sandbox.callback_sink)
 
 No JavaScript and no external assets: each button is a form that POSTs, and the answer
 is a 303 (Post/Redirect/Get), so a reload never pays twice. A session that is no longer
@@ -40,6 +43,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from payments.sandbox.api import ApiRequest, ApiResponse
+from payments.sandbox.callback_sink import CallbackSink
 from payments.sandbox.refund_panel import RefundPanel
 from payments.sandbox.state import ZERO_DECIMAL, SessionStateError, StripeState
 
@@ -176,6 +180,7 @@ class CheckoutPages:
         self.state = state
         self.dashboard_open = dashboard_open
         self.refunds = RefundPanel(state, amount=format_amount, when=_when)
+        self.callbacks = CallbackSink()
 
     @staticmethod
     def serves(path: str) -> bool:
@@ -184,6 +189,7 @@ class CheckoutPages:
             path.startswith(PAY_PREFIX)
             or path.rstrip("/") == DASHBOARD_PATH
             or RefundPanel.serves(path)
+            or CallbackSink.serves(path)
         )
 
     def handle(self, request: ApiRequest) -> ApiResponse:
@@ -197,6 +203,8 @@ class CheckoutPages:
     def _route(self, method: str, path: str, request: ApiRequest) -> ApiResponse:
         if RefundPanel.serves(path):
             return self._refund_action(method, path, request)
+        if CallbackSink.serves(path):
+            return self.callbacks.handle(request)
         if path.rstrip("/") == DASHBOARD_PATH:
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET")
@@ -414,6 +422,7 @@ class CheckoutPages:
             "<th>Status</th><th>Payment status</th><th>Payment link</th><th>Page</th></tr>"
             f"</thead><tbody>{session_rows}</tbody></table></div>"
             f"{self.refunds.render()}"
+            f"{self.callbacks.render()}"
             "<h2>Events</h2>"
             '<div class="scroll"><table id="events"><thead><tr>'
             "<th>Created</th><th>Event</th><th>Type</th>"
