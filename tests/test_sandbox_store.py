@@ -4,12 +4,17 @@ the answer, and a change costs the rows it touched, not the account's history.""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import stripe
+import trio
 
 from payments.sandbox import StripeState, open_sandbox
 from payments.sandbox.store import SandboxStore, persistent_state
@@ -155,3 +160,38 @@ def test_an_old_json_snapshot_is_imported_once(tmp_path: Path) -> None:
     again = persistent_state(tmp_path / "sandbox.sqlite", SANDBOX_SECRET_KEY, legacy=legacy)
     assert set(again.sessions) == set(old.sessions)
     assert len(again.events) == len(old.events)
+
+
+def _start(path: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "payments.sandbox", "--port", "0", "--state", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "STRIPE_SECRET_KEY": SANDBOX_SECRET_KEY},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("payments-sandbox listening on "), proc.stderr and proc.stderr.read()
+    return proc, line.split()[-1]
+
+
+async def test_the_sandbox_process_with_state_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "sandbox.sqlite"
+    proc, url = await trio.to_thread.run_sync(_start, path)
+    try:
+        created = await _client(url).v1.checkout.sessions.create_async(
+            params=_session_params("r-9"), options={"idempotency_key": "k-9"}
+        )
+    finally:
+        proc.kill()  # straight after the answer
+        await trio.to_thread.run_sync(proc.wait)
+    assert proc.returncode == -signal.SIGKILL
+
+    proc, url = await trio.to_thread.run_sync(_start, path)
+    try:
+        found = await _client(url).v1.checkout.sessions.retrieve_async(created.id)
+        assert (found.id, found.status) == (created.id, "open")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(proc.wait) == 0
