@@ -79,3 +79,26 @@ async def test_the_first_invoice_paid_before_the_completed_session(stack: Stack)
     assert (final.status, final.provider_subscription_id) == (PaymentStatus.PAID, subscription_id)
     history = await stack.history(payment.id)
     assert [e.status for e in history.outbox] == [PaymentStatus.PAID]
+
+
+async def test_renewals_are_accepted_and_recorded_and_the_payment_stays_paid(
+    stack: Stack,
+) -> None:
+    """What README "Coming from the Go service" says of renewal events."""
+    payment, ids = await paid_silently(stack)
+    for type_ in STRIPE_ORDER:
+        await deliver(stack, ids[type_])
+    subscription_id = stack.sandbox.state.sessions[payment.provider_payment_id]["subscription"]
+    failed = stack.sandbox.state.fail_invoice(subscription_id)  # next period: card declined
+    renewed = stack.sandbox.state.pay_invoice(subscription_id)  # then paid on retry
+    assert failed["id"] == renewed["id"] and renewed["billing_reason"] == "subscription_cycle"
+    await stack.events_delivered()
+    for event in stack.sandbox.state.events[-2:]:
+        attempts = stack.sandbox.state.deliveries_of(event["id"])
+        assert [a.status for a in attempts] == [200], (event["type"], attempts)
+    final = await stack.payment(payment.id)
+    assert final.status == PaymentStatus.PAID
+    history = await stack.history(payment.id)
+    types = [c.event_type for c in history.callbacks]
+    assert types.count("invoice.paid") == 2 and "invoice.payment_failed" in types
+    assert [e.status for e in history.outbox] == [PaymentStatus.PAID]  # heard once
