@@ -195,3 +195,26 @@ async def test_the_sandbox_process_with_state_survives_kill_9(tmp_path: Path) ->
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await trio.to_thread.run_sync(proc.wait) == 0
+
+
+def test_a_failed_write_keeps_the_changes_for_the_next_flush(tmp_path: Path) -> None:
+    """The server drops the connection unanswered when a flush fails; nothing the state
+    holds is forgotten: the next flush writes it."""
+    path = tmp_path / "sandbox.sqlite"
+    state = StripeState(SANDBOX_SECRET_KEY)
+    state.attach(SandboxStore(path, busy_timeout_seconds=0))
+    with sqlite3.connect(path, isolation_level=None) as blocker:
+        blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the file
+        _fill_unflushed(state)
+        with pytest.raises(sqlite3.OperationalError):
+            state.flush()
+        blocker.execute("ROLLBACK")
+    assert state.flush() > 0
+    again = persistent_state(path, SANDBOX_SECRET_KEY)
+    assert set(again.sessions) == set(state.sessions) != set()
+
+
+def _fill_unflushed(state: StripeState) -> None:
+    price = state.create_price({"currency": "eur", "unit_amount": 100}, "prod_x")
+    session = state.create_session({"mode": "payment"}, [state.line_item(price, 1, "x")])
+    state.complete_session(session["id"])

@@ -378,7 +378,13 @@ class StripeState:
         """Write what changed since the last flush (objects read or written, new
         events) in one transaction; the server calls this before it answers. Returns
         how many rows were written. Without a store it only forgets the marks."""
+        if self.store is None:  # in memory only (tests, benchmarks): nothing to write
+            for _, table in self._tables():
+                table.touched.clear()
+            self._events_saved = len(self.events)
+            return 0
         rows: list[tuple[str, str, str]] = []
+        digests: dict[tuple[str, str], bytes] = {}
         for kind, table in self._tables():
             for key in table.touched:
                 if not dict.__contains__(table, key):
@@ -387,13 +393,13 @@ class StripeState:
                 digest = _digest(text)
                 if self._digests.get((kind, key)) != digest:
                     rows.append((kind, key, text))
-                    self._digests[(kind, key)] = digest
-            table.touched.clear()
+                    digests[(kind, key)] = digest
         events = [_dumps(e) for e in self.events[self._events_saved :]]
-        if self.store is None:
-            self._digests.clear()
-        elif rows or events:
-            self.store.write(rows, events)
+        if rows or events:
+            self.store.write(rows, events)  # raises: the marks stay for the next flush
+        self._digests.update(digests)
+        for _, table in self._tables():
+            table.touched.clear()
         self._events_saved = len(self.events)
         return len(rows) + len(events)
 
