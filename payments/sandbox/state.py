@@ -11,6 +11,11 @@ subscription created or deleted, an invoice paid or failed) go through
 delivery (payments.sandbox.webhooks) is one listener: while ``webhook`` holds a
 :class:`WebhookEndpoint`, every event is posted there, and each attempt is appended to
 ``deliveries``.
+
+Objects live in :class:`Table` dicts that remember which ids a request touched; with a
+:class:`~payments.sandbox.store.SandboxStore` attached, :meth:`StripeState.flush`
+(called by the server before each answer) writes exactly those, so persistence costs
+what the request changed, never the account's size.
 """
 
 from __future__ import annotations
