@@ -1,5 +1,6 @@
 """The Auth service for the benchmark, as its own process: the purerpc FakeAuthServer of
-tests/fixtures/auth.py on loopback.
+tests/fixtures/auth_service.py on loopback
+(which needs no pytest: this runs from a runtime-only install).
 
     python -m bench.auth_server --port 0
 
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 import trio
 
-from tests.fixtures.auth import FakeAuthServer
+from tests.fixtures.auth_service import FakeAuthServer
 
 
 async def _run(port: int) -> None:
@@ -28,8 +29,9 @@ async def _run(port: int) -> None:
         server = FakeAuthServer(nursery)
         server.port = port
         await server.start()
-        print(f"bench-auth listening on {server.addr}", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            # Ready only once a stop signal is handled (else an early SIGTERM kills it).
+            print(f"bench-auth listening on {server.addr}", flush=True)
             async for _ in signals:
                 break
         await server.stop()

@@ -10,7 +10,7 @@ sandbox as its child and the dev API key, and binds loopback only.
 - the README quick start: create with the dev key, the sandbox checkout page, Pay, the
   payment PAID, the caller's status callback, the sandbox dashboard;
 - a restart in the same directory keeps the dev key, the payments and idempotency, and
-  (failing today: the sandbox forgets its sessions) a pending payment stays payable;
+  a pending payment stays payable, after a clean stop or a ``kill -9``;
 - refusals: a non-loopback host, a half-configured Stripe, a corrupt or locked database
   file, a keys file with a bad line (each exits non-zero, its last line naming what is
   wrong, no traceback);
@@ -416,13 +416,9 @@ async def test_restart_keeps_key_payments_and_idempotency(e2e_dir: Path) -> None
 
 
 async def test_restart_keeps_checkout_pages_payable(e2e_dir: Path) -> None:
-    """A payment left PENDING across a restart can still be paid on its checkout page.
-
-    Fails today: the sandbox keeps its sessions in memory only, so after a restart the
-    checkout_url the service handed out (and returns again on a replay) answers 404,
-    and the reconciler and expirer fail on the payment at every pass ("No such
-    checkout.session"), so it stays PENDING forever.
-    """
+    """A payment left PENDING across a restart can still be paid on its checkout page
+    (the sandbox's objects are in ``var/sandbox.sqlite``; without them the checkout_url
+    answers 404 and the reconciler fails on the payment at every pass)."""
     workdir = fresh_dir(e2e_dir, "restart-pay")
     env = minimal_env(workdir)
     first = await astart(env, workdir)
@@ -439,6 +435,34 @@ async def test_restart_keeps_checkout_pages_payable(e2e_dir: Path) -> None:
         await pay(payment["checkout_url"])
         async with httpx.AsyncClient(base_url=second.http_url, timeout=10) as client:
             await until_status(client, key, payment["id"], PaymentStatus.PAID)
+    finally:
+        code = await astop(second)
+    assert code == 0, second.log_text()[-4000:]
+
+
+async def test_kill_9_keeps_a_checkout_acknowledged_just_before(e2e_dir: Path) -> None:
+    """The sandbox commits each object before it answers (issue 9, class 7): a payment
+    created just before ``kill -9`` still has a payable checkout page after a restart,
+    and its replay returns the same checkout (the sandbox kept the idempotency key)."""
+    workdir = fresh_dir(e2e_dir, "kill-9")
+    env = minimal_env(workdir)
+    first = await astart(env, workdir)
+    try:
+        key = banner_key(first)
+        body = quick_start_body()
+        async with httpx.AsyncClient(base_url=first.http_url, timeout=10) as client:
+            payment = await create(client, key, body)
+    finally:
+        first.kill()  # SIGKILL straight after the answer: no chance to save anything
+    assert first.proc.returncode == -9
+
+    second = await astart(env, workdir)
+    try:
+        async with httpx.AsyncClient(base_url=second.http_url, timeout=10) as client:
+            assert await create(client, key, body) == payment
+            await pay(payment["checkout_url"])
+            await until_status(client, key, payment["id"], PaymentStatus.PAID)
+        assert "reconcile failed" not in second.log_text()
     finally:
         code = await astop(second)
     assert code == 0, second.log_text()[-4000:]

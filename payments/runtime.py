@@ -11,7 +11,6 @@ workers (first) stop last, after the final requests' callbacks are queued.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -236,76 +235,44 @@ def _grpc_child(res: Resources) -> ChildStart:
     return run
 
 
-SANDBOX_SAVE_SECONDS = 1.0
-
-
 def _sandbox_child(res: Resources) -> ChildStart:
+    """The emulator as a child (payments.sandbox.child), over one state kept for the
+    process: a restart of the child keeps every object, and the state writes each
+    change through to ``var/sandbox.sqlite`` before answering, so a restart of the
+    process (even after kill -9) finds every checkout it handed out."""
     profile = res.profile
     settings = profile.settings
     # Beside the dev key: a restarted service must still find the checkouts it handed out.
-    state_file = Path(settings.sqlite_path).parent / "sandbox.json"
+    state_dir = Path(settings.sqlite_path).parent
 
     async def run(ctx: ChildContext) -> None:
-        from payments.sandbox import serve_sandbox
+        from payments.sandbox import sandbox_child
 
         if res.sandbox_state is None:
-            res.sandbox_state = _load_sandbox_state(state_file, settings.stripe_secret_key)
-        async with trio.open_nursery() as nursery:
-            sandbox = await nursery.start(
-                partial(
-                    serve_sandbox,
-                    "127.0.0.1",
-                    settings.sandbox_port,
-                    secret_key=settings.stripe_secret_key,
-                    state=res.sandbox_state,
-                    webhook_url=settings.provider_callback_base_url,
-                    webhook_secret=settings.stripe_webhook_secret,
-                    gateway_api_key=profile.sandbox_gateway_key,
-                )
+            res.sandbox_state = await trio.to_thread.run_sync(
+                _load_sandbox_state, state_dir, settings.stripe_secret_key
             )
-            log.info("stripe sandbox listening", extra={"url": sandbox.url})
-            ctx.started()
-            saved = ""
-            while not ctx.stop_requested:
-                with trio.move_on_after(SANDBOX_SAVE_SECONDS):
-                    await ctx.stopping.wait()
-                saved = await _save_sandbox_state(state_file, sandbox.state, saved)
-            nursery.cancel_scope.cancel()
+        start = sandbox_child(
+            res.sandbox_state,
+            port=settings.sandbox_port,
+            webhook_url=settings.provider_callback_base_url,
+            webhook_secret=settings.stripe_webhook_secret,
+            gateway_api_key=profile.sandbox_gateway_key,
+        )
+        await start(ctx)
 
     return run
 
 
-def _load_sandbox_state(path: Path, secret_key: str) -> StripeState:
-    from payments.sandbox import StripeState
+def _load_sandbox_state(state_dir: Path, secret_key: str) -> StripeState:
+    """The sandbox's account from ``sandbox.sqlite`` (importing an old ``sandbox.json``
+    once). An unreadable store is a start-up error: silently starting empty would
+    strand every checkout already handed out."""
+    from payments.sandbox.store import persistent_state
 
-    state = StripeState(secret_key)
-    try:
-        state.restore(json.loads(path.read_text()))
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as exc:
-        log.warning("sandbox state not restored", extra={"file": str(path), "error": str(exc)})
-    return state
-
-
-async def _save_sandbox_state(path: Path, state: StripeState, last: str) -> str:
-    """Write the sandbox's objects when they changed (atomically: temp file, rename)."""
-    text = json.dumps(state.snapshot(), separators=(",", ":"))
-    if text == last:
-        return last
-
-    def write() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_suffix(".tmp")
-        temp.write_text(text)
-        temp.replace(path)
-
-    try:
-        await trio.to_thread.run_sync(write)
-    except OSError as exc:
-        log.warning("sandbox state not saved", extra={"file": str(path), "error": str(exc)})
-        return last
-    return text
+    return persistent_state(
+        state_dir / "sandbox.sqlite", secret_key, legacy=state_dir / "sandbox.json"
+    )
 
 
 def _reconciler(res: Resources) -> Reconciler:

@@ -63,3 +63,26 @@ def test_bench_quick_produces_every_figure(mysql_server: MysqlServer, tmp_path: 
         "serve peak RSS under HTTP load MB",
     ):
         assert label in printed
+
+
+def test_the_bench_auth_server_runs_without_pytest() -> None:
+    """bench/auth_server.py runs from a runtime-only install (issue 9): pytest blocked,
+    it still starts, listens and stops on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pytest'] = None; "
+        "from bench.auth_server import main; sys.exit(main(['--port', '0']))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("bench-auth listening on 127.0.0.1:"), proc.stderr.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

@@ -212,7 +212,11 @@ async def test_subscription_session_completes_into_a_subscription_that_cancels(
     types = [e["type"] for e in stripe_sandbox.state.events]
     assert types == [
         "checkout.session.completed",
+        "invoice.created",
+        "invoice.finalized",
         "customer.subscription.created",
+        "invoice.paid",
+        "invoice.payment_succeeded",
         "customer.subscription.deleted",
     ]
 

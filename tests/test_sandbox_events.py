@@ -339,6 +339,8 @@ async def test_subscription_invoices_are_paid_or_failed_with_their_events(
     assert sorted(types) == sorted(
         [
             "checkout.session.completed",
+            "invoice.created",
+            "invoice.finalized",
             "customer.subscription.created",
             "invoice.payment_failed",
             "invoice.paid",
@@ -354,7 +356,12 @@ async def test_subscription_invoices_are_paid_or_failed_with_their_events(
         e["type"]: read_event(json.dumps(e)).target_status
         for e in sandbox.state.events
         if e["type"].startswith("invoice.")
-    } == {"invoice.payment_failed": PaymentStatus.FAILED, "invoice.paid": PaymentStatus.PAID}
+    } == {
+        "invoice.created": None,
+        "invoice.finalized": None,
+        "invoice.payment_failed": PaymentStatus.FAILED,
+        "invoice.paid": PaymentStatus.PAID,
+    }
     sandbox.state.cancel_subscription(subscription_id)
     with pytest.raises(ValueError, match="canceled"):
         sandbox.state.pay_invoice(subscription_id)
@@ -404,7 +411,8 @@ async def test_the_control_api_drives_webhooks(
         assert sandbox.state.webhook is None
         unknown = await api.post("/subscriptions/sub_nope/invoices/pay")
         assert unknown.status_code == 404
-    assert len(receiver.received) == 5  # completed, sub created, paid, failed, paid again
+    # completed, invoice created and finalized, sub created, paid, failed, paid again
+    assert len(receiver.received) == 7
 
 
 def test_the_cli_wants_a_secret_with_a_webhook_url(

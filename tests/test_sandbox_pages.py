@@ -279,10 +279,14 @@ async def test_pay_for_a_subscription_starts_it_with_a_paid_first_invoice(
     invoice = sandbox.state.invoices[done["invoice"]]
     assert subscription["status"] == "active"
     assert (invoice["status"], invoice["amount_paid"]) == ("paid", 2500)
+    # Stripe's order after a subscription checkout (see StripeState._announce_first_invoice)
     assert [e["type"] for e in sandbox.state.events] == [
         "checkout.session.completed",
+        "invoice.created",
+        "invoice.finalized",
         "customer.subscription.created",
         "invoice.paid",
+        "invoice.payment_succeeded",
     ]
     await idle(sandbox)
     assert sorted(hooks.types()) == sorted(e["type"] for e in sandbox.state.events)
@@ -318,6 +322,8 @@ async def test_decline_of_a_subscription_fails_its_first_invoice_too(
     events = sandbox.state.events
     assert [e["type"] for e in events] == [
         "checkout.session.completed",
+        "invoice.created",
+        "invoice.finalized",
         "customer.subscription.created",
         "checkout.session.async_payment_failed",
         "invoice.payment_failed",

@@ -603,9 +603,18 @@ async def test_a_subscription_checkout_paid_at_once_keeps_its_subscription(stack
     paid = await delivered(stack, payment)
     assert paid.status == S.PAID
     assert paid.provider_subscription_id == session["subscription"]
-    # customer.subscription.created came too: recorded, moving nothing.
-    types = [c.event_type for c in (await stack.history(payment.id)).callbacks]
-    assert sorted(types) == ["checkout.session.completed", "customer.subscription.created"]
+    # The events around the first invoice came too (the sandbox sends Stripe's set):
+    # recorded; only one of them moved the payment, and the caller heard once.
+    history = await stack.history(payment.id)
+    assert sorted(c.event_type for c in history.callbacks) == [
+        "checkout.session.completed",
+        "customer.subscription.created",
+        "invoice.created",
+        "invoice.finalized",
+        "invoice.paid",
+        "invoice.payment_succeeded",
+    ]
+    assert [e.status for e in history.outbox] == [S.PAID]
 
 
 async def test_money_for_a_canceled_payment_is_recorded_and_flagged(

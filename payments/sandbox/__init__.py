@@ -19,11 +19,13 @@ It speaks the part of Stripe's v1 API this service uses, well enough that the of
 A browser pays, declines or cancels at each object's ``url`` (``/pay/{id}``, the hosted
 checkout page), and ``/_sandbox/dashboard`` lists sessions and the events sent.
 
-Layers: ``forms`` (bracket encoding), ``params`` (schemas, Stripe errors), ``state``
-(objects, log, events, faults), ``api`` (routes, auth, idempotency), ``pages`` (hosted
-checkout and dashboard HTML), ``server`` (trio + h11), ``webhooks`` (signed event
-delivery), ``control`` (HTTP control routes for a separate process), ``child`` (a
-supervised child of ``payments serve``), ``__main__`` (CLI).
+Layers: ``forms`` (bracket encoding), ``params`` (schemas, Stripe errors), ``ids``,
+``state`` (objects, log, events, faults), ``money`` (PaymentIntents, Charges, Refunds),
+``store`` (write-through SQLite persistence), ``api`` (routes, auth, idempotency),
+``pages`` (hosted checkout and dashboard HTML, with ``refund_panel`` and
+``callback_sink``), ``server`` (trio + h11), ``webhooks`` (signed event delivery),
+``control`` (HTTP control routes for a separate process), ``child`` (a supervised child
+of ``payments serve``), ``__main__`` (CLI).
 """
 
 from payments.sandbox.api import ApiRequest, ApiResponse, StripeApi

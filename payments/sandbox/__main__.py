@@ -13,6 +13,9 @@ headers, or in the envelope form with ``--envelope``. The control API
 Each session's and payment link's ``url`` is its hosted checkout page (``/pay/<id>``,
 Pay / Decline / Cancel in a browser); ``/_sandbox/dashboard`` lists sessions and the
 events sent, without the key while bound to a loopback address (payments.sandbox.pages).
+
+``--state FILE`` keeps the account in SQLite (payments.sandbox.store): a restart, even
+after ``kill -9``, finds every object and idempotency key it answered with.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -61,16 +65,28 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help='post {"payload": <event>, "signature": <header>} as the gateway forwards it',
     )
+    parser.add_argument(
+        "--state",
+        default=None,
+        help="SQLite file keeping every object across restarts, each change committed "
+        "before its answer (default: memory only)",
+    )
     return parser
 
 
 async def _run(args: argparse.Namespace) -> None:
+    state = None
+    if args.state:
+        from payments.sandbox.store import persistent_state
+
+        state = persistent_state(args.state, args.secret_key)
     async with trio.open_nursery() as nursery:
         sandbox: Sandbox = await nursery.start(
             lambda task_status: serve_sandbox(
                 args.host,
                 args.port,
                 secret_key=args.secret_key,
+                state=state,
                 public_url=args.public_url,
                 webhook_url=args.webhook_url,
                 webhook_secret=args.webhook_secret if args.webhook_url else None,
@@ -79,9 +95,10 @@ async def _run(args: argparse.Namespace) -> None:
                 task_status=task_status,
             )
         )
-        print(f"payments-sandbox listening on {sandbox.url}", flush=True)
-        print(f"payments-sandbox dashboard: {sandbox.url}/_sandbox/dashboard", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            # Ready only once a stop signal is handled (else an early SIGTERM kills it).
+            print(f"payments-sandbox listening on {sandbox.url}", flush=True)
+            print(f"payments-sandbox dashboard: {sandbox.url}/_sandbox/dashboard", flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -94,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--webhook-url needs --webhook-secret (or $STRIPE_WEBHOOK_SECRET)")
     try:
         trio.run(_run, args)
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
         print(f"payments-sandbox: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -25,6 +25,7 @@ from urllib.parse import unquote
 
 import attrs
 
+from payments.sandbox import money
 from payments.sandbox import params as P
 from payments.sandbox.forms import FormError, parse_form
 from payments.sandbox.params import StripeError, invalid, missing, no_such
@@ -65,13 +66,13 @@ class ApiResponse:
 
 @attrs.define
 class _Stored:
-    """A saved idempotent result."""
+    """A saved idempotent result (kept as its JSON dict: it is persisted)."""
 
     method: str
     path: str
     params: Json
     status: int
-    body: bytes
+    body: str
     request_id: str
 
 
@@ -224,6 +225,21 @@ SUBSCRIPTION_CANCEL = {
     },
     "expand": P.EXPAND,
 }
+REFUND_CREATE = {
+    "payment_intent": P.string,
+    "charge": P.string,
+    "amount": P.integer,
+    "reason": P.one_of(*money.REFUND_REASONS),
+    "metadata": P.metadata,
+    "expand": P.EXPAND,
+}
+REFUND_LIST = {
+    "payment_intent": P.string,
+    "charge": P.string,
+    "limit": P.integer,
+    "expand": P.EXPAND,
+}
+INVOICE_PAYMENT_LIST = {"invoice": P.string, "limit": P.integer, "expand": P.EXPAND}
 _MAX_INTERVAL_COUNT = {"day": 365, "week": 52, "month": 12, "year": 1}
 
 
@@ -284,6 +300,12 @@ class StripeApi:
             ("GET", "/v1/subscriptions/{id}", self.retrieve_subscription),
             ("GET", "/v1/invoices/{id}", self.retrieve_invoice),
             ("DELETE", "/v1/subscriptions/{id}", self.cancel_subscription),
+            ("GET", "/v1/invoice_payments", self.list_invoice_payments),
+            ("GET", "/v1/payment_intents/{id}", self.retrieve_payment_intent),
+            ("GET", "/v1/charges/{id}", self.retrieve_charge),
+            ("POST", "/v1/refunds", self.create_refund),
+            ("GET", "/v1/refunds", self.list_refunds),
+            ("GET", "/v1/refunds/{id}", self.retrieve_refund),
         ]
 
     # --- the request pipeline ---------------------------------------------------------
@@ -346,13 +368,15 @@ class StripeApi:
             body = call.handler(call.params, call.object_id)
             response = self._json(call, 200, body)
             if key:
-                self.state.idempotency[(self.state.secret_key, key)] = _Stored(
-                    call.method,
-                    call.path,
-                    call.params,
-                    response.status,
-                    response.body,
-                    call.record.request_id,
+                self.state.idempotency[key] = attrs.asdict(
+                    _Stored(
+                        call.method,
+                        call.path,
+                        call.params,
+                        response.status,
+                        response.body.decode(),
+                        call.record.request_id,
+                    )
                 )
             return self._finish(call, response)
         except StripeError as exc:
@@ -446,9 +470,10 @@ class StripeApi:
                 f"Invalid idempotency key: must be at most {MAX_IDEMPOTENCY_KEY} characters",
                 None,
             )
-        stored: _Stored | None = self.state.idempotency.get((self.state.secret_key, key))
-        if stored is None:
+        saved: Json | None = self.state.idempotency.get(key)
+        if saved is None:
             return None
+        stored = _Stored(**saved)
         if (stored.method, stored.path) != (call.method, call.path):
             raise StripeError(
                 "Keys for idempotent requests can only be used for the same endpoint they "
@@ -471,7 +496,7 @@ class StripeApi:
             None,
             {"idempotent-replayed": "true", "original-request": stored.request_id},
         )
-        return attrs.evolve(response, body=stored.body)
+        return attrs.evolve(response, body=stored.body.encode())
 
     # --- shared validation -----------------------------------------------------------
 
@@ -818,9 +843,7 @@ class StripeApi:
 
     def list_sessions(self, params: Json, _: str) -> Json:
         p = P.coerce(params, SESSION_LIST, "")
-        limit = p.get("limit", 10)
-        if not 1 <= limit <= 100:
-            raise invalid("This value must be between 1 and 100.", "limit")
+        limit = self._limit(p)
         sessions = list(reversed(self.state.sessions.values()))  # newest first
         for field in ("payment_link", "status", "subscription", "customer", "payment_intent"):
             if field in p:
@@ -871,7 +894,71 @@ class StripeApi:
         }
         return self.state.cancel_subscription(subscription_id)
 
+    def list_invoice_payments(self, params: Json, _: str) -> Json:
+        p = P.coerce(params, INVOICE_PAYMENT_LIST, "")
+        limit = self._limit(p)
+        found = [
+            payment
+            for payment in reversed(self.state.invoice_payments.values())
+            if "invoice" not in p or payment["invoice"] == p["invoice"]
+        ]
+        return self._list("/v1/invoice_payments", found[:limit], has_more=len(found) > limit)
+
+    # --- money: payment intents, charges, refunds ---------------------------------------
+
+    def retrieve_payment_intent(self, params: Json, intent_id: str) -> Json:
+        P.coerce(params, _EXPAND_ONLY, "")
+        intent = self.state.payment_intents.get(intent_id)
+        if intent is None:
+            raise no_such("payment_intent", intent_id, "intent")
+        return intent
+
+    def retrieve_charge(self, params: Json, charge_id: str) -> Json:
+        P.coerce(params, _EXPAND_ONLY, "")
+        charge = self.state.charges.get(charge_id)
+        if charge is None:
+            raise no_such("charge", charge_id)
+        return charge
+
+    def create_refund(self, params: Json, _: str) -> Json:
+        p = P.coerce(params, REFUND_CREATE, "")
+        amount = p.get("amount")
+        if amount is not None and amount < 1:
+            raise invalid("Invalid positive integer", "amount", code="parameter_invalid_integer")
+        charge = money.charge_for(
+            self.state, payment_intent=p.get("payment_intent"), charge=p.get("charge")
+        )
+        return money.create_refund(
+            self.state,
+            charge,
+            amount=amount,
+            reason=p.get("reason"),
+            metadata=_clean_metadata(p.get("metadata")),
+        )
+
+    def retrieve_refund(self, params: Json, refund_id: str) -> Json:
+        P.coerce(params, _EXPAND_ONLY, "")
+        refund = self.state.refunds.get(refund_id)
+        if refund is None:
+            raise no_such("refund", refund_id, "refund")
+        return refund
+
+    def list_refunds(self, params: Json, _: str) -> Json:
+        p = P.coerce(params, REFUND_LIST, "")
+        limit = self._limit(p)
+        found = money.refunds_of(
+            self.state, payment_intent=p.get("payment_intent", ""), charge=p.get("charge", "")
+        )
+        return self._list("/v1/refunds", found[:limit], has_more=len(found) > limit)
+
     # --- helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _limit(p: Json) -> int:
+        limit = int(p.get("limit", 10))
+        if not 1 <= limit <= 100:
+            raise invalid("This value must be between 1 and 100.", "limit")
+        return limit
 
     @staticmethod
     def _list(url: str, data: list[Json], *, has_more: bool = False) -> Json:

@@ -25,6 +25,10 @@ here but in payments.sandbox.pages (HTML for a browser).
                                  "times": 1, "seconds": 0, "after": false, "status": 500}
     DELETE /_sandbox/faults                                   clear faults
     POST   /_sandbox/reset                                    forget everything
+    POST   /_sandbox/refunds    {"payment_intent" | "charge": ..., "amount": null,
+                                 "reason": null}   a refund made in Stripe's dashboard
+    POST   /_sandbox/refunds/hold      {"hold": true}         the next refund stays pending
+    POST   /_sandbox/refunds/{id}/{succeed|fail}  {"failure_reason": ...}  settle a pending one
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from typing import Any
 
 import attrs
 
+from payments.sandbox import money
 from payments.sandbox.api import ApiRequest, ApiResponse
+from payments.sandbox.params import StripeError
 from payments.sandbox.state import (
     Fault,
     FaultKind,
@@ -98,11 +104,45 @@ class ControlApi:
         if not hmac.compare_digest(auth.encode(), f"Bearer {self.state.secret_key}".encode()):
             return _error(401, "the sandbox control API needs the secret key as Bearer auth")
         try:
+            if parts[0] == "refunds":
+                return self._refunds(method, parts[1:], request.body)
             return self._route(method, parts, request.body)
+        except StripeError as exc:
+            return _answer(exc.status, exc.body())
         except (KeyError, SessionStateError) as exc:
             return _error(404 if isinstance(exc, KeyError) else 400, str(exc).strip("'\""))
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
+
+    def _refunds(self, method: str, parts: list[str], body: bytes) -> ApiResponse:
+        """Refunds made "on the Stripe side" (as in Stripe's dashboard), the switch that
+        holds the next refund pending, and the outcome of a pending one."""
+        state = self.state
+        match (method, parts):
+            case ("POST", []):
+                spec = _body(body)
+                charge = money.charge_for(
+                    state,
+                    payment_intent=spec.get("payment_intent"),
+                    charge=spec.get("charge"),
+                )
+                amount = spec.get("amount")
+                if amount is not None and (not isinstance(amount, int) or amount < 1):
+                    raise ValueError("amount must be a positive integer")
+                refund = money.create_refund(
+                    state, charge, amount=amount, reason=spec.get("reason")
+                )
+                return _answer(200, refund)
+            case ("POST", ["hold"]):
+                state.refund_hold = bool(_body(body).get("hold", True))
+                return _answer(200, {"hold": state.refund_hold})
+            case ("POST", [refund_id, "succeed" | "fail" as outcome]):
+                reason = str(_body(body).get("failure_reason") or "")
+                refund = money.settle_refund(
+                    state, refund_id, succeed=outcome == "succeed", reason=reason
+                )
+                return _answer(200, refund)
+        return _error(404, f"unknown sandbox control route {method} /refunds/{'/'.join(parts)}")
 
     def _route(self, method: str, parts: list[str], body: bytes) -> ApiResponse:
         state = self.state
@@ -117,6 +157,10 @@ class ControlApi:
                         "checkout_sessions": state.sessions,
                         "subscriptions": state.subscriptions,
                         "customers": state.customers,
+                        "invoices": state.invoices,
+                        "payment_intents": state.payment_intents,
+                        "charges": state.charges,
+                        "refunds": state.refunds,
                     },
                 )
             case ("GET", ["requests"]):

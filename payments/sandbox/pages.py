@@ -10,7 +10,12 @@ a Checkout Session or a Payment Link, as it would open Stripe's hosted checkout:
     POST /pay/{cs_...}/pay           completes it paid (pay_session) -> 303 success_url
     POST /pay/{cs_...}/decline       fails the payment (decline_session) -> 303 cancel_url
     POST /pay/{cs_...}/cancel        leaves it open -> 303 cancel_url
-    GET  /_sandbox/dashboard         sessions and the events sent, with delivery codes
+    GET  /_sandbox/dashboard         sessions, charges with their refunds (and forms to
+                                     refund, hold the next refund pending, settle it:
+                                     payments.sandbox.refund_panel), the status
+                                     callbacks received, the events sent
+    POST /_sandbox/callbacks/...     a status-callback receiver for trying the service
+                                     by hand (payments.sandbox.callback_sink)
 
 No JavaScript and no external assets: each button is a form that POSTs, and the answer
 is a 303 (Post/Redirect/Get), so a reload never pays twice. A session that is no longer
@@ -38,6 +43,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from payments.sandbox.api import ApiRequest, ApiResponse
+from payments.sandbox.callback_sink import CallbackSink
+from payments.sandbox.refund_panel import RefundPanel
 from payments.sandbox.state import ZERO_DECIMAL, SessionStateError, StripeState
 
 PAY_PREFIX = "/pay/"
@@ -172,11 +179,18 @@ class CheckoutPages:
     def __init__(self, state: StripeState, *, dashboard_open: bool) -> None:
         self.state = state
         self.dashboard_open = dashboard_open
+        self.refunds = RefundPanel(state, amount=format_amount, when=_when)
+        self.callbacks = CallbackSink()
 
     @staticmethod
     def serves(path: str) -> bool:
         """Whether ``path`` is one of these pages (the server asks before routing)."""
-        return path.startswith(PAY_PREFIX) or path.rstrip("/") == DASHBOARD_PATH
+        return (
+            path.startswith(PAY_PREFIX)
+            or path.rstrip("/") == DASHBOARD_PATH
+            or RefundPanel.serves(path)
+            or CallbackSink.serves(path)
+        )
 
     def handle(self, request: ApiRequest) -> ApiResponse:
         method = request.method.upper()
@@ -187,6 +201,10 @@ class CheckoutPages:
         return response
 
     def _route(self, method: str, path: str, request: ApiRequest) -> ApiResponse:
+        if RefundPanel.serves(path):
+            return self._refund_action(method, path, request)
+        if CallbackSink.serves(path):
+            return self.callbacks.handle(request)
         if path.rstrip("/") == DASHBOARD_PATH:
             if method not in ("GET", "HEAD"):
                 return _not_allowed("GET")
@@ -346,18 +364,31 @@ class CheckoutPages:
                 key = ""
         return bool(key) and hmac.compare_digest(key.encode(), self.state.secret_key.encode())
 
+    def _refund_action(self, method: str, path: str, request: ApiRequest) -> ApiResponse:
+        if method != "POST":
+            return _not_allowed("POST")
+        if not self._authorized(request):
+            return self._key_needed()
+        error = self.refunds.act(path, request.body)
+        if error:
+            return _message(400, "Refund refused", error, back=DASHBOARD_PATH)
+        return _redirect(DASHBOARD_PATH)
+
+    def _key_needed(self) -> ApiResponse:
+        response = _message(
+            401,
+            "Secret key needed",
+            "The sandbox is not bound to loopback: give its secret key as the user name.",
+        )
+        return ApiResponse(
+            401,
+            response.body,
+            (*response.headers, ("www-authenticate", 'Basic realm="payments-sandbox"')),
+        )
+
     def dashboard(self, request: ApiRequest) -> ApiResponse:
         if not self._authorized(request):
-            response = _message(
-                401,
-                "Secret key needed",
-                "The sandbox is not bound to loopback: give its secret key as the user name.",
-            )
-            return ApiResponse(
-                401,
-                response.body,
-                (*response.headers, ("www-authenticate", 'Basic realm="payments-sandbox"')),
-            )
+            return self._key_needed()
         state = self.state
         sessions = list(reversed(state.sessions.values()))[:_DASHBOARD_ROWS]
         session_rows = "".join(self._session_row(s) for s in sessions)
@@ -390,6 +421,8 @@ class CheckoutPages:
             "<th>Created</th><th>Session</th><th>Amount</th>"
             "<th>Status</th><th>Payment status</th><th>Payment link</th><th>Page</th></tr>"
             f"</thead><tbody>{session_rows}</tbody></table></div>"
+            f"{self.refunds.render()}"
+            f"{self.callbacks.render()}"
             "<h2>Events</h2>"
             '<div class="scroll"><table id="events"><thead><tr>'
             "<th>Created</th><th>Event</th><th>Type</th>"

@@ -99,6 +99,9 @@ class _Server:
                 if request is None:
                     return
                 response = await self._dispatch(request)
+                # Committed before the answer: what a client was told exists survives a
+                # kill -9 (a failed write drops the connection unanswered instead).
+                self.sandbox.state.flush()
                 await self._send(stream, conn, response)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return

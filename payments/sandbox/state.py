@@ -11,6 +11,11 @@ subscription created or deleted, an invoice paid or failed) go through
 delivery (payments.sandbox.webhooks) is one listener: while ``webhook`` holds a
 :class:`WebhookEndpoint`, every event is posted there, and each attempt is appended to
 ``deliveries``.
+
+Objects live in :class:`Table` dicts that remember which ids a request touched; with a
+:class:`~payments.sandbox.store.SandboxStore` attached, :meth:`StripeState.flush`
+(called by the server before each answer) writes exactly those, so persistence costs
+what the request changed, never the account's size.
 """
 
 from __future__ import annotations
@@ -18,18 +23,22 @@ from __future__ import annotations
 import collections
 import copy
 import enum
-import secrets
-import string
+import hashlib
+import json
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from payments.sandbox import money
+from payments.sandbox.ids import new_id
+
+if TYPE_CHECKING:
+    from payments.sandbox.store import SandboxStore
+
 API_VERSION = "2026-10-28.endive"
 SESSION_LIFETIME_SECONDS = 24 * 3600
-
-_ALPHABET = string.ascii_letters + string.digits
 
 # Currencies Stripe presents (lower-case ISO 4217).
 _CURRENCY_CODES = """
@@ -51,11 +60,6 @@ MINIMUM_CHARGE = {
     "jpy": 50, "mxn": 1000, "myr": 200, "nok": 300, "nzd": 50, "pln": 200, "ron": 200,
     "sek": 300, "sgd": 50, "thb": 1000,
 }  # fmt: skip
-
-
-def new_id(prefix: str, length: int = 24) -> str:
-    """A Stripe-looking id: ``prefix`` + random base62."""
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
 class FaultKind(enum.StrEnum):
@@ -222,6 +226,47 @@ class DeliveryRecord:
         return self.status is not None and 200 <= self.status < 300
 
 
+class Table(dict[str, Any]):
+    """Objects of one kind by id, remembering which ids were read or written since the
+    last :meth:`StripeState.flush`: every handler reaches an object it changes through
+    ``[]``, ``get`` or assignment, so these marks are all a flush needs to write (its
+    cost follows the request, not the account's history). Iterating marks nothing:
+    listings only read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.touched: set[str] = set(self)
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        self.touched.add(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default  # noqa: SIM401  (marks it touched)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.touched.add(key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+def _route(metadata: dict[str, Any] | None) -> str:
+    """The callback hash in an object's metadata ("" when none)."""
+    return str((metadata or {}).get("callback_hash") or "")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 class SessionStateError(ValueError):
     """A helper was asked for a move the session's status does not allow."""
 
@@ -242,28 +287,42 @@ class StripeState:
         self.faults = Faults()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.webhook: WebhookEndpoint | None = None  # kept across reset()
+        self.store: SandboxStore | None = None  # see attach()
         self.reset()
 
     def reset(self) -> None:
         """Forget every object, request, event, delivery and fault (keeps key, URL,
-        listeners and the webhook endpoint)."""
-        self.products: dict[str, dict[str, Any]] = {}
-        self.prices: dict[str, dict[str, Any]] = {}
-        self.payment_links: dict[str, dict[str, Any]] = {}
-        self.sessions: dict[str, dict[str, Any]] = {}
-        self.subscriptions: dict[str, dict[str, Any]] = {}
-        self.customers: dict[str, dict[str, Any]] = {}
-        self.invoices: dict[str, dict[str, Any]] = {}
+        listeners and the webhook endpoint; empties the store when one is attached)."""
+        self.products = Table()
+        self.prices = Table()
+        self.payment_links = Table()
+        self.sessions = Table()
+        self.subscriptions = Table()
+        self.customers = Table()
+        self.invoices = Table()
         # line items are not part of the session / link JSON (Stripe needs an expand)
-        self.line_items: dict[str, list[dict[str, Any]]] = {}
+        self.line_items = Table()
         # extra create params kept for later objects (subscription_data of a session/link)
-        self.create_params: dict[str, dict[str, Any]] = {}
+        self.create_params = Table()
+        # Idempotency-Key -> the stored answer (payments.sandbox.api keeps its shape)
+        self.idempotency = Table()
+        # money that moved (payments.sandbox.money)
+        self.payment_intents = Table()
+        self.charges = Table()
+        self.refunds = Table()
+        self.invoice_payments = Table()
+        # charge id -> the callback hash its payment's events went to (the gateway's map)
+        self.callback_routes = Table()
+        self.refund_hold = False  # the next refund stays pending (a knob, not persisted)
         self.requests: list[RequestRecord] = []
         self.calls: collections.Counter[str] = collections.Counter()
         self.events: list[dict[str, Any]] = []
         self.deliveries: list[DeliveryRecord] = []
-        self.idempotency: dict[tuple[str, str], Any] = {}
         self.faults.clear()
+        self._events_saved = 0
+        self._digests: dict[tuple[str, str], bytes] = {}
+        if self.store is not None:
+            self.store.clear()
 
     # --- persistence (the embedded profile keeps checkouts payable across restarts) -------
 
@@ -277,20 +336,77 @@ class StripeState:
         "invoices",
         "line_items",
         "create_params",
-        "events",
+        "idempotency",
+        "payment_intents",
+        "charges",
+        "refunds",
+        "invoice_payments",
+        "callback_routes",
     )
 
+    def _tables(self) -> Iterator[tuple[str, Table]]:
+        for name in self._PERSISTED:
+            yield name, getattr(self, name)
+
     def snapshot(self) -> dict[str, Any]:
-        """The account's objects and events as JSON-ready data. Idempotency records,
-        the request log and deliveries are not kept: they serve tests, not a restart."""
-        return {name: getattr(self, name) for name in self._PERSISTED}
+        """The account's objects and events as JSON-ready data (the request log and
+        deliveries serve tests, not a restart)."""
+        return {**{name: dict(table) for name, table in self._tables()}, "events": self.events}
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Load what :meth:`snapshot` returned (unknown or missing parts are skipped)."""
-        for name in self._PERSISTED:
+        """Load what :meth:`snapshot` returned (unknown or missing parts are skipped);
+        with a store attached, the next :meth:`flush` writes it all."""
+        for name, table in self._tables():
             value = data.get(name)
-            if isinstance(value, type(getattr(self, name))):
-                setattr(self, name, value)
+            if isinstance(value, dict):
+                table.update(value)
+        if isinstance(data.get("events"), list):
+            self.events = list(data["events"])
+
+    def attach(self, store: SandboxStore) -> None:
+        """Load the account from ``store`` and write every later change through to it.
+
+        A legacy ``sandbox.json`` snapshot may be :meth:`restore`-d first: the objects
+        not yet in the store are written by the flush that ends this call.
+        """
+        self.store = store
+        for kind, key, value in store.objects():
+            if kind in self._PERSISTED:
+                dict.__setitem__(getattr(self, kind), key, value)
+                self._digests[(kind, key)] = _digest(_dumps(value))
+        stored_events = store.events()
+        self.events = stored_events + self.events
+        self._events_saved = len(stored_events)
+        self.flush()
+
+    def flush(self) -> int:
+        """Write what changed since the last flush (objects read or written, new
+        events) in one transaction; the server calls this before it answers. Returns
+        how many rows were written. Without a store it only forgets the marks."""
+        if self.store is None:  # in memory only (tests, benchmarks): nothing to write
+            for _, table in self._tables():
+                table.touched.clear()
+            self._events_saved = len(self.events)
+            return 0
+        rows: list[tuple[str, str, str]] = []
+        digests: dict[tuple[str, str], bytes] = {}
+        for kind, table in self._tables():
+            for key in table.touched:
+                if not dict.__contains__(table, key):
+                    continue
+                text = _dumps(dict.__getitem__(table, key))
+                digest = _digest(text)
+                if self._digests.get((kind, key)) != digest:
+                    rows.append((kind, key, text))
+                    digests[(kind, key)] = digest
+        events = [_dumps(e) for e in self.events[self._events_saved :]]
+        if rows or events:
+            self.store.write(rows, events)  # raises: the marks stay for the next flush
+        self._digests.update(digests)
+        for _, table in self._tables():
+            table.touched.clear()
+        self._events_saved = len(self.events)
+        return len(rows) + len(events)
 
     def now(self) -> int:
         return int(self.clock())
@@ -521,16 +637,42 @@ class StripeState:
             url=None,
         )
         if session["mode"] == "payment":
-            session["payment_intent"] = new_id("pi_")
+            data = self.create_params.get(session_id, {}).get("payment_intent_data", {})
+            intent = money.open_intent(
+                self,
+                session["amount_total"],
+                session["currency"],
+                customer=customer["id"],
+                metadata=data.get("metadata", {}),
+            )
+            session["payment_intent"] = intent["id"]
+            if payment_status == "paid":
+                money.capture(self, intent["id"], route=_route(session.get("metadata")))
         if session["mode"] == "subscription":
             subscription = self._start_subscription(session, customer["id"])
             session["subscription"] = subscription["id"]
             session["invoice"] = subscription["latest_invoice"]
         self.emit("checkout.session.completed", session)
         if session["mode"] == "subscription":
-            self.emit("customer.subscription.created", self.subscriptions[session["subscription"]])
+            self._announce_first_invoice(session)
         self._apply_link_limit(session.get("payment_link"))
         return session
+
+    def _announce_first_invoice(self, session: dict[str, Any]) -> None:
+        """The events Stripe sends after a subscription checkout, in the order a
+        Checkout subscription showed them at Stripe: ``invoice.created`` (a draft),
+        ``invoice.finalized``, ``customer.subscription.created``, then, when the money
+        came with the checkout, ``invoice.paid`` and ``invoice.payment_succeeded``.
+        Stripe promises no delivery order, and the sender posts each event on its own
+        task, so a receiver must cope with any order anyway."""
+        invoice = self.invoices[session["invoice"]]
+        self.emit("invoice.created", {**invoice, "status": "draft"})
+        self.emit("invoice.finalized", invoice)
+        self.emit("customer.subscription.created", self.subscriptions[session["subscription"]])
+        if session["payment_status"] != "unpaid":
+            self._settle(invoice)
+            self.emit("invoice.paid", invoice)
+            self.emit("invoice.payment_succeeded", invoice)
 
     def _apply_link_limit(self, link_id: str | None) -> None:
         """Stripe deactivates a link once ``restrictions.completed_sessions.limit``
@@ -553,6 +695,8 @@ class StripeState:
         if session["status"] != "complete" or session["payment_status"] != "unpaid":
             raise SessionStateError(f"session {session_id} has no payment pending")
         session["payment_status"] = "paid"
+        if session["payment_intent"]:
+            money.capture(self, session["payment_intent"], route=_route(session.get("metadata")))
         self.emit("checkout.session.async_payment_succeeded", session)
         return session
 
@@ -564,21 +708,15 @@ class StripeState:
             self.complete_session(session_id, payment_status="unpaid")
         elif session["status"] != "complete" or session["payment_status"] != "unpaid":
             raise SessionStateError(f"session {session_id} has no payment pending")
+        if session["payment_intent"]:
+            money.fail_intent(self, session["payment_intent"])
         self.emit("checkout.session.async_payment_failed", session)
         return session
 
     def pay_session(self, session_id: str) -> dict[str, Any]:
-        """What the hosted page's Pay does: the session completes paid and, in
-        subscription mode, the first invoice's ``invoice.paid`` follows, as at Stripe.
-
-        (:meth:`complete_session` alone stays as it was: tests count its events.)
-        """
-        session = self.complete_session(session_id)
-        if session["mode"] == "subscription" and session["invoice"]:
-            invoice = self.invoices[session["invoice"]]
-            if invoice["status"] == "paid":
-                self.emit("invoice.paid", invoice)
-        return session
+        """What the hosted page's Pay does: the session completes paid (in
+        subscription mode with the first invoice's events, see complete_session)."""
+        return self.complete_session(session_id)
 
     def decline_session(self, session_id: str) -> dict[str, Any]:
         """What the hosted page's Decline does: the payment fails, for good.
@@ -719,9 +857,7 @@ class StripeState:
             "status": "active" if session["payment_status"] != "unpaid" else "incomplete",
         }
         self.subscriptions[sub_id] = subscription
-        invoice = self._new_invoice(subscription, "subscription_create")
-        if session["payment_status"] != "unpaid":
-            self._settle(invoice)
+        self._new_invoice(subscription, "subscription_create")  # settled by the caller
         return subscription
 
     # --- invoices (subscriptions) ----------------------------------------------------
@@ -829,6 +965,32 @@ class StripeState:
             attempt_count=invoice["attempt_count"] + 1,
         )
         invoice["status_transitions"]["paid_at"] = self.now()
+        if invoice["amount_paid"] <= 0:
+            return
+        details = invoice["parent"]["subscription_details"]
+        intent = money.pay(
+            self,
+            invoice["amount_paid"],
+            invoice["currency"],
+            customer=invoice["customer"],
+            metadata={},
+            route=_route(details.get("metadata")),
+        )
+        payment = {
+            "id": new_id("inpay_"),
+            "object": "invoice_payment",
+            "amount_paid": invoice["amount_paid"],
+            "amount_requested": invoice["amount_due"],
+            "created": self.now(),
+            "currency": invoice["currency"],
+            "invoice": invoice["id"],
+            "is_default": True,
+            "livemode": False,
+            "payment": {"type": "payment_intent", "payment_intent": intent["id"]},
+            "status": "paid",
+            "status_transitions": {"canceled_at": None, "paid_at": self.now()},
+        }
+        self.invoice_payments[payment["id"]] = payment
 
     def _open_invoice(self, subscription_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The subscription and its latest invoice if still open, else a new renewal."""

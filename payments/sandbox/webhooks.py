@@ -32,6 +32,7 @@ import attrs
 import httpx
 import trio
 
+from payments.sandbox import money
 from payments.sandbox.state import DeliveryRecord, StripeState, WebhookEndpoint, new_id
 
 log = logging.getLogger("payments.sandbox.webhooks")
@@ -67,9 +68,11 @@ def callback_hash_of(obj: dict[str, Any]) -> str:
     return ""
 
 
-def delivery_url(endpoint: WebhookEndpoint, event: dict[str, Any]) -> str:
-    """Where the gateway forwards ``event``: the endpoint base plus the callback hash."""
-    callback_hash = callback_hash_of(event["data"]["object"])
+def delivery_url(endpoint: WebhookEndpoint, event: dict[str, Any], fallback: str = "") -> str:
+    """Where the gateway forwards ``event``: the endpoint base plus the callback hash
+    (``fallback`` when the object carries none: a charge or refund goes where its
+    payment's events went)."""
+    callback_hash = callback_hash_of(event["data"]["object"]) or fallback
     if "{callback_hash}" in endpoint.url:
         return endpoint.url.replace("{callback_hash}", callback_hash)
     if not callback_hash:
@@ -166,7 +169,7 @@ class WebhookSender:
             content = body.encode("utf-8")
             headers["Content-Type"] = "application/json; charset=utf-8"
             headers[endpoint.signature_header] = signature
-        url = delivery_url(endpoint, event)
+        url = delivery_url(endpoint, event, money.route_of(self.state, event["data"]["object"]))
         record = DeliveryRecord(
             event_id=event["id"],
             event_type=event["type"],
