@@ -16,7 +16,7 @@ from payments.providers.base import CheckoutResult, Provider
 from payments.providers.registry import ProviderRegistry
 from payments.providers.stripe import StripeProvider, with_state
 from payments.sandbox import Sandbox
-from payments.sandbox.state import SessionStateError
+from payments.sandbox.params import SessionStateError
 from tests.fixtures.sandbox import make_payment
 
 pytestmark = [

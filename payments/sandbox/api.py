@@ -28,13 +28,12 @@ import attrs
 from payments.sandbox import money
 from payments.sandbox import params as P
 from payments.sandbox.forms import FormError, parse_form
-from payments.sandbox.params import StripeError, invalid, missing, no_such
+from payments.sandbox.params import ZERO_DECIMAL, StripeError, invalid, missing, no_such
 from payments.sandbox.state import (
     API_VERSION,
     CURRENCIES,
     MINIMUM_CHARGE,
     SESSION_LIFETIME_SECONDS,
-    ZERO_DECIMAL,
     Fault,
     RequestRecord,
     StripeState,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from payments.sandbox.ids import new_id
-from payments.sandbox.params import StripeError, invalid, no_such
+from payments.sandbox.params import ZERO_DECIMAL, SessionStateError, StripeError, invalid, no_such
 
 if TYPE_CHECKING:
     from payments.sandbox.state import StripeState
@@ -121,8 +121,6 @@ def _refund_list(data: list[Json], url: str) -> Json:
 
 
 def _money(amount: int, currency: str) -> str:
-    from payments.sandbox.state import ZERO_DECIMAL
-
     symbol = {"usd": "$", "eur": "€", "gbp": "£"}.get(currency, currency.upper() + " ")
     if currency in ZERO_DECIMAL:
         return f"{symbol}{amount}"
@@ -207,8 +205,6 @@ def create_refund(
 def settle_refund(state: StripeState, refund_id: str, *, succeed: bool, reason: str = "") -> Json:
     """A pending refund's outcome: ``refund.updated`` and then ``charge.refunded`` (it
     succeeded) or ``refund.failed`` (it failed: the amount is refundable again)."""
-    from payments.sandbox.state import SessionStateError
-
     refund = state.refunds.get(refund_id)
     if refund is None:
         raise KeyError(f"no such refund: {refund_id}")

@@ -44,8 +44,9 @@ from urllib.parse import quote, urlsplit
 
 from payments.sandbox.api import ApiRequest, ApiResponse
 from payments.sandbox.callback_sink import CallbackSink
+from payments.sandbox.params import ZERO_DECIMAL, SessionStateError
 from payments.sandbox.refund_panel import RefundPanel
-from payments.sandbox.state import ZERO_DECIMAL, SessionStateError, StripeState
+from payments.sandbox.state import StripeState
 
 PAY_PREFIX = "/pay/"
 DASHBOARD_PATH = "/_sandbox/dashboard"

@@ -183,3 +183,12 @@ def coerce(value: Any, spec: Spec, param: str) -> Any:
 
 
 EXPAND: list[Any] = [string]
+
+
+# Currencies without minor units (Stripe's table).
+_ZERO_DECIMAL_CODES = "bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf"
+ZERO_DECIMAL = frozenset(_ZERO_DECIMAL_CODES.split())
+
+
+class SessionStateError(ValueError):
+    """A helper was asked for a move the session's status does not allow."""

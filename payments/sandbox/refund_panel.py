@@ -21,8 +21,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from payments.sandbox import money
-from payments.sandbox.params import StripeError
-from payments.sandbox.state import SessionStateError, StripeState
+from payments.sandbox.params import SessionStateError, StripeError
+from payments.sandbox.state import StripeState
 
 PREFIX = "/_sandbox/dashboard/refunds"
 ROWS = 200

@@ -33,6 +33,7 @@ import attrs
 
 from payments.sandbox import money
 from payments.sandbox.ids import new_id
+from payments.sandbox.params import SessionStateError
 
 if TYPE_CHECKING:
     from payments.sandbox.store import SandboxStore
@@ -51,8 +52,6 @@ _CURRENCY_CODES = """
     wst xaf xcd xof xpf yer zar zmw
 """
 CURRENCIES = frozenset(_CURRENCY_CODES.split())
-_ZERO_DECIMAL_CODES = "bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf"
-ZERO_DECIMAL = frozenset(_ZERO_DECIMAL_CODES.split())
 # Smallest amount a one-time payment may charge, in minor units (Stripe's table).
 MINIMUM_CHARGE = {
     "usd": 50, "aed": 200, "aud": 50, "bgn": 100, "brl": 50, "cad": 50, "chf": 50,
@@ -265,10 +264,6 @@ def _dumps(value: Any) -> str:
 
 def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-class SessionStateError(ValueError):
-    """A helper was asked for a move the session's status does not allow."""
 
 
 class StripeState:
