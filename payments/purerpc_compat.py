@@ -10,3 +10,7 @@ import h2.events
 
 if not hasattr(h2.events, "PingAcknowledged"):
     h2.events.PingAcknowledged = h2.events.PingAckReceived  # type: ignore[attr-defined]
+
+from payments import h2_streams  # after the alias: the wrap patches the same h2
+
+h2_streams.install()

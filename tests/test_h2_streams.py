@@ -1,0 +1,180 @@
+"""A malformed HTTP/2 request fails alone (payments/h2_streams.py): on the gRPC port and
+on the HTTP port (h2c), a refused header block answers its own stream while a request
+in flight on the same connection, and the next one, are served as usual."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import grpc
+import pytest
+import trio
+
+from payments.api.grpc import PaymentsConnectionHandler, PaymentsServicer
+from payments.api.grpc_server import ServerStats, serve_purerpc
+from payments.gen import payments_pb2 as pb
+from payments.gen import payments_pb2_grpc as pb_grpc
+from tests.fixtures.app import KEY_A, Stack
+from tests.h2_raw import Headers, RawH2
+
+pytestmark = pytest.mark.timeout(60)
+
+EMPTY_GRPC_MESSAGE = b"\x00\x00\x00\x00\x00"  # HealthRequest{}: no flag, length 0
+
+# (extra headers, the message naming what is wrong). Every header shape h2 refuses.
+BAD_HEADERS: list[tuple[Headers, str]] = [
+    ([("x-request-id", "r ")], "x-request-id: header value has leading or trailing whitespace"),
+    ([("x-request-id", " r")], "x-request-id: header value has leading or trailing whitespace"),
+    ([("x-api-key", "k\t")], "x-api-key: header value has leading or trailing whitespace"),
+    ([("x-request-id", "a\x00b")], "x-request-id: header value contains NUL, CR or LF"),
+    ([("x-request-id", "a\nb")], "x-request-id: header value contains NUL, CR or LF"),
+    ([("X-Request-Id", "r")], "request headers: a header name is not a lowercase token"),
+    ([("x request", "r")], "request headers: a header name is not a lowercase token"),
+    ([("", "r")], "request headers: a header name is not a lowercase token"),
+    ([("connection", "keep-alive")], "connection: connection-specific header is not allowed"),
+    ([("keep-alive", "5")], "keep-alive: connection-specific header is not allowed"),
+    ([("upgrade", "websocket")], "upgrade: connection-specific header is not allowed"),
+    ([("proxy-connection", "x")], "proxy-connection: connection-specific header is not allowed"),
+    ([("transfer-encoding", "chunked")], "transfer-encoding: connection-specific header is not"),
+    ([("te", "gzip")], "te: only 'trailers' is allowed in HTTP/2"),
+    ([("content-length", "abc")], "content-length: must be a number"),
+    ([(":path", "/again")], "request headers: malformed HTTP/2 request (pseudo-headers)"),
+    ([(":bogus", "x")], "request headers: malformed HTTP/2 request (pseudo-headers)"),
+]
+SECRET = "sk-secret-value"
+
+
+def grpc_headers(port: int, rid: str = "ok-1") -> Headers:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/payments.PaymentsService/Health"),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("x-request-id", rid),
+        ("x-api-key", KEY_A),
+    ]
+
+
+def http_headers(port: int, path: str = "/health", rid: str = "ok-1") -> Headers:
+    return [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", f"127.0.0.1:{port}"),
+        ("x-request-id", rid),
+        ("x-api-key", KEY_A),
+    ]
+
+
+def with_bad(headers: Headers, bad: Headers) -> Headers:
+    """``headers`` with ``bad`` in place of (or beside) the header of the same name."""
+    names = {name for name, _ in bad}
+    return [h for h in headers if h[0] not in names] + bad
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_HEADERS)
+async def test_grpc_bad_header_fails_only_its_call(
+    stack: Stack, bad: Headers, message: str
+) -> None:
+    client = await RawH2.open(stack.grpc_port)
+    try:
+        # A call in flight (headers sent, request not finished) when the bad one comes.
+        first = await client.headers(grpc_headers(stack.grpc_port, "in-flight"))
+        refused = await client.headers(with_bad(grpc_headers(stack.grpc_port), bad))
+        await client.data(refused, EMPTY_GRPC_MESSAGE)
+        await client.data(first, EMPTY_GRPC_MESSAGE)
+        await client.wait(first, refused)
+        after = await client.headers(grpc_headers(stack.grpc_port, "after"))
+        await client.data(after, EMPTY_GRPC_MESSAGE)
+        await client.wait(after)
+
+        assert client.goaway is None and not client.closed
+        assert client.results[refused].grpc_status == "3"  # INVALID_ARGUMENT
+        assert message.split(":")[0] in client.results[refused].grpc_message
+        for ok in (first, after):
+            assert client.results[ok].grpc_status == "0", client.results[ok]
+            assert client.results[ok].headers.get("x-request-id") in ("in-flight", "after")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_HEADERS)
+async def test_h2c_bad_header_fails_only_its_request(
+    stack: Stack, bad: Headers, message: str
+) -> None:
+    port = stack.http.port
+    client = await RawH2.open(port)
+    try:
+        first = await client.headers(http_headers(port, rid="in-flight"))
+        refused = await client.headers(with_bad(http_headers(port), bad), end_stream=True)
+        await client.data(first, b"")
+        await client.wait(first, refused)
+        after = await client.headers(http_headers(port, rid="after"), end_stream=True)
+        await client.wait(after)
+
+        assert client.goaway is None and not client.closed
+        answer = client.results[refused]
+        assert answer.status == 400
+        assert json.loads(answer.body)["error"].startswith(message)
+        for ok in (first, after):
+            assert client.results[ok].status == 200, client.results[ok]
+            assert json.loads(client.results[ok].body) == {"status": "ok"}
+    finally:
+        await client.aclose()
+
+
+async def test_refusal_never_echoes_the_value(stack: Stack) -> None:
+    port = stack.http.port
+    client = await RawH2.open(port)
+    try:
+        refused = await client.headers(
+            with_bad(http_headers(port), [("x-api-key", f" {SECRET}")]), end_stream=True
+        )
+        await client.wait(refused)
+        assert client.results[refused].status == 400
+        assert SECRET not in client.results[refused].body.decode()
+    finally:
+        await client.aclose()
+
+
+async def test_grpcio_channel_survives_a_bad_metadata_value(stack: Stack) -> None:
+    """The issue's case with the official client: one channel, one connection."""
+    stats = ServerStats()
+    servicer = PaymentsServicer(stack.service, stack.authenticator)
+    serve = partial(
+        serve_purerpc,
+        [servicer],
+        "127.0.0.1",
+        0,
+        handler_class=PaymentsConnectionHandler,
+        stats=stats,
+    )
+    port = await stack.nursery.start(serve)
+
+    def calls() -> list[tuple[grpc.StatusCode, str]]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.PaymentsServiceStub(channel)
+            codes = []
+            for rid in ("ok-1", "r ", "ok-2", " r", "ok-3"):
+                try:
+                    stub.Health(
+                        pb.HealthRequest(),
+                        metadata=[("x-request-id", rid), ("x-api-key", KEY_A)],
+                        timeout=10,
+                    )
+                    codes.append((grpc.StatusCode.OK, ""))
+                except grpc.RpcError as error:
+                    codes.append((error.code(), error.details()))  # type: ignore[attr-defined]
+            return codes
+
+    codes = await trio.to_thread.run_sync(calls)
+    bad = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "x-request-id: header value has leading or trailing whitespace",
+    )
+    ok = (grpc.StatusCode.OK, "")
+    assert codes == [ok, bad, ok, bad, ok]
+    assert stats.connections_total == 1
