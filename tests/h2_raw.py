@@ -80,12 +80,13 @@ class RawH2:
     def _done(self, stream_ids: list[int]) -> bool:
         if self.goaway is not None or self.closed:
             return True
-        return all(
+        return bool(stream_ids) and all(
             self.results[s].ended or self.results[s].reset_code is not None for s in stream_ids
         )
 
     async def wait(self, *stream_ids: int) -> None:
-        """Read until every stream named ended or was reset, or the connection ended."""
+        """Read until every stream named ended or was reset, or the connection ended
+        (GOAWAY or EOF; with no stream named, only that)."""
         with trio.fail_after(10):
             while not self._done(list(stream_ids)):
                 data = await self.socket.receive_some(65536)
