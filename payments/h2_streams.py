@@ -3,15 +3,17 @@
 h2 treats every header block it refuses (a value with leading or trailing whitespace,
 an uppercase name, a connection-specific header such as ``connection`` or
 ``transfer-encoding``, ``te`` other than ``trailers``, NUL/CR/LF, bad pseudo-headers, a
-non-numeric ``content-length``) as a *connection* error: GOAWAY, and every call in
-flight on the channel fails with it. RFC 9113 section 8.1.1 makes these *stream*
-errors. :func:`install` wraps h2's server side so such a request gets an answer of its
-own (gRPC: trailers-only ``INVALID_ARGUMENT``; anything else: 400 JSON), naming the
-header but never echoing its value (it may be an API key), then the stream is reset;
-the other streams on the connection go on. HPACK decoding errors stay connection errors
-(the shared compression state is lost). Both purerpc and hypercorn build
-``h2.connection.H2Connection`` themselves, and purerpc already patches that class, so
-the wrap is applied to the class, server side only, once.
+non-numeric ``content-length``) and a body whose length differs from its
+``content-length`` as a *connection* error: GOAWAY, and every call in flight on the
+channel fails with it. RFC 9113 section 8.1.1 makes these *stream* errors.
+:func:`install` wraps h2's server side so a refused request gets an answer of its own
+(gRPC: trailers-only ``INVALID_ARGUMENT``; anything else: 400 JSON), naming the header
+but never echoing its value (it may be an API key), then its stream is reset; a request
+the app already holds (bad trailers, wrong body length) is reset and the app told with
+a StreamReset event. The other streams on the connection go on. HPACK decoding errors
+stay connection errors (the shared compression state is lost). Both purerpc and
+hypercorn build ``h2.connection.H2Connection`` themselves, and purerpc already patches
+that class, so the wrap is applied to the class, server side only, once.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import h2.connection
 import h2.stream
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
-from h2.exceptions import ProtocolError
+from h2.exceptions import InvalidBodyLengthError, ProtocolError
 from h2.utilities import CONNECTION_HEADERS
+from hyperframe.frame import WindowUpdateFrame
 
 log = logging.getLogger("payments.h2")
 
@@ -95,6 +98,14 @@ def _answer(
 _original_process = h2.stream.H2Stream._process_received_headers
 _original_content_length = h2.stream.H2Stream._initialize_content_length
 _original_receive_headers = h2.connection.H2Connection._receive_headers_frame
+_original_receive_data = h2.connection.H2Connection._receive_data_frame
+
+
+def _reset_event(stream_id: int) -> StreamReset:
+    """What the app hears of a stream reset here (it already holds the request)."""
+    return StreamReset(
+        stream_id=stream_id, error_code=ErrorCodes.PROTOCOL_ERROR, remote_reset=False
+    )
 
 
 def _process_received_headers(self: h2.stream.H2Stream, headers: Any, *args: Any) -> Any:
@@ -134,12 +145,28 @@ def _receive_headers_frame(self: h2.connection.H2Connection, frame: Any) -> Any:
             # NO_ERROR after a complete answer: "stop sending the request body".
             code = ErrorCodes.NO_ERROR if answered else ErrorCodes.PROTOCOL_ERROR
             self.reset_stream(stream_id, code)
-        if not known:
-            return [], []
-        reset = StreamReset()  # tell the app its request is gone
-        reset.stream_id, reset.error_code = stream_id, ErrorCodes.PROTOCOL_ERROR
-        reset.remote_reset = False
-        return [], [reset]
+        return [], [] if not known else [_reset_event(stream_id)]
+
+
+def _receive_data_frame(self: h2.connection.H2Connection, frame: Any) -> Any:
+    """A body longer or shorter than its ``content-length``: reset that stream only."""
+    try:
+        return _original_receive_data(self, frame)
+    except InvalidBodyLengthError:
+        if self.config.client_side:
+            raise
+        frames = []
+        # The app never sees (so never acknowledges) this frame: give the window back.
+        increment = self._inbound_flow_control_window_manager.process_bytes(
+            frame.flow_controlled_length
+        )
+        if increment:
+            update = WindowUpdateFrame(0)
+            update.window_increment = increment
+            frames.append(update)
+        self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        log.info("http/2 body length differs from content-length: stream reset")
+        return frames, [_reset_event(frame.stream_id)]
 
 
 def install() -> None:
@@ -149,4 +176,5 @@ def install() -> None:
     h2.stream.H2Stream._process_received_headers = _process_received_headers  # type: ignore[method-assign]
     h2.stream.H2Stream._initialize_content_length = _initialize_content_length  # type: ignore[method-assign]
     h2.connection.H2Connection._receive_headers_frame = _receive_headers_frame  # type: ignore[method-assign]
+    h2.connection.H2Connection._receive_data_frame = _receive_data_frame  # type: ignore[method-assign]
     h2.connection.H2Connection._payments_stream_errors = True  # type: ignore[attr-defined]

@@ -178,3 +178,69 @@ async def test_grpcio_channel_survives_a_bad_metadata_value(stack: Stack) -> Non
     ok = (grpc.StatusCode.OK, "")
     assert codes == [ok, bad, ok, bad, ok]
     assert stats.connections_total == 1
+
+
+@pytest.mark.parametrize("sent", [b"short", b"x" * 40])
+async def test_h2c_body_length_unlike_content_length_resets_only_its_stream(
+    stack: Stack, sent: bytes
+) -> None:
+    port = stack.http.port
+    client = await RawH2.open(port)
+    try:
+        first = await client.headers(http_headers(port, rid="in-flight"))
+        post = [
+            (":method", "POST"),
+            *[h for h in http_headers(port, "/payments") if h[0] != ":method"],
+            ("content-type", "application/json"),
+            ("content-length", "20"),
+        ]
+        refused = await client.headers(post)
+        await client.data(refused, sent)
+        await client.data(first, b"")
+        await client.wait(first, refused)
+        after = await client.headers(http_headers(port, rid="after"), end_stream=True)
+        await client.wait(after)
+
+        assert client.goaway is None and not client.closed
+        assert client.results[refused].reset_code == 1  # PROTOCOL_ERROR
+        for ok in (first, after):
+            assert client.results[ok].status == 200, client.results[ok]
+    finally:
+        await client.aclose()
+
+
+async def test_grpc_body_length_unlike_content_length_resets_only_its_stream(
+    stack: Stack,
+) -> None:
+    client = await RawH2.open(stack.grpc_port)
+    try:
+        refused = await client.headers([*grpc_headers(stack.grpc_port), ("content-length", "50")])
+        await client.data(refused, EMPTY_GRPC_MESSAGE)
+        await client.wait(refused)
+        after = await client.headers(grpc_headers(stack.grpc_port, "after"))
+        await client.data(after, EMPTY_GRPC_MESSAGE)
+        await client.wait(after)
+        assert client.goaway is None and not client.closed
+        assert client.results[refused].reset_code == 1
+        assert client.results[after].grpc_status == "0"
+    finally:
+        await client.aclose()
+
+
+async def test_h2c_bad_trailers_reset_only_their_stream(stack: Stack) -> None:
+    port = stack.http.port
+    client = await RawH2.open(port)
+    try:
+        post = [(":method", "POST"), *[h for h in http_headers(port) if h[0] != ":method"]]
+        refused = await client.headers(post)
+        await client.data(refused, b"{}", end_stream=False)
+        client.conn.send_headers(refused, [("x-trailer", "v ")], end_stream=True)
+        await client.flush()
+        await client.wait(refused)
+        after = await client.headers(http_headers(port, rid="after"), end_stream=True)
+        await client.wait(after)
+        assert client.goaway is None and not client.closed
+        assert client.results[refused].reset_code == 1
+        assert client.results[after].status == 200
+    finally:
+        await client.aclose()
