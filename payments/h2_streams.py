@@ -67,31 +67,41 @@ def describe(headers: Iterable[Header]) -> str:
     return "request headers: malformed HTTP/2 request (pseudo-headers)"
 
 
+def refuse_grpc(connection: h2.connection.H2Connection, stream_id: int, message: str) -> None:
+    """Answer one gRPC call INVALID_ARGUMENT (trailers only), then reset its stream with
+    NO_ERROR if the client is still sending ("stop sending the request body")."""
+    status = [
+        (b"grpc-status", _GRPC_INVALID_ARGUMENT),
+        (b"grpc-message", quote(message, safe=" :'-").encode("ascii")),
+    ]
+    stream = connection.streams.get(stream_id)
+    if stream is None or not stream.state_machine.headers_sent:  # trailers-only response
+        status = [(b":status", b"200"), (b"content-type", b"application/grpc"), *status]
+    connection.send_headers(stream_id, status, end_stream=True)
+    if stream is not None and not stream.closed:
+        connection.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+    log.info("malformed grpc request refused", extra={"reason": message})
+
+
 def _answer(
     connection: h2.connection.H2Connection, stream_id: int, error: MalformedHeaders
 ) -> None:
-    """Answer the one refused request, then reset its stream (the client stops sending)."""
+    """Answer the one refused request."""
     message = describe(error.headers)
     content_type = dict(error.headers).get(b"content-type", b"")
     if content_type.startswith(b"application/grpc"):
-        trailers = [
-            (b":status", b"200"),
-            (b"content-type", b"application/grpc"),
-            (b"grpc-status", _GRPC_INVALID_ARGUMENT),
-            (b"grpc-message", quote(message, safe=" :'-").encode("ascii")),
-        ]
-        connection.send_headers(stream_id, trailers, end_stream=True)
-    else:
-        body = json.dumps({"error": message}).encode()
-        connection.send_headers(
-            stream_id,
-            [
-                (b":status", b"400"),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        )
-        connection.send_data(stream_id, body, end_stream=True)
+        refuse_grpc(connection, stream_id, message)
+        return
+    body = json.dumps({"error": message}).encode()
+    connection.send_headers(
+        stream_id,
+        [
+            (b":status", b"400"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    )
+    connection.send_data(stream_id, body, end_stream=True)
     log.info("malformed http/2 request refused", extra={"reason": message})
 
 

@@ -97,6 +97,16 @@ class RawH2:
                     self._on(event)
                 await self.flush()
 
+    async def wait_headers(self, stream_id: int) -> None:
+        """Read until the stream's response headers arrived."""
+        with trio.fail_after(10):
+            while not self.results[stream_id].headers:
+                data = await self.socket.receive_some(65536)
+                assert data, "connection closed"
+                for event in self.conn.receive_data(data):
+                    self._on(event)
+                await self.flush()
+
     def _on(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.ConnectionTerminated):
             self.goaway = event

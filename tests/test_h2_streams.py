@@ -244,3 +244,81 @@ async def test_h2c_bad_trailers_reset_only_their_stream(stack: Stack) -> None:
         assert client.results[after].status == 200
     finally:
         await client.aclose()
+
+
+def replaced(headers: Headers, **changes: str | None) -> Headers:
+    """``headers`` with values changed in place (None: left out, new names go last);
+    keyword names use ``_`` for ``-`` and ``pseudo_`` for ``:``."""
+    wanted = {k.replace("pseudo_", ":").replace("_", "-"): v for k, v in changes.items()}
+    kept = [(n, wanted.get(n, v)) for n, v in headers]
+    kept += [(n, v) for n, v in wanted.items() if n not in dict(headers)]
+    return [(n, v) for n, v in kept if v is not None]
+
+
+# Valid HTTP/2 that purerpc refuses as gRPC: (header changes, first message, end on headers)
+NOT_GRPC: list[tuple[dict[str, str | None], bytes, bool]] = [
+    ({"pseudo_method": "GET"}, EMPTY_GRPC_MESSAGE, False),
+    ({"pseudo_path": "/no-method"}, EMPTY_GRPC_MESSAGE, False),
+    ({"pseudo_path": "/a/b/c"}, EMPTY_GRPC_MESSAGE, False),
+    ({"te": None}, EMPTY_GRPC_MESSAGE, False),
+    ({"content_type": "application/json"}, EMPTY_GRPC_MESSAGE, False),
+    ({"grpc_timeout": "5x"}, EMPTY_GRPC_MESSAGE, False),
+    ({"grpc_timeout": "abcS"}, EMPTY_GRPC_MESSAGE, False),
+    ({}, b"", True),  # HEADERS with END_STREAM: no message at all
+    ({}, b"\x00" + (64 * 1024 * 1024).to_bytes(4, "big") + b"xx", False),  # over the limit
+    ({}, b"\x01\x00\x00\x00\x00", False),  # compressed, with no grpc-encoding
+]
+
+
+@pytest.mark.parametrize(("changes", "message", "end_on_headers"), NOT_GRPC)
+async def test_grpc_request_purerpc_refuses_fails_only_its_call(
+    stack: Stack, changes: dict[str, str | None], message: bytes, end_on_headers: bool
+) -> None:
+    port = stack.grpc_port
+    client = await RawH2.open(port)
+    try:
+        first = await client.headers(grpc_headers(port, "in-flight"))
+        headers = replaced(grpc_headers(port), **changes)
+        refused = await client.headers(headers, end_stream=end_on_headers)
+        if not end_on_headers:
+            await client.data(refused, message)
+        await client.data(first, EMPTY_GRPC_MESSAGE)
+        await client.wait(first, refused)
+        after = await client.headers(grpc_headers(port, "after"))
+        await client.data(after, EMPTY_GRPC_MESSAGE)
+        await client.wait(after)
+
+        assert client.goaway is None and not client.closed
+        assert client.results[refused].grpc_status == "3", client.results[refused]
+        assert client.results[refused].grpc_message.startswith("request")
+        for ok in (first, after):
+            assert client.results[ok].grpc_status == "0", client.results[ok]
+    finally:
+        await client.aclose()
+
+
+async def test_a_call_reset_before_its_message_ends(stack: Stack) -> None:
+    """purerpc ignored RST_STREAM: the handler waited for its message until the
+    connection closed, and the idle timeout never came."""
+    stats = ServerStats()
+    servicer = PaymentsServicer(stack.service, stack.authenticator)
+    serve = partial(
+        serve_purerpc,
+        [servicer],
+        "127.0.0.1",
+        0,
+        handler_class=PaymentsConnectionHandler,
+        stats=stats,
+        idle_timeout=0.5,
+    )
+    port = await stack.nursery.start(serve)
+    client = await RawH2.open(port)
+    try:
+        call = await client.headers(grpc_headers(port, "gives-up"))
+        await client.wait_headers(call)  # the handler runs, and waits for the message
+        client.conn.reset_stream(call, 8)  # CANCEL
+        await client.flush()
+        await client.wait()  # the idle timeout closes the connection: nothing is pending
+        assert client.goaway is not None
+    finally:
+        await client.aclose()
