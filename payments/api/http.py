@@ -5,9 +5,11 @@ first (400; at most 128 characters, like a request_id field), then ``X-API-Key``
 (401/403 through the Auth service), then decodes input; unknown paths and methods are
 404/405 only after that, and no path is ever redirected. A request carrying both
 ``Content-Length`` and ``Transfer-Encoding`` is refused (400, connection closed). The
-use cases are ``PaymentService``'s. Errors map through one table (payments.api.transport) and are
-``{"error": "..."}``; even Quart's own (404, 405) are JSON. The request id is
-echoed on every response, errors included, and each request writes one access line.
+use cases are ``PaymentService``'s. Errors map through one table
+(payments.api.transport) and are ``{"error": "..."}``; even Quart's own (404, 405) are
+JSON. The request id is echoed on every response, errors included, and each request
+writes one access line. (Malformed HTTP/2 header blocks never reach the app:
+payments/h2_streams.py answers them 400 on their own stream.)
 
 Body limit: a body over ``PAYMENTS_MAX_BODY_BYTES`` answers **400** ``body: request body too
 large``, whether announced by Content-Length or streamed chunked (Quart's body buffer
@@ -152,9 +154,8 @@ def create_http_app(
         request_id = g.get("request_id", "")
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
-        if (app.config[DRAINING] or g.get("close_connection")) and request.http_version.startswith(
-            "1"
-        ):
+        closing = app.config[DRAINING] or g.get("close_connection", False)
+        if closing and request.http_version.startswith("1"):
             # A response finished during shutdown, or one that leaves the request body
             # unread (too large, ambiguous framing): the connection is closed after it,
             # so say so and the client opens a new one for its next request.
