@@ -170,10 +170,13 @@ async def test_grpc_key_checks(grpc_client: GrpcClient, method: str, message: An
 
 
 async def test_grpc_malformed_metadata_does_not_hurt_the_server(grpc_client: GrpcClient) -> None:
-    """A whitespace-padded metadata value is malformed HTTP/2 (RFC 9113 8.2.1): the call
-    fails, but the server stays up and the next call (on a new connection) works."""
-    with pytest.raises(grpc.RpcError):
+    """A whitespace-padded metadata value is malformed HTTP/2 (RFC 9113 8.2.1): that call
+    answers INVALID_ARGUMENT naming the key, and the next call works (tests/test_h2_streams.py
+    shows the connection itself survives)."""
+    with pytest.raises(grpc.RpcError) as error:
         await grpc_client.call("Health", pb.HealthRequest(), request_id="  ")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert error.value.details().startswith("x-request-id: ")  # type: ignore[attr-defined]
     response, _ = await grpc_client.call("Health", pb.HealthRequest())
     assert response.status == "ok"
 

@@ -181,6 +181,7 @@ class Settings:
     auth_timeout_seconds: float = 5
     max_body_bytes: int = 256 * 1024
     shutdown_grace_seconds: float = 10
+    grpc_idle_timeout_seconds: float = 60
     sqlite_path: str = "var/payments.db"
     api_keys_file: str = ""
     api_keys: str = attrs.field(default="", repr=False)
@@ -340,6 +341,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "PAYMENTS_AUTH_CACHE_TTL_SECONDS": ("auth_cache_ttl_seconds", _float(0)),
     "PAYMENTS_AUTH_TIMEOUT_SECONDS": ("auth_timeout_seconds", _float(0.001)),
     "PAYMENTS_MAX_BODY_BYTES": ("max_body_bytes", _int(1024, 64 * 1024 * 1024)),
+    "PAYMENTS_GRPC_IDLE_TIMEOUT_SECONDS": ("grpc_idle_timeout_seconds", _float(0.001)),
     "PAYMENTS_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _float(0)),
     "PAYMENTS_SQLITE_PATH": ("sqlite_path", _str),
     "PAYMENTS_API_KEYS_FILE": ("api_keys_file", _str),

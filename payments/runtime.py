@@ -227,6 +227,7 @@ def _grpc_child(res: Resources) -> ChildStart:
                     handler_class=PaymentsConnectionHandler,
                     shutdown_trigger=ctx.stopping.wait,
                     grace_seconds=res.settings.shutdown_grace_seconds,
+                    idle_timeout=res.settings.grpc_idle_timeout_seconds,
                 )
             )
             log.info("grpc listening", extra={"host": res.settings.grpc_host, "port": port})

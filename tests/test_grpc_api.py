@@ -105,7 +105,7 @@ def create_request(**changes: Any) -> pb.CreatePaymentRequest:
 
 
 async def test_request_id_is_checked_before_the_key(client: Client) -> None:
-    # (A value of only spaces never reaches us: h2 refuses it and drops the connection.)
+    # (A value of only spaces is refused by h2 on its own stream: tests/test_h2_streams.py.)
     for rid in (None, ""):
         reply = await client.call("Health", pb.HealthRequest(), key=None, rid=rid)
         assert reply.code == Code.INVALID_ARGUMENT

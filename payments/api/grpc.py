@@ -39,7 +39,13 @@ from purerpc.wrappers import (
 
 from payments import logs
 from payments.api import wire
-from payments.api.transport import CALLBACK_PROCESSED, INTERNAL_MESSAGE, domain_error, grpc_status
+from payments.api.transport import (
+    CALLBACK_PROCESSED,
+    INTERNAL_MESSAGE,
+    domain_error,
+    grpc_status,
+    request_id,
+)
 from payments.auth import Authenticator
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.gen import payments_pb2 as pb
@@ -47,7 +53,7 @@ from payments.gen.payments_grpc import PaymentsServiceServicer
 from payments.inbound import ProviderEvents
 from payments.model import Caller
 from payments.service import PaymentService
-from payments.validation import validate_create
+from payments.validation import MAX_ID_LENGTH, validate_create
 
 log = logging.getLogger("payments.api.grpc")
 
@@ -119,9 +125,10 @@ class PaymentsServicer(PaymentsServiceServicer):
     ) -> T:
         """Check metadata, run ``handler``, map errors, write the access line."""
         started = time.perf_counter()
-        ctx = CallContext(request_id=metadata_value(request, REQUEST_ID_KEY).strip())
+        ctx = CallContext(request_id="")
         code = StatusCode.OK
         try:
+            ctx.request_id = request_id(metadata_value(request, REQUEST_ID_KEY), REQUEST_ID_KEY)
             if not ctx.request_id:
                 raise InvalidArgument(REQUEST_ID_KEY, "metadata is required")
             api_key = metadata_value(request, API_KEY_KEY).strip()
@@ -248,8 +255,10 @@ class PaymentsConnectionHandler(ConnectionHandler):
             if not isinstance(event, RequestReceived):
                 await stream.close(Status(StatusCode.INTERNAL, status_message="Expected headers"))
                 return
-            request_id = metadata_value(event, REQUEST_ID_KEY)
-            echo = ((REQUEST_ID_KEY, request_id),) if request_id else ()
+            rid = metadata_value(event, REQUEST_ID_KEY)
+            if len(rid.strip()) > MAX_ID_LENGTH:
+                rid = ""  # refused by the servicer; never echoed or logged
+            echo = ((REQUEST_ID_KEY, rid),) if rid else ()
             await stream.start_response(custom_metadata=echo)
             service = self.services.get(event.service_name)
             bound = service.methods.get(event.method_name) if service is not None else None
@@ -279,7 +288,7 @@ class PaymentsConnectionHandler(ConnectionHandler):
             except Exception:
                 log.exception(
                     "unhandled error in grpc call",
-                    extra={"request_id": request_id, "route": event.method_name},
+                    extra={"request_id": rid, "route": event.method_name},
                 )
                 await stream.close(Status(StatusCode.INTERNAL, status_message=INTERNAL_MESSAGE))
         except Exception:

@@ -10,12 +10,14 @@ a stop or restart at once. The Auth test server and the service's gRPC server sh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 import anyio.abc
 import attrs
+import h2.exceptions
 import purerpc  # payments/__init__.py has applied the h2 alias by now
 import trio
 from purerpc.grpc_proto import GRPCProtoSocket
@@ -49,6 +51,48 @@ class ServerStats:
             scope.cancel()
 
 
+@attrs.define
+class _Activity:
+    """Calls in progress on one connection, and a wake-up when that count changes."""
+
+    calls: int = 0
+    stopped: bool = False
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def change(self, delta: int) -> None:
+        self.calls += delta
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.changed.set()
+
+
+async def _close_when_idle(
+    activity: _Activity,
+    idle_seconds: float,
+    grpc_socket: GRPCProtoSocket,
+    listening: trio.CancelScope,
+) -> None:
+    """Close the connection once it has had no call in progress for ``idle_seconds``:
+    GOAWAY (a client opens a new connection for its next call), then stop listening."""
+    while not activity.stopped:
+        changed = activity.changed
+        if activity.calls:
+            await changed.wait()
+            continue
+        with trio.move_on_after(idle_seconds):
+            await changed.wait()
+            continue
+        log.debug("grpc connection idle: closing", extra={"idle_seconds": idle_seconds})
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # a peer that never spoke h2
+            grpc_socket._grpc_connection.h2_connection.close_connection()
+            await grpc_socket._socket.flush()
+        listening.cancel()
+        return
+
+
 def _as_service(item: purerpc.Service | purerpc.Servicer) -> purerpc.Service:
     return item.service if isinstance(item, purerpc.Servicer) else item
 
@@ -62,6 +106,7 @@ async def serve_purerpc(
     stats: ServerStats | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     grace_seconds: float = 10.0,
+    idle_timeout: float = 0.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port`` until cancelled, or until
@@ -72,6 +117,8 @@ async def serve_purerpc(
     the listener accepts connections. A host name that resolves to several addresses
     (``localhost``) binds each of them, on one port. ``handler_class`` is purerpc's
     per-connection handler or a subclass (the payments server's echoes ``x-request-id``).
+    ``idle_timeout`` (seconds; 0 = never): a connection with no call in progress that
+    long gets GOAWAY and is closed, silent ones (no HTTP/2 preface) included.
     """
     by_name = {service.name: service for service in map(_as_service, services)}
     if not by_name:
@@ -85,12 +132,16 @@ async def serve_purerpc(
     listen_scopes: set[trio.CancelScope] = set()
     connection_closed = trio.Event()
 
-    async def tracked(request_stream: purerpc.grpc_proto.GRPCProtoStream) -> None:
+    async def tracked(
+        request_stream: purerpc.grpc_proto.GRPCProtoStream, activity: _Activity
+    ) -> None:
         nonlocal in_flight, drained
         in_flight += 1
+        activity.change(+1)
         try:
             await handler.request_received(request_stream)
         finally:
+            activity.change(-1)
             in_flight -= 1
             if in_flight == 0:
                 drained.set()
@@ -104,6 +155,10 @@ async def serve_purerpc(
         counters.connections_open += 1
         scope = trio.CancelScope()
         counters._scopes.add(scope)
+        # Only the listening is cancelled at shutdown or when idle: leaving the socket's
+        # context normally lets purerpc's writer flush the last responses (and GOAWAY).
+        listening = trio.CancelScope()
+        activity = _Activity()
         try:
             with scope:
                 async with (
@@ -111,16 +166,18 @@ async def serve_purerpc(
                     GRPCProtoSocket(handler.config, stream) as grpc_socket,
                     anyio.create_task_group() as requests,
                 ):
-                    # Only the listening is cancelled at shutdown: leaving the socket's
-                    # context normally lets purerpc's writer flush the last responses.
-                    listening = trio.CancelScope()
+                    if idle_timeout > 0:
+                        requests.start_soon(
+                            _close_when_idle, activity, idle_timeout, grpc_socket, listening
+                        )
                     listen_scopes.add(listening)
                     try:
                         with listening:
                             async for request_stream in grpc_socket.listen():
-                                requests.start_soon(tracked, request_stream)
+                                requests.start_soon(tracked, request_stream, activity)
                     finally:
                         listen_scopes.discard(listening)
+                        activity.stop()
         except* Exception as group:  # a peer that breaks the protocol or resets: its problem
             # except*, not except: one bad connection must never end the server, and a
             # shutdown's cancellation mixed into the group must still go on up.

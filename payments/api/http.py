@@ -1,14 +1,20 @@
 """The HTTP (JSON) transport: quart-trio routes of CONTRACT.md served by hypercorn.
 
-Every route but ``/healthz`` checks ``X-Request-ID`` first (400), then ``X-API-Key``
-(401/403 through the Auth service), then decodes input; the use cases are
-``PaymentService``'s. Errors map through one table (payments.api.transport) and are
-``{"error": "..."}``; even Quart's own (404, 405) are JSON. The request id is
-echoed on every response, errors included, and each request writes one access line.
+Every route but ``/healthz`` and the checkout-return page checks ``X-Request-ID``
+first (400; at most 128 characters, like a request_id field), then ``X-API-Key``
+(401/403 through the Auth service), then decodes input; unknown paths and methods are
+404/405 only after that, and no path is ever redirected. A request carrying both
+``Content-Length`` and ``Transfer-Encoding`` is refused (400, connection closed). The
+use cases are ``PaymentService``'s. Errors map through one table
+(payments.api.transport) and are ``{"error": "..."}``; even Quart's own (404, 405) are
+JSON. The request id is echoed on every response, errors included, and each request
+writes one access line. (Malformed HTTP/2 header blocks never reach the app:
+payments/h2_streams.py answers them 400 on their own stream.)
 
 Body limit: a body over ``PAYMENTS_MAX_BODY_BYTES`` answers **400** ``body: request body too
 large``, whether announced by Content-Length or streamed chunked (Quart's body buffer
-stops collecting at the limit).
+stops collecting at the limit), with ``Connection: close``: the rest of the body is never
+read, so the connection ends after the answer and the client is told.
 
 Provider callbacks (``POST /webhooks/providers/{provider}/{hash}``) keep both headers,
 as CONTRACT.md says of every route. Stripe cannot call the route itself: its webhook
@@ -40,7 +46,13 @@ from werkzeug.exceptions import HTTPException
 
 from payments import logs
 from payments.api import wire
-from payments.api.transport import CALLBACK_PROCESSED, INTERNAL_MESSAGE, domain_error, http_status
+from payments.api.transport import (
+    CALLBACK_PROCESSED,
+    INTERNAL_MESSAGE,
+    domain_error,
+    http_status,
+    request_id,
+)
 from payments.auth import Authenticator
 from payments.config import Settings
 from payments.errors import InvalidArgument, Unauthenticated
@@ -107,21 +119,35 @@ def create_http_app(
         SHUTDOWN_GRACE_SECONDS=settings.shutdown_grace_seconds,
     )
     app.config[DRAINING] = False
+    # ``/payments//1`` would be a 308 to ``Location: http://<caller's Host>/payments/1``.
+    app.url_map.merge_slashes = False
 
     @app.before_request
-    async def begin() -> None:
-        """Request id first, then the key: the order CONTRACT.md fixes."""
+    async def begin() -> Response | None:
+        """Framing, then the request id, then the key (the order CONTRACT.md fixes).
+
+        Nothing but the open endpoints answers before authentication: an unknown path or
+        method is a 404/405 only for an authenticated caller.
+        """
         g.started = time.perf_counter()
-        g.request_id = request.headers.get(REQUEST_ID_HEADER, "").strip()
+        g.request_id = ""
         g.caller = None
-        if request.routing_exception is not None or request.endpoint in _OPEN_ENDPOINTS:
-            return  # 404/405 answer as such; /healthz needs no headers
+        if request.headers.get("Transfer-Encoding") and request.headers.get("Content-Length"):
+            # Request smuggling: two framings, and a proxy in front may have used the other.
+            g.close_connection = True
+            return _error(400, "Transfer-Encoding: not allowed with Content-Length")
+        g.request_id = request_id(request.headers.get(REQUEST_ID_HEADER, ""), REQUEST_ID_HEADER)
+        if request.endpoint in _OPEN_ENDPOINTS and request.scope.get("path") == request.path:
+            # /healthz and the checkout page need no headers; only their canonical
+            # spelling (Quart's request.path drops leading slashes: ``//healthz``).
+            return None
         if not g.request_id:
             raise InvalidArgument(REQUEST_ID_HEADER, "header is required")
         api_key = request.headers.get(API_KEY_HEADER, "").strip()
         if not api_key:
             raise Unauthenticated(f"{API_KEY_HEADER} header is required")
         g.caller = await authenticator.authenticate(api_key)
+        return None
 
     @app.after_request
     async def finish(response: Response) -> Response:
@@ -129,8 +155,11 @@ def create_http_app(
         request_id = g.get("request_id", "")
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
-        if app.config[DRAINING] and request.http_version.startswith("1"):
-            # A response finished during shutdown: have the client close the connection.
+        closing = app.config[DRAINING] or g.get("close_connection", False)
+        if closing and request.http_version.startswith("1"):
+            # A response finished during shutdown, or one that leaves the request body
+            # unread (too large, ambiguous framing): the connection is closed after it,
+            # so say so and the client opens a new one for its next request.
             # hypercorn's own close of it gets cancelled by quart-trio's request nursery,
             # so without this a keep-alive client holds the shutdown for the whole grace
             # period. (HTTP/2 forbids the header; h2 connections get GOAWAY instead.)
@@ -157,10 +186,14 @@ def create_http_app(
     @app.errorhandler(HTTPException)
     async def http_exception(exc: HTTPException) -> Response:
         status = exc.code or 500
+        if 300 <= status < 400:
+            # werkzeug's routing redirects (slashes) build Location from the caller's Host.
+            return _error(404, _HTTP_MESSAGES[404])
         if status >= 500:
             return _error(status, INTERNAL_MESSAGE)
         if status == 413:
             # Bad input like any other: 400 naming what is wrong (CONTRACT.md), not 413.
+            g.close_connection = True  # the rest of the body is never read
             return _error(400, f"body: request body too large (limit {max_body} bytes)")
         return _error(status, _HTTP_MESSAGES.get(status, (exc.name or "error").lower()))
 

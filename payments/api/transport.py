@@ -24,6 +24,7 @@ from payments.errors import (
     ProviderUnavailable,
     Unauthenticated,
 )
+from payments.validation import MAX_ID_LENGTH
 
 INTERNAL_MESSAGE = "internal server error"
 # The answer to an accepted provider event (applied, recorded or replayed alike).
@@ -55,6 +56,18 @@ GRPC_STATUS: dict[type[PaymentsError], StatusCode] = {
     ProviderUnavailable: StatusCode.UNAVAILABLE,
     DependencyUnavailable: StatusCode.UNAVAILABLE,
 }
+
+
+def request_id(value: str, name: str) -> str:
+    """The caller's request id (``X-Request-ID`` / ``x-request-id``), trimmed.
+
+    Echoed on the answer and written to every log line, so it is bounded like the
+    request_id field of a create, on every route and method; longer is refused.
+    """
+    value = value.strip()
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(name, f"must be at most {MAX_ID_LENGTH} characters")
+    return value
 
 
 def domain_error(exc: BaseException) -> PaymentsError | None:
