@@ -29,7 +29,7 @@ async def start(stack: Stack) -> tuple[int, ServerStats]:
     stats = ServerStats()
     serve = partial(
         serve_purerpc,
-        [PaymentsServicer(stack.service, stack.authenticator)],
+        [PaymentsServicer(stack.service, stack.inbound, stack.authenticator)],
         "127.0.0.1",
         0,
         handler_class=PaymentsConnectionHandler,

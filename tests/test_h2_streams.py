@@ -143,7 +143,7 @@ async def test_refusal_never_echoes_the_value(stack: Stack) -> None:
 async def test_grpcio_channel_survives_a_bad_metadata_value(stack: Stack) -> None:
     """The issue's case with the official client: one channel, one connection."""
     stats = ServerStats()
-    servicer = PaymentsServicer(stack.service, stack.authenticator)
+    servicer = PaymentsServicer(stack.service, stack.inbound, stack.authenticator)
     serve = partial(
         serve_purerpc,
         [servicer],
@@ -301,7 +301,7 @@ async def test_a_call_reset_before_its_message_ends(stack: Stack) -> None:
     """purerpc ignored RST_STREAM: the handler waited for its message until the
     connection closed, and the idle timeout never came."""
     stats = ServerStats()
-    servicer = PaymentsServicer(stack.service, stack.authenticator)
+    servicer = PaymentsServicer(stack.service, stack.inbound, stack.authenticator)
     serve = partial(
         serve_purerpc,
         [servicer],
