@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
+from google.protobuf.message import DecodeError
 from purerpc import Cardinality, RpcFailedError, Status, StatusCode
 from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpclib.events import RequestReceived
@@ -40,11 +41,12 @@ from purerpc.wrappers import (
 from payments import logs
 from payments.api import wire
 from payments.api.transport import INTERNAL_MESSAGE, Authenticator, domain_error, grpc_status
+from payments.callback_urls import CallbackPolicy
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.gen import payments_pb2 as pb
 from payments.gen.payments_grpc import PaymentsServiceServicer
 from payments.model import Caller
-from payments.validation import validate_create
+from payments.validation import DEFAULT_CALLBACK_POLICY, validate_create
 
 if TYPE_CHECKING:  # the transports need only its type; importing it pulls storage in
     from payments.service import PaymentService
@@ -89,8 +91,10 @@ class PaymentsServicer(PaymentsServiceServicer):
         authenticator: Authenticator,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        callback_policy: CallbackPolicy = DEFAULT_CALLBACK_POLICY,
     ) -> None:
         self._service = service
+        self._callback_policy = callback_policy  # Settings.callback_policy()
         self._authenticator = authenticator
         # HandleProviderCallback's payload bound (give it PAYMENTS_MAX_BODY_BYTES).
         self._max_payload_bytes = max_payload_bytes
@@ -156,7 +160,7 @@ class PaymentsServicer(PaymentsServiceServicer):
         self, message: pb.CreatePaymentRequest, request: RequestReceived
     ) -> pb.PaymentEnvelopeResponse:
         async def run(caller: Caller, ctx: CallContext) -> pb.PaymentEnvelopeResponse:
-            new = validate_create(wire.create_input_from_proto(message))
+            new = validate_create(wire.create_input_from_proto(message), self._callback_policy)
             payment = await self._service.create(caller, new)
             ctx.payment_id = payment.id
             return pb.PaymentEnvelopeResponse(payment=wire.payment_to_proto(payment))
@@ -232,6 +236,7 @@ class PaymentsConnectionHandler(ConnectionHandler):
             if not isinstance(event, RequestReceived):
                 await stream.close(Status(StatusCode.INTERNAL, status_message="Expected headers"))
                 return
+            started = time.perf_counter()
             request_id = metadata_value(event, REQUEST_ID_KEY)
             echo = ((REQUEST_ID_KEY, request_id),) if request_id else ()
             await stream.start_response(custom_metadata=echo)
@@ -260,6 +265,17 @@ class PaymentsConnectionHandler(ConnectionHandler):
                     await call_server_unary_unary(method_fn, stream)
             except RpcFailedError as error:
                 await stream.close(error.status)
+            except DecodeError:
+                # The caller's bytes are not the request message: its fault, not ours.
+                status = Status(StatusCode.INVALID_ARGUMENT, "request message does not parse")
+                logs.access_log(
+                    transport="grpc",
+                    route=f"/{event.service_name}/{event.method_name}",
+                    status=status.status_code.name,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    request_id=request_id,
+                )
+                await stream.close(status)
             except Exception:
                 log.exception(
                     "unhandled error in grpc call",

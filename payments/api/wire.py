@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from payments.errors import InvalidArgument
+from payments.errors import InvalidArgument, NotFound
 from payments.gen import payments_pb2 as pb
 from payments.model import (
     CreatePaymentInput,
@@ -251,13 +251,16 @@ def parse_payment_id(text: str) -> int:
     """A path id: a positive decimal integer that fits in uint64 (proto's id type)."""
     if not _UNSIGNED.fullmatch(text) or not 0 < int(text) <= UINT64_MAX:
         raise InvalidArgument("id", "must be a positive integer")
-    return int(text)
+    return check_payment_id(int(text))
 
 
 def check_payment_id(number: int) -> int:
-    """A proto id: 0 is the unset value, hence not an id."""
+    """A proto id: 0 is the unset value, hence not an id. Ids are stored as signed
+    64-bit integers (SQLite has no other), so a larger uint64 names no payment."""
     if number <= 0:
         raise InvalidArgument("id", "must be a positive integer")
+    if number > INT64_MAX:
+        raise NotFound("payment not found")
     return number
 
 
