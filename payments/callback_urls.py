@@ -95,7 +95,7 @@ def never_allowed(address: IPAddress) -> str:
         return "is a link-local address"
     if address.is_multicast:
         return "is a multicast address"
-    if address.is_reserved:
+    if address.is_reserved and not address.is_loopback:  # ::1 lies in reserved ::/8
         return "is a reserved address"
     return ""
 

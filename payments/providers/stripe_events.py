@@ -202,11 +202,11 @@ def _unique(ids: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(i for i in ids if i))
 
 
-def _dig(obj: Any, *path: str) -> Any:
-    """The value at ``path`` (None when absent or null, or when a step is an unexpanded
-    id string); any other non-object along the way is refused."""
+def _dig(obj: Any, *path: str, expandable: bool = False) -> Any:
+    """The value at ``path`` (None when absent or null, or, for an ``expandable``
+    reference, an unexpanded id string); any other non-object on the way is refused."""
     for depth, key in enumerate(path):
-        if obj is None or isinstance(obj, str):
+        if obj is None or (expandable and depth > 0 and isinstance(obj, str)):
             return None
         if not isinstance(obj, dict):
             raise _unexpected(".".join(path[:depth]) or "object")
@@ -255,7 +255,10 @@ def _callback_hash(obj: Mapping[str, Any]) -> str:
             _dig(obj, "parent", "subscription_details", "metadata"),
         ),
         ("subscription_details.metadata", _dig(obj, "subscription_details", "metadata")),
-        ("subscription.metadata", _dig(obj, "subscription", "metadata")),  # expanded
+        (
+            "subscription.metadata",
+            _dig(obj, "subscription", "metadata", expandable=True),
+        ),  # expanded
         *(("lines.data.metadata", line.get("metadata")) for line in _lines(obj)),
     ]
     for path, metadata in candidates:
