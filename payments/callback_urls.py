@@ -14,8 +14,10 @@ caller into a proxy with our credentials. Hence:
   allow-listed (``PAYMENTS_CALLBACK_ALLOWED_HOSTS``: the host's name, a ``*.suffix``
   wildcard, its address, or a CIDR range holding it); the embedded profile also allows
   loopback;
-* with the allow-list set, only what it names (a name that only a CIDR entry can allow
-  passes create and is decided at delivery by its resolved address).
+* with the allow-list set, only what it names: names and wildcards admit URLs written
+  with a host name, addresses and CIDR ranges URLs written with an address. A listed
+  name may resolve to a private address (the operator vouched for it), never to a
+  link-local or unspecified one.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def check_url(url: str, policy: CallbackPolicy) -> str | IPAddress:
     if host == _LOOPBACK_NAMES[0] or host.endswith(_LOOPBACK_NAMES[1]):
         if not (allowed or policy.allow_loopback):
             raise UrlRefused(f"host is a loopback name (not in {ALLOW_LIST_VARIABLE})")
-    elif policy.restricted and not allowed and not policy.networks:
+    elif policy.restricted and not allowed:
         raise UrlRefused(f"host is not in {ALLOW_LIST_VARIABLE}")
     return host
 

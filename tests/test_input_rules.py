@@ -132,7 +132,7 @@ def test_link_local_unspecified_multicast_are_refused_whatever_the_policy(url: s
         ("https://a.orders.internal/cb", ["*.orders.internal"], False, True),
         ("https://orders.internal/cb", ["*.orders.internal"], False, False),
         ("https://Orders.Internal./cb", ["orders.internal"], False, True),
-        ("https://orders.internal/cb", ["10.0.0.0/8"], False, True),  # decided at delivery
+        ("https://orders.internal/cb", ["10.0.0.0/8"], False, False),  # ranges admit addresses
         ("https://8.8.8.8/cb", ["orders.internal"], False, False),
         ("https://8.8.8.8/cb", [], False, True),
         ("http://[::1/cb", [], True, False),
