@@ -525,6 +525,28 @@ async def test_a_malformed_protobuf_is_invalid_argument_with_an_access_line(
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_a_unary_call_with_zero_or_two_messages_is_invalid_argument(
+    targets: list[Target],
+) -> None:
+    def check(target: Target, count: int) -> tuple[grpc.StatusCode, str]:
+        with grpc.insecure_channel(target.grpc_target) as channel:
+            call = channel.stream_unary("/payments.PaymentsService/GetPayment")
+            request = pb.GetPaymentRequest(id=target.payment_id).SerializeToString()
+            try:
+                call(iter([request] * count), metadata=(("x-request-id", "r-n"),), timeout=10)
+            except grpc.RpcError as error:
+                return error.code(), error.details()  # type: ignore[attr-defined]
+        return grpc.StatusCode.OK, ""
+
+    for target in targets:
+        for count in (0, 2):
+            code, details = await trio.to_thread.run_sync(check, target, count)
+            assert (code, details) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request message must be exactly one",
+            )
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 from purerpc import Cardinality, RpcFailedError, Status, StatusCode
 from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.exceptions import ProtocolError
 from purerpc.server import ConnectionHandler
 from purerpc.wrappers import (
     call_server_stream_stream,
@@ -265,9 +266,12 @@ class PaymentsConnectionHandler(ConnectionHandler):
                     await call_server_unary_unary(method_fn, stream)
             except RpcFailedError as error:
                 await stream.close(error.status)
-            except DecodeError:
-                # The caller's bytes are not the request message: its fault, not ours.
-                status = Status(StatusCode.INVALID_ARGUMENT, "request message does not parse")
+            except (DecodeError, ProtocolError) as exc:
+                # The caller's bytes are not one request message: its fault, not ours.
+                problem = (
+                    "does not parse" if isinstance(exc, DecodeError) else "must be exactly one"
+                )
+                status = Status(StatusCode.INVALID_ARGUMENT, f"request message {problem}")
                 logs.access_log(
                     transport="grpc",
                     route=f"/{event.service_name}/{event.method_name}",
