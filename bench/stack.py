@@ -177,6 +177,8 @@ class Stack:
                 "PAYMENTS_PROVIDER_CALLBACK_BASE_URL": webhook_base,
                 "PAYMENTS_CALLBACK_SIGNING_SECRET": CALLBACK_SIGNING_SECRET,
                 "PAYMENTS_TRUSTED_CALLERS": "gateway",
+                # The callback receiver listens on loopback, refused unless allow-listed.
+                "PAYMENTS_CALLBACK_ALLOWED_HOSTS": "127.0.0.1",
                 "LOG_LEVEL": "info",
                 **(overrides or {}),
             }

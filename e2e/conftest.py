@@ -119,6 +119,9 @@ def service_env(
         "STRIPE_HTTP_TIMEOUT_SECONDS": "5",
         "PAYMENTS_PROVIDER_CALLBACK_BASE_URL": CALLBACK_BASE_URL,
         "PAYMENTS_TRUSTED_CALLERS": GATEWAY,
+        # The receivers listen on loopback, refused unless listed; most payments call
+        # back orders.internal (never delivered: nothing there).
+        "PAYMENTS_CALLBACK_ALLOWED_HOSTS": "127.0.0.1,orders.internal",
         "PAYMENTS_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
         # Above the 1.5 s Stripe delay of test_shutdown.py; short, as an idle keep-alive
         # connection holds a stop for the whole grace (test_keepalive.py).

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 from dotenv import dotenv_values
 
+from payments.callback_urls import CallbackPolicy, parse_policy
+
 T = TypeVar("T")
 
 
@@ -168,6 +170,9 @@ class Settings:
     callback_http_timeout_seconds: float = 10
     callback_signing_secret: str = attrs.field(default="", repr=False)
     callback_allowed_hosts: tuple[str, ...] = ()
+    # Set by the embedded profile (payments.profile), not by a variable: callbacks to
+    # loopback are allowed too.
+    callback_allow_loopback: bool = False
     pending_timeout_minutes: float = 60
     reconcile_stale_after_minutes: float = 15
     job_batch_size: int = 100
@@ -192,6 +197,13 @@ class Settings:
 
     def is_set(self, variable: str) -> bool:
         return variable in self.explicit
+
+    def callback_policy(self) -> CallbackPolicy:
+        """Where status callbacks may go (payments.callback_urls), checked at create and
+        at delivery."""
+        return parse_policy(
+            self.callback_allowed_hosts, allow_loopback=self.callback_allow_loopback
+        )
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -231,6 +243,17 @@ def _float(minimum: float) -> Callable[[str, str], float]:
 
 def _list(value: str, name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _allowed_hosts(value: str, name: str) -> tuple[str, ...]:
+    """Host names, ``*.suffix`` wildcards, IP addresses or CIDR ranges, each checked now
+    so a typo stops the start instead of refusing callbacks later."""
+    entries = _list(value, name)
+    try:
+        parse_policy(entries)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return entries
 
 
 def _log_level(value: str, name: str) -> str:
@@ -325,7 +348,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES": ("callback_retry_interval_minutes", _float(0)),
     "PAYMENTS_CALLBACK_HTTP_TIMEOUT_SECONDS": ("callback_http_timeout_seconds", _float(0.001)),
     "PAYMENTS_CALLBACK_SIGNING_SECRET": ("callback_signing_secret", _signing_secret),
-    "PAYMENTS_CALLBACK_ALLOWED_HOSTS": ("callback_allowed_hosts", _list),
+    "PAYMENTS_CALLBACK_ALLOWED_HOSTS": ("callback_allowed_hosts", _allowed_hosts),
     "PAYMENTS_PENDING_TIMEOUT_MINUTES": ("pending_timeout_minutes", _float(0)),
     "PAYMENTS_RECONCILE_STALE_AFTER_MINUTES": ("reconcile_stale_after_minutes", _float(0)),
     "PAYMENTS_JOB_BATCH_SIZE": ("job_batch_size", _int(1, 10_000)),

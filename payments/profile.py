@@ -177,6 +177,9 @@ def _fill_in_stand_ins(profile: Profile) -> Profile:
         dev_key = load_or_create_dev_key(Path(settings.sqlite_path).parent / DEV_KEY_FILE)
     if not settings.app_api_key and profile.loopback_only:
         changes["app_api_key"] = "payments-dev-" + secrets.token_hex(8)
+    if profile.loopback_only:
+        # A developer's receivers run on this machine, like the service itself.
+        changes["callback_allow_loopback"] = True
     return attrs.evolve(
         profile,
         settings=attrs.evolve(settings, **changes),

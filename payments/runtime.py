@@ -213,7 +213,11 @@ def _http_child(res: Resources) -> ChildStart:
 def _grpc_child(res: Resources) -> ChildStart:
     assert res.authenticator is not None
     servicer = PaymentsServicer(
-        res.service, res.inbound, res.authenticator, max_payload_bytes=res.settings.max_body_bytes
+        res.service,
+        res.inbound,
+        res.authenticator,
+        max_payload_bytes=res.settings.max_body_bytes,
+        callback_policy=res.settings.callback_policy(),
     )
 
     async def run(ctx: ChildContext) -> None:

@@ -6,9 +6,10 @@ passes.
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
-from urllib.parse import urlsplit
 
+from payments.callback_urls import CallbackPolicy, UrlRefused, check_url, split_url
 from payments.errors import InvalidArgument
 from payments.model import (
     DEFAULT_LIST_LIMIT,
@@ -30,6 +31,14 @@ MAX_METADATA_ENTRIES = 50  # Stripe's own limit
 MAX_METADATA_KEY = 40
 MAX_METADATA_VALUE = 500
 MAX_AMOUNT_CENTS = 99_999_999  # Stripe's maximum unit amount
+MAX_OFFSET = 2**31 - 1  # gRPC's int32; beyond it SQLite's integers overflow
+
+# Identifiers end up in logs, dashboards and Stripe: no C0/C1 controls, DEL, line or
+# paragraph separators, or bidi controls that make "abc" display as "cba".
+_UNSAFE_IDENTIFIER = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+# Metadata values are free text: the same minus tab and the bidi marks real text needs.
+_UNSAFE_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+DEFAULT_CALLBACK_POLICY = CallbackPolicy()
 
 
 def _required(value: str, field: str) -> str:
@@ -42,25 +51,26 @@ def _required(value: str, field: str) -> str:
 def _bounded(value: str, field: str, limit: int) -> str:
     if len(value) > limit:
         raise InvalidArgument(field, f"must be at most {limit} characters")
-    if any(ord(ch) < 32 for ch in value):
-        raise InvalidArgument(field, "must not contain control characters")
+    if _UNSAFE_IDENTIFIER.search(value):
+        raise InvalidArgument(field, "must not contain control or bidi characters")
     return value
 
 
-def _url(value: str, field: str, *, required: bool) -> str:
+def _url(value: str, field: str, *, required: bool, policy: CallbackPolicy | None = None) -> str:
+    """An absolute http(s) URL; with ``policy``, one a callback may be sent to."""
     value = value.strip()
     if not value:
         if required:
             raise InvalidArgument(field, "is required")
         return ""
     _bounded(value, field, MAX_URL_LENGTH)
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidArgument(field, "must be an absolute http or https URL")
     try:
-        parts.port  # noqa: B018  (raises on a port out of range or not a number)
-    except ValueError:
-        raise InvalidArgument(field, "has an invalid port") from None
+        if policy is None:
+            split_url(value)
+        else:
+            check_url(value, policy)
+    except UrlRefused as exc:
+        raise InvalidArgument(field, str(exc)) from None
     return value
 
 
@@ -74,8 +84,13 @@ def _enum(kind: type[E], number: int, field: str) -> E:
         raise InvalidArgument(field, f"unknown value {number}") from None
 
 
-def validate_create(raw: CreatePaymentInput) -> NewPayment:
-    """Check a decoded create request against CONTRACT.md and normalize it."""
+def validate_create(
+    raw: CreatePaymentInput, callback_policy: CallbackPolicy = DEFAULT_CALLBACK_POLICY
+) -> NewPayment:
+    """Check a decoded create request against CONTRACT.md and normalize it.
+
+    ``callback_policy``: where status callbacks may go (payments.callback_urls; the
+    default refuses loopback and private hosts)."""
     request_id = _required(raw.request_id, "request_id")
     caller_service = _required(raw.caller_service, "caller_service")
     resource_type = _required(raw.resource_type, "resource_type")
@@ -97,7 +112,9 @@ def validate_create(raw: CreatePaymentInput) -> NewPayment:
     provider = _enum(ProviderType, raw.provider, "provider")
     if provider == ProviderType.UNSPECIFIED:
         provider = ProviderType.STRIPE
-    status_callback_url = _url(raw.status_callback_url, "status_callback_url", required=True)
+    status_callback_url = _url(
+        raw.status_callback_url, "status_callback_url", required=True, policy=callback_policy
+    )
     success_url = _url(raw.success_url, "success_url", required=False)
     cancel_url = _url(raw.cancel_url, "cancel_url", required=False)
     interval, interval_count = "", 0
@@ -144,11 +161,17 @@ def _metadata(metadata: object) -> dict[str, str]:
             raise InvalidArgument("metadata", "keys and values must be strings")
         if not key.strip() or len(key) > MAX_METADATA_KEY:
             raise InvalidArgument("metadata", f"keys must be 1..{MAX_METADATA_KEY} characters")
+        if _UNSAFE_IDENTIFIER.search(key):
+            raise InvalidArgument("metadata", "keys must not contain control or bidi characters")
         if key in RESERVED_METADATA_KEYS:
             raise InvalidArgument("metadata", f"key {key!r} is reserved")
         if len(value) > MAX_METADATA_VALUE:
             raise InvalidArgument(
                 "metadata", f"values must be at most {MAX_METADATA_VALUE} characters"
+            )
+        if _UNSAFE_TEXT.search(value):
+            raise InvalidArgument(
+                "metadata", f"value of {key!r} must not contain control characters or newlines"
             )
         clean[key] = value
     return clean
@@ -177,8 +200,8 @@ def validate_list(
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise InvalidArgument("limit", f"must be between 1 and {MAX_LIST_LIMIT}")
     offset = offset or 0
-    if offset < 0:
-        raise InvalidArgument("offset", "must be >= 0")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise InvalidArgument("offset", f"must be between 0 and {MAX_OFFSET}")
     return ListFilter(
         request_id=_bounded(request_id.strip(), "request_id", MAX_ID_LENGTH),
         caller_service=_bounded(caller_service.strip(), "caller_service", MAX_ID_LENGTH),

@@ -9,10 +9,12 @@ MockClock where the actor's own waiting matters.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import random
 import re
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
@@ -26,6 +28,7 @@ import trio
 import trio.testing
 from standardwebhooks.webhooks import Webhook
 
+from payments.callback_urls import parse_policy
 from payments.config import ConfigError, MysqlDsn, Settings, parse_signing_secret
 from payments.jobs import dispatcher as dispatcher_module
 from payments.jobs.dispatcher import (
@@ -33,6 +36,7 @@ from payments.jobs.dispatcher import (
     Dispatcher,
     PassResult,
     open_notice_channel,
+    resolved_problem,
     retry_delay,
     url_problem,
 )
@@ -169,6 +173,8 @@ def settings(**overrides: Any) -> Settings:
         "callback_http_timeout_seconds": 2,
         "callback_dispatch_interval_minutes": 60,
         "job_batch_size": 50,
+        # The receivers listen on loopback, which the callback rule refuses unless listed.
+        "callback_allowed_hosts": ("127.0.0.1",),
     }
     fields.update(overrides)
     return Settings(**fields)
@@ -480,11 +486,16 @@ async def test_redirects_are_not_followed(
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
-        ("ftp://127.0.0.1/callback", "scheme 'ftp' is not http or https"),
-        ("file:///etc/passwd", "scheme 'file' is not http or https"),
-        ("orders.internal/callback", "scheme '(none)' is not http or https"),
-        ("http:///callback", "no host"),
-        ("http://127.0.0.1:99999/x", "does not parse"),
+        ("ftp://127.0.0.1/callback", "must be an absolute http or https URL"),
+        ("file:///etc/passwd", "must be an absolute http or https URL"),
+        ("orders.internal/callback", "must be an absolute http or https URL"),
+        ("http:///callback", "must be an absolute http or https URL"),
+        ("http://127.0.0.1:99999/x", "is not a valid URL"),
+        ("http://[::1/x", "is not a valid URL"),
+        ("http://user:pw@127.0.0.1/x", "must not contain user:password@"),
+        ("http://169.254.169.254/latest/meta-data", "host is a link-local address"),
+        ("http://2130706433/x", "has a non-canonical IP address (write it as a.b.c.d)"),
+        ("http://10.0.0.1/x", "host is a private address (not in PAYMENTS_CALLBACK_ALLOWED_HOSTS)"),
     ],
 )
 async def test_a_non_http_url_fails_at_once_without_a_request(
@@ -509,22 +520,52 @@ async def test_the_host_allow_list(
     assert receiver.requests == []
     stored = await fetch(db_pool, refused.id)
     assert stored.last_error == (
-        "callback URL rejected: host '127.0.0.1' is not in PAYMENTS_CALLBACK_ALLOWED_HOSTS"
+        "callback URL rejected: host is a loopback address (not in PAYMENTS_CALLBACK_ALLOWED_HOSTS)"
     )
 
     await queue_callbacks(db_pool, url=receiver.url())
     listed = dispatchers(db_pool, callback_allowed_hosts=("callbacks.internal", "127.0.0.1"))
     assert await listed.run_pass() == PassResult(claimed=1, delivered=1)
 
+    await queue_callbacks(db_pool, url=receiver.url())
+    by_range = dispatchers(db_pool, callback_allowed_hosts=("127.0.0.0/8",))
+    assert await by_range.run_pass() == PassResult(claimed=1, delivered=1)
+
+
+def _own_host_name() -> tuple[str, str]:
+    """This machine's host name and an address it resolves to (never a global one)."""
+    name = socket.gethostname().lower()
+    address = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    assert not ipaddress.ip_address(address).is_global, (name, address)
+    return name, str(address)
+
+
+async def test_a_name_that_resolves_to_a_refused_range_is_refused_at_delivery(
+    db_pool: Pool, receiver: Receiver, dispatchers: MakeDispatcher
+) -> None:
+    """A host name passes the rule as written; what it resolves to is checked too."""
+    name, address = _own_host_name()
+    (entry,) = await queue_callbacks(db_pool, url=f"http://{name}:{receiver.port}/cb")
+    assert await dispatchers(db_pool, callback_allowed_hosts=()).run_pass() == PassResult(
+        claimed=1, failed=1
+    )
+    assert receiver.requests == []
+    stored = await fetch(db_pool, entry.id)
+    assert stored.last_error.startswith(f"callback URL rejected: {name} resolves to {address}")
+    # Named on the allow-list, the operator vouches for it.
+    policy = parse_policy([name])
+    assert await resolved_problem(f"http://{name}/cb", policy, 5) == ""
+    assert "not in" in await resolved_problem(f"http://{name}/cb", parse_policy([]), 5)
+
 
 def test_url_problem_matches_hosts_exactly_and_case_insensitively() -> None:
-    allowed = ("Orders.Internal",)
+    allowed = parse_policy(("Orders.Internal",))
     assert url_problem("https://orders.internal/cb", allowed) == ""
     assert url_problem("HTTPS://ORDERS.INTERNAL./cb", allowed) == ""
     assert "not in" in url_problem("https://evil.orders.internal/cb", allowed)
     assert "not in" in url_problem("https://orders.internal.evil.com/cb", allowed)
-    assert "not in" in url_problem("https://orders.internal@evil.com/cb", allowed)
-    assert url_problem("http://anything:8080/cb") == ""
+    assert "user:password" in url_problem("https://orders.internal@evil.com/cb", allowed)
+    assert url_problem("http://anything:8080/cb", parse_policy(())) == ""
 
 
 # -- many replicas --------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import json_format
 
 from payments.api import wire
-from payments.errors import InvalidArgument
+from payments.errors import InvalidArgument, NotFound
 from payments.gen import payments_pb2 as pb
 from payments.model import (
     CreatePaymentInput,
@@ -356,9 +356,18 @@ def test_proto_create_request_maps_every_field() -> None:
 # --- ids and lists ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["1", "42", str(2**64 - 1), "007"])
+@pytest.mark.parametrize("text", ["1", "42", str(2**63 - 1), "007"])
 def test_payment_ids(text: str) -> None:
     assert wire.parse_payment_id(text) == int(text)
+
+
+@pytest.mark.parametrize("number", [2**63, 2**64 - 1])
+def test_ids_beyond_int64_name_no_payment(number: int) -> None:
+    """Stored ids are signed 64-bit: a larger uint64 is not found, on both transports."""
+    with pytest.raises(NotFound):
+        wire.parse_payment_id(str(number))
+    with pytest.raises(NotFound):
+        wire.check_payment_id(number)
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
+from google.protobuf.message import DecodeError
 from purerpc import Cardinality, RpcFailedError, Status, StatusCode
 from purerpc.grpc_proto import GRPCProtoStream
 from purerpc.grpclib.events import RequestReceived
+from purerpc.grpclib.exceptions import ProtocolError
 from purerpc.server import ConnectionHandler, Service
 from purerpc.wrappers import (
     call_server_stream_stream,
@@ -47,13 +49,14 @@ from payments.api.transport import (
     request_id,
 )
 from payments.auth import Authenticator
+from payments.callback_urls import CallbackPolicy
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.gen import payments_pb2 as pb
 from payments.gen.payments_grpc import PaymentsServiceServicer
 from payments.inbound import ProviderEvents
 from payments.model import Caller
 from payments.service import PaymentService
-from payments.validation import MAX_ID_LENGTH, validate_create
+from payments.validation import DEFAULT_CALLBACK_POLICY, MAX_ID_LENGTH, validate_create
 
 log = logging.getLogger("payments.api.grpc")
 
@@ -96,9 +99,11 @@ class PaymentsServicer(PaymentsServiceServicer):
         authenticator: Authenticator,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        callback_policy: CallbackPolicy = DEFAULT_CALLBACK_POLICY,
     ) -> None:
         self._service = service
         self._inbound = inbound
+        self._callback_policy = callback_policy  # Settings.callback_policy()
         self._authenticator = authenticator
         # HandleProviderCallback's payload bound (give it PAYMENTS_MAX_BODY_BYTES).
         self._max_payload_bytes = max_payload_bytes
@@ -179,7 +184,7 @@ class PaymentsServicer(PaymentsServiceServicer):
         self, message: pb.CreatePaymentRequest, request: RequestReceived
     ) -> pb.PaymentEnvelopeResponse:
         async def run(caller: Caller, ctx: CallContext) -> pb.PaymentEnvelopeResponse:
-            new = validate_create(wire.create_input_from_proto(message))
+            new = validate_create(wire.create_input_from_proto(message), self._callback_policy)
             payment = await self._service.create(caller, new)
             ctx.payment_id = payment.id
             return pb.PaymentEnvelopeResponse(payment=wire.payment_to_proto(payment))
@@ -255,6 +260,7 @@ class PaymentsConnectionHandler(ConnectionHandler):
             if not isinstance(event, RequestReceived):
                 await stream.close(Status(StatusCode.INTERNAL, status_message="Expected headers"))
                 return
+            started = time.perf_counter()
             rid = metadata_value(event, REQUEST_ID_KEY)
             if len(rid.strip()) > MAX_ID_LENGTH:
                 rid = ""  # refused by the servicer; never echoed or logged
@@ -285,6 +291,20 @@ class PaymentsConnectionHandler(ConnectionHandler):
                     await call_server_unary_unary(method_fn, stream)
             except RpcFailedError as error:
                 await stream.close(error.status)
+            except (DecodeError, ProtocolError) as exc:
+                # The caller's bytes are not one request message: its fault, not ours.
+                problem = (
+                    "does not parse" if isinstance(exc, DecodeError) else "must be exactly one"
+                )
+                status = Status(StatusCode.INVALID_ARGUMENT, f"request message {problem}")
+                logs.access_log(
+                    transport="grpc",
+                    route=f"/{event.service_name}/{event.method_name}",
+                    status=status.status_code.name,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    request_id=rid,
+                )
+                await stream.close(status)
             except Exception:
                 log.exception(
                     "unhandled error in grpc call",

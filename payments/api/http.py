@@ -121,6 +121,7 @@ def create_http_app(
     app.config[DRAINING] = False
     # ``/payments//1`` would be a 308 to ``Location: http://<caller's Host>/payments/1``.
     app.url_map.merge_slashes = False
+    callback_policy = settings.callback_policy()
 
     @app.before_request
     async def begin() -> Response | None:
@@ -242,7 +243,7 @@ def create_http_app(
         raw = wire.create_input_from_json(wire.parse_json_object(await _body()))
         if not raw.request_id.strip():
             raw = attrs.evolve(raw, request_id=g.request_id)
-        payment = await service.create(_caller(), validate_create(raw))
+        payment = await service.create(_caller(), validate_create(raw, callback_policy))
         g.payment_id = payment.id
         return _json({"payment": wire.payment_to_json(payment)}, 201)
 

@@ -18,7 +18,7 @@ import attrs
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from payments import model
-from payments.errors import InvalidArgument
+from payments.errors import InvalidArgument, NotFound
 from payments.gen import payments_pb2 as pb
 from payments.mapping import WireMapping, wire_mapping
 from payments.mapping import format_timestamp as format_timestamp  # re-exported
@@ -220,13 +220,16 @@ def parse_payment_id(text: str) -> int:
     """A path id: a positive decimal integer that fits in uint64 (proto's id type)."""
     if not _UNSIGNED.fullmatch(text) or not 0 < int(text) <= UINT64_MAX:
         raise InvalidArgument("id", "must be a positive integer")
-    return int(text)
+    return check_payment_id(int(text))
 
 
 def check_payment_id(number: int) -> int:
-    """A proto id: 0 is the unset value, hence not an id."""
+    """A proto id: 0 is the unset value, hence not an id. Ids are stored as signed
+    64-bit integers (SQLite has no other), so a larger uint64 names no payment."""
     if number <= 0:
         raise InvalidArgument("id", "must be a positive integer")
+    if number > INT64_MAX:
+        raise NotFound("payment not found")
     return number
 
 

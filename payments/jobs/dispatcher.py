@@ -12,8 +12,9 @@ many replicas), POSTs each to its URL, and records the attempt:
   failed.
 * Redirects are never followed (a 3xx is a failed attempt): a callback URL must not be
   able to bounce our signed, API-keyed request somewhere else.
-* Only http/https URLs, and with ``PAYMENTS_CALLBACK_ALLOWED_HOSTS`` set only those
-  exact host names; any other URL is failed at once, without a request.
+* Only URLs that payments.callback_urls allows, as written and as resolved (no
+  loopback, private or link-local targets unless ``PAYMENTS_CALLBACK_ALLOWED_HOSTS``
+  says so); any other URL is failed at once, without a request.
 
 As an actor (:meth:`Dispatcher.run`) it wakes at once when the service sends a notice
 after committing a terminal status, so a caller hears within milliseconds; it also
@@ -28,21 +29,23 @@ waiting uses trio's clock, so tests drive both with MockClock.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import math
 import os
 import random
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import attrs
 import httpx
 import trio
 
+from payments.callback_urls import CallbackPolicy, check_url
 from payments.config import Settings
 from payments.errors import DependencyUnavailable
 from payments.jobs.signing import CallbackSigner
@@ -120,23 +123,30 @@ def retry_delay(attempt: int, interval_minutes: float, rng: Callable[[], float])
     return timedelta(seconds=backoff.delay(attempt))
 
 
-def url_problem(url: str, allowed_hosts: Iterable[str] = ()) -> str:
-    """Why ``url`` may not be called ('' when it may): http/https with a host, and
-    with an allow-list, a host on it (exact, case-insensitive names)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError on a bad port)
-    except ValueError:
-        return "callback URL rejected: does not parse"
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        return f"callback URL rejected: scheme {scheme or '(none)'!r} is not http or https"
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        return "callback URL rejected: no host"
-    allowed = {name.strip().lower().rstrip(".") for name in allowed_hosts}
-    if allowed and host not in allowed:
-        return f"callback URL rejected: host {host!r} is not in PAYMENTS_CALLBACK_ALLOWED_HOSTS"
+def url_problem(url: str, policy: CallbackPolicy) -> str:
+    """Why ``url`` may not be called as written ('' when it may): payments.callback_urls's
+    rule, the same as at create (the allow-list may have changed since)."""
+    problem = policy.url_problem(url)
+    return f"callback URL rejected: {problem}" if problem else ""
+
+
+async def resolved_problem(url: str, policy: CallbackPolicy, limit_seconds: float) -> str:
+    """Why the addresses ``url``'s host name resolves to may not be called ('' when
+    they may, or when it does not resolve: the attempt then fails on its own). A name
+    is checked like an address, so ``evil.example`` -> 127.0.0.1 is refused.
+    (httpx resolves again when it connects: a rebinding DNS server could still answer
+    differently the second time.)"""
+    host = check_url(url, policy)
+    if not isinstance(host, str):
+        return ""
+    infos: list[Any] = []
+    with trio.move_on_after(limit_seconds), contextlib.suppress(OSError):
+        infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    name_allowed = policy.name_allowed(host)
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        if problem := policy.address_problem(address, name_allowed=name_allowed):
+            return f"callback URL rejected: {host} resolves to {address}, which {problem}"
     return ""
 
 
@@ -327,7 +337,10 @@ class Dispatcher:
                     await outbox.release(conn, entry, self.worker_id)
                 return "skipped"
             attempt_no = entry.attempts + 1
-            problem = url_problem(entry.url, self._settings.callback_allowed_hosts)
+            policy = self._settings.callback_policy()
+            problem = url_problem(entry.url, policy) or await resolved_problem(
+                entry.url, policy, self._timeout
+            )
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:

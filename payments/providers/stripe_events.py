@@ -105,7 +105,12 @@ def _timestamp(header: str) -> int:
 
 
 def read_event(text: str) -> ProviderEvent:
-    """A verified event body -> ProviderEvent; InvalidArgument when it is not an event."""
+    """A verified event body -> ProviderEvent; InvalidArgument when it is not an event.
+
+    A signature proves who sent the bytes, not that they have the shape we read: every
+    field read here is type-checked, so an odd event is refused (and recorded by the
+    service) rather than crashing the request.
+    """
     try:
         event = json.loads(text)
     except (ValueError, RecursionError):
@@ -117,15 +122,19 @@ def read_event(text: str) -> ProviderEvent:
     obj = data.get("object") if isinstance(data, dict) else None
     if not _is_id(event_id) or not _is_id(event_type) or not isinstance(obj, dict):
         raise InvalidArgument("payload", "is not a Stripe event (id, type, data.object)")
-    created = event.get("created")
+    created = _optional(event, "created", int, "created")
     subscription_id = _subscription_of(obj)
     refs = _unique(
-        [_id_of(obj.get("id")), _id_of(obj.get("payment_link")), subscription_id],
+        [
+            _id_of(obj.get("id"), "data.object.id"),
+            _id_of(obj.get("payment_link"), "data.object.payment_link"),
+            subscription_id,
+        ],
     )
     return ProviderEvent(
         event_id=event_id,
         event_type=event_type,
-        created=created if isinstance(created, int) and not isinstance(created, bool) else 0,
+        created=created or 0,
         refs=refs,
         callback_hash=_callback_hash(obj),
         target_status=target_status(event_type, obj),
@@ -136,75 +145,130 @@ def read_event(text: str) -> ProviderEvent:
 def target_status(event_type: str, obj: Mapping[str, Any]) -> PaymentStatus | None:
     """What an event means for its payment (CONTRACT.md's mapping); None: record only."""
     if event_type == "checkout.session.completed":
-        return (
-            PaymentStatus.PAID
-            if obj.get("payment_status") in _PAID_SESSION
-            else PaymentStatus.PROCESSING
-        )
-    if event_type == "checkout.session.expired" and obj.get("payment_link"):
+        paid = _optional(obj, "payment_status", str, "data.object.payment_status")
+        return PaymentStatus.PAID if paid in _PAID_SESSION else PaymentStatus.PROCESSING
+    if event_type == "checkout.session.expired" and _id_of(
+        obj.get("payment_link"), "data.object.payment_link"
+    ):
         return None  # the link is still payable: only the link's deactivation ends it
     return _FIXED_TARGETS.get(event_type)
 
 
+def _unexpected(path: str) -> InvalidArgument:
+    return InvalidArgument("payload", f"{path} has an unexpected type")
+
+
+def _optional(obj: Mapping[str, Any], key: str, kind: type, path: str) -> Any:
+    """``obj[key]`` when it is a ``kind`` (bool is no int), None when absent or null."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _unexpected(path)
+    if isinstance(value, str):
+        _utf8(value, path)
+    return value
+
+
+def _utf8(value: str, path: str) -> str:
+    """JSON can carry lone surrogates (``"\\ud800"``), which no database takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument("payload", f"{path} is not UTF-8 text") from None
+    return value
+
+
 def _is_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH):
+        return False
+    _utf8(value, "id")
+    return True
 
 
-def _id_of(value: Any) -> str:
-    """An object reference: an id string, or an expanded object's id."""
+def _id_of(value: Any, path: str) -> str:
+    """An object reference: an id string, an expanded object's id, or absent ("");
+    anything else (a number, a list, an over-long string) is refused."""
     if isinstance(value, dict):
-        value = value.get("id")
-    return value if _is_id(value) else ""
+        value, path = value.get("id"), f"{path}.id"
+    if value is None or value == "":
+        return ""
+    if not _is_id(value):
+        raise _unexpected(path)
+    return str(value)
 
 
 def _unique(ids: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(i for i in ids if i))
 
 
-def _dig(obj: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(obj, dict):
+def _dig(obj: Any, *path: str, expandable: bool = False) -> Any:
+    """The value at ``path`` (None when absent or null, or, for an ``expandable``
+    reference, an unexpanded id string); any other non-object on the way is refused."""
+    for depth, key in enumerate(path):
+        if obj is None or (expandable and depth > 0 and isinstance(obj, str)):
             return None
+        if not isinstance(obj, dict):
+            raise _unexpected(".".join(path[:depth]) or "object")
         obj = obj.get(key)
     return obj
 
 
 def _lines(obj: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     data = _dig(obj, "lines", "data")
-    if isinstance(data, list):
-        yield from (line for line in data if isinstance(line, dict))
+    if data is None:
+        return
+    if not isinstance(data, list) or not all(isinstance(line, dict) for line in data):
+        raise _unexpected("data.object.lines.data")
+    yield from data
 
 
 def _subscription_of(obj: Mapping[str, Any]) -> str:
     """The subscription an object is, or belongs to."""
     if obj.get("object") == "subscription":
-        return _id_of(obj.get("id"))
-    for candidate in (
-        obj.get("subscription"),  # sessions; invoices before the 2025 API
-        _dig(obj, "parent", "subscription_details", "subscription"),  # invoices now
-        *(
-            _dig(line, "parent", "subscription_item_details", "subscription")
-            or line.get("subscription")
-            for line in _lines(obj)
+        return _id_of(obj.get("id"), "data.object.id")
+    candidates = [
+        ("subscription", obj.get("subscription")),  # sessions; invoices before the 2025 API
+        (  # invoices now
+            "parent.subscription_details.subscription",
+            _dig(obj, "parent", "subscription_details", "subscription"),
         ),
-    ):
-        found = _id_of(candidate)
-        if found:
-            return found
-    return ""
+    ]
+    for line in _lines(obj):
+        candidates.append(
+            (
+                "lines.data.parent.subscription_item_details.subscription",
+                _dig(line, "parent", "subscription_item_details", "subscription"),
+            )
+        )
+        candidates.append(("lines.data.subscription", line.get("subscription")))
+    found = [_id_of(value, f"data.object.{path}") for path, value in candidates]
+    return next((ref for ref in found if ref), "")
 
 
 def _callback_hash(obj: Mapping[str, Any]) -> str:
     """``metadata.callback_hash`` wherever the object carries our metadata."""
     candidates = [
-        obj.get("metadata"),
-        _dig(obj, "parent", "subscription_details", "metadata"),
-        _dig(obj, "subscription_details", "metadata"),
-        _dig(obj, "subscription", "metadata"),  # expanded
-        *(line.get("metadata") for line in _lines(obj)),
+        ("metadata", obj.get("metadata")),
+        (
+            "parent.subscription_details.metadata",
+            _dig(obj, "parent", "subscription_details", "metadata"),
+        ),
+        ("subscription_details.metadata", _dig(obj, "subscription_details", "metadata")),
+        (
+            "subscription.metadata",
+            _dig(obj, "subscription", "metadata", expandable=True),
+        ),  # expanded
+        *(("lines.data.metadata", line.get("metadata")) for line in _lines(obj)),
     ]
-    for metadata in candidates:
-        value = metadata.get("callback_hash") if isinstance(metadata, dict) else None
-        if isinstance(value, str) and value.strip():
+    for path, metadata in candidates:
+        if metadata is None:
+            continue
+        if not isinstance(metadata, dict):
+            raise _unexpected(f"data.object.{path}")
+        value = _optional(metadata, "callback_hash", str, f"data.object.{path}.callback_hash")
+        if value is not None and value.strip():
+            if len(value) > MAX_ID_LENGTH:
+                raise _unexpected(f"data.object.{path}.callback_hash")
             return value.strip()
     return ""
