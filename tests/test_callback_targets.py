@@ -36,10 +36,13 @@ LISTED = ("127.0.0.1", "*.svc.local")
 async def _serve_with_allow_list(stack: Stack) -> tuple[str, str]:
     """HTTP and gRPC over the stack's service with PAYMENTS_CALLBACK_ALLOWED_HOSTS set."""
     settings = attrs.evolve(stack.settings, callback_allowed_hosts=LISTED)
-    app = create_http_app(stack.service, stack.authenticator, settings)
+    app = create_http_app(stack.service, stack.inbound, stack.authenticator, settings)
     http_port = await stack.nursery.start(partial(serve_http, app, "127.0.0.1", 0))
     servicer = PaymentsServicer(
-        stack.service, stack.authenticator, callback_policy=settings.callback_policy()
+        stack.service,
+        stack.inbound,
+        stack.authenticator,
+        callback_policy=settings.callback_policy(),
     )
     grpc_port = await stack.nursery.start(
         partial(

@@ -32,16 +32,17 @@ from hypothesis import strategies as st
 
 from payments.gen import payments_pb2 as pb
 from payments.gen import payments_pb2_grpc as pb_grpc
+from payments.inbound import ProviderEvents
 from payments.logs import ACCESS_LOGGER
 from payments.model import Caller, CreatePaymentInput, ProviderType
 from payments.providers.registry import ProviderRegistry
 from payments.providers.stripe import StripeProvider
-from payments.providers.stripe_events import StripeEventParser
 from payments.service import PaymentService
 from payments.storage.database import Database
 from payments.storage.sqlite import SqliteDatabase
+from payments.unit_of_work import UnitOfWork
 from payments.validation import validate_create
-from tests.fixtures.app import KEY_A, KEY_B, WEBHOOK_SECRET, Stack
+from tests.fixtures.app import KEY_A, KEY_B, Stack
 from tests.fixtures.sandbox import sign
 from tests.test_input_rules import VALID, json_values, stripe_events
 
@@ -119,14 +120,12 @@ async def targets(
     """The stack (MySQL) and the same service over SQLite, each with one payment."""
     sqlite = await SqliteDatabase.open(tmp_path / "var" / "payments.db")
     try:
-        service = PaymentService(
-            sqlite,
-            ProviderRegistry({ProviderType.STRIPE: stripe_provider}),
-            stack.settings.provider_callback_base_url,
-            event_parsers={"stripe": StripeEventParser(WEBHOOK_SECRET, 300)},
-        )
-        http = await stack.start_http(service=service)
-        grpc_port = await stack.start_grpc(service=service)
+        uow = UnitOfWork(sqlite)
+        registry = ProviderRegistry({ProviderType.STRIPE: stripe_provider})
+        service = PaymentService(uow, registry, stack.settings.provider_callback_base_url)
+        inbound = ProviderEvents(uow, registry)
+        http = await stack.start_http(service=service, inbound=inbound)
+        grpc_port = await stack.start_grpc(service=service, inbound=inbound)
         on_mysql = await stack.create_payment()
         on_sqlite = await service.create(
             Caller("svc-a"), validate_create(CreatePaymentInput(**VALID))
