@@ -92,7 +92,10 @@ class Readiness:
     async def _check_auth(self, auth: AuthReachability, failing: list[NotReady]) -> None:
         if auth.unreachable_since is None:
             return  # Auth answered the last look-up: no call needed
-        if await auth.probe():
+        answered = False
+        with trio.move_on_after(self.timeout_seconds):
+            answered = await auth.probe()
+        if answered:
             return
         since = auth.unreachable_since
         if since is not None and trio.current_time() - since > auth.cache_ttl_seconds:

@@ -105,7 +105,8 @@ class Contract:
         (media, content), *_ = answer["content"].items()
         assert response.headers["content-type"].startswith(media)
         schema = {**content["schema"], "components": self.document["components"]}
-        errors = [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(response.json())]
+        validator = jsonschema_rs.validator_for(schema)
+        errors = [e.message for e in validator.iter_errors(response.json())]
         assert errors == [], f"{method} {path} {response.status_code}: {errors}"
 
 
