@@ -369,6 +369,46 @@ OPERATIONS: tuple[Operation, ...] = (
 )  # fmt: skip
 
 
+# Where an operation's answer names what later operations take (OpenAPI links): client
+# generators and schemathesis's stateful phase follow them.
+_LINKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "createPayment": (
+        "$response.body#/payment/id",
+        (
+            "getPayment",
+            "cancelPayment",
+            "createRefund",
+            "listRefunds",
+            "listCallbackDeliveries",
+            "resendCallback",
+        ),
+    ),
+    "createRefund": ("$response.body#/refund/id", ("getRefund",)),
+}
+
+# Request bodies as the README shows them (the examples phase of schemathesis sends them).
+_EXAMPLES: dict[str, dict[str, Any]] = {
+    "CreatePaymentRequest": {
+        "request_id": "order-1042",
+        "caller_service": "orders",
+        "resource_type": "order",
+        "resource_id": "1042",
+        "amount_cents": 2500,
+        "currency": "eur",
+        "payment_method": 1,
+        "payment_type": "one_time",
+        "status_callback_url": "https://orders.internal/payments/callback",
+        "metadata": {"order": "1042"},
+    },
+    "CancelPaymentRequest": {"reason": "customer changed their mind"},
+    "CreateRefundRequest": {
+        "request_id": "refund-1042-1",
+        "amount_cents": 1000,
+        "reason": "requested_by_customer",
+    },
+}
+
+
 def _request_id_header(required: bool) -> _Schema:
     return {
         "name": "X-Request-ID",
@@ -376,6 +416,7 @@ def _request_id_header(required: bool) -> _Schema:
         "required": required,
         "description": "The request's id; checked first (400 when missing); echoed back",
         "schema": {"type": "string", "minLength": 1, "pattern": "[!-~]"},
+        "example": "req-7f3a9c21",
     }
 
 
@@ -396,6 +437,11 @@ def _responses(op: Operation) -> dict[str, Any]:
     else:
         success = {"content": {"text/html": {"schema": {"type": "string"}}}}
     responses: dict[str, Any] = {str(op.status): {"description": op.summary, **success}}
+    if op.operation_id in _LINKS:
+        expression, targets = _LINKS[op.operation_id]
+        responses[str(op.status)]["links"] = {
+            target: {"operationId": target, "parameters": {"id": expression}} for target in targets
+        }
     codes = sorted(set(op.errors) | (set(_KEYED_ERRORS) if op.keyed else set()))
     for code in codes:
         schema = (
@@ -439,10 +485,10 @@ def _operation(op: Operation) -> dict[str, Any]:
     elif op.key_optional:
         document["security"] = [{"ApiKey": []}, {}]
     if op.body:
-        document["requestBody"] = {
-            "required": op.body_required,
-            "content": _json_content(_ref(op.body)),
-        }
+        content = _json_content(_ref(op.body))
+        if op.body in _EXAMPLES:
+            content["application/json"]["example"] = _EXAMPLES[op.body]
+        document["requestBody"] = {"required": op.body_required, "content": content}
     return document
 
 
