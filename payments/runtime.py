@@ -24,7 +24,9 @@ import attrs
 import trio
 
 from payments import logs
+from payments.api.grpc import SERVICE_NAME as GRPC_SERVICE_NAME
 from payments.api.grpc import PaymentsConnectionHandler, PaymentsServicer
+from payments.api.grpc_reflection import Reflection
 from payments.api.grpc_server import serve_purerpc
 from payments.api.http import create_http_app, serve_http
 from payments.auth import Authenticator
@@ -234,7 +236,7 @@ def _grpc_child(res: Resources) -> ChildStart:
             port = await nursery.start(
                 partial(
                     serve_purerpc,
-                    [servicer],
+                    [servicer, *Reflection([GRPC_SERVICE_NAME]).services()],
                     res.settings.grpc_host,
                     res.settings.grpc_port,
                     handler_class=PaymentsConnectionHandler,
