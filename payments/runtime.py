@@ -23,7 +23,9 @@ import attrs
 import trio
 
 from payments import logs
+from payments.api.grpc import SERVICE_NAME as GRPC_SERVICE_NAME
 from payments.api.grpc import PaymentsConnectionHandler, PaymentsServicer
+from payments.api.grpc_reflection import Reflection
 from payments.api.grpc_server import serve_purerpc
 from payments.api.http import create_http_app, serve_http
 from payments.auth import Authenticator
@@ -40,6 +42,7 @@ from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
 from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
+from payments.readiness import Readiness
 from payments.service import PaymentService
 from payments.storage.backends import open_database
 from payments.storage.database import Database
@@ -97,6 +100,8 @@ class Resources:
     supervisor: Supervisor | None = None
     # The sandbox's objects outlive a restart of its child.
     sandbox_state: StripeState | None = None
+    # The Auth service client when the profile uses one (readiness watches it).
+    auth_client: GrpcAuthenticator | None = None
 
     @property
     def settings(self) -> Settings:
@@ -126,12 +131,14 @@ def check_settings(settings: Settings, parts: Iterable[str]) -> Profile:
     return profile
 
 
-async def _open_authenticator(stack: AsyncExitStack, profile: Profile) -> Authenticator:
+async def _open_authenticator(
+    stack: AsyncExitStack, profile: Profile, auth_client: GrpcAuthenticator | None
+) -> Authenticator:
     settings = profile.settings
     access = [settings.app_service_name]
     main: Authenticator
-    if profile.auth == "auth-service":
-        main = await stack.enter_async_context(GrpcAuthenticator.from_settings(settings))
+    if auth_client is not None:
+        main = await stack.enter_async_context(auth_client)
     elif profile.auth == "local-keys":
         main = LocalKeyAuthenticator.load(
             settings.api_keys_file or None,
@@ -164,12 +171,15 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
         notifier: DispatchNotifier | None = None
         notices: trio.MemoryReceiveChannel[int] | None = None
         authenticator: Authenticator | None = None
+        auth_client: GrpcAuthenticator | None = None
         if "dispatch" in parts:
             # Built before the tree starts: a bad signing secret stops the start here.
             dispatcher = await stack.enter_async_context(Dispatcher(database, settings))
             notifier, notices = open_notice_channel()
         if parts & SERVERS:
-            authenticator = await _open_authenticator(stack, profile)
+            if profile.auth == "auth-service":
+                auth_client = GrpcAuthenticator.from_settings(settings)
+            authenticator = await _open_authenticator(stack, profile, auth_client)
         uow = UnitOfWork(database, notifier)
         yield Resources(
             profile,
@@ -181,6 +191,7 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
             authenticator=authenticator,
             notices=notices,
             dispatcher=dispatcher,
+            auth_client=auth_client,
         )
 
 
@@ -191,7 +202,10 @@ ChildStart = Callable[[ChildContext], Awaitable[None]]
 
 def _http_child(res: Resources) -> ChildStart:
     assert res.authenticator is not None
-    app = create_http_app(res.service, res.inbound, res.authenticator, res.settings, res.health)
+    readiness = Readiness(res.pool, auth=res.auth_client)
+    app = create_http_app(
+        res.service, res.inbound, res.authenticator, res.settings, res.health, readiness
+    )
 
     async def run(ctx: ChildContext) -> None:
         async with trio.open_nursery() as nursery:
@@ -225,7 +239,7 @@ def _grpc_child(res: Resources) -> ChildStart:
             port = await nursery.start(
                 partial(
                     serve_purerpc,
-                    [servicer],
+                    [servicer, *Reflection([GRPC_SERVICE_NAME]).services()],
                     res.settings.grpc_host,
                     res.settings.grpc_port,
                     handler_class=PaymentsConnectionHandler,

@@ -38,7 +38,7 @@ from payments.model import (
 from payments.opening import record_opened
 from payments.providers.registry import ProviderRegistry
 from payments.storage import repository as repo
-from payments.storage.database import Deadlock, DuplicateKey
+from payments.storage.database import Database, Deadlock, DuplicateKey
 from payments.unit_of_work import UnitOfWork
 
 log = logging.getLogger("payments.service")
@@ -238,6 +238,11 @@ class PaymentService:
         return payment
 
     # --- health -------------------------------------------------------------------------
+
+    @property
+    def database(self) -> Database:
+        """The database the use cases run on (readiness checks it)."""
+        return self._pool
 
     async def ping_database(self) -> None:
         """Raise DependencyUnavailable when the database does not answer."""

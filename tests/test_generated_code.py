@@ -18,7 +18,12 @@ GEN = ROOT / "payments" / "gen"
 
 
 def _sources(directory: Path) -> set[str]:
-    return {path.name for path in directory.iterdir() if path.is_file()}
+    """Generated files, subdirectories included (the reflection protos keep their paths)."""
+    return {
+        str(path.relative_to(directory))
+        for path in directory.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
 
 
 def test_checked_in_code_matches_a_fresh_generation(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ from werkzeug.exceptions import HTTPException
 
 from payments import logs
 from payments.api import wire
+from payments.api.operations import OPEN_ENDPOINTS as OPERATIONS_ENDPOINTS
+from payments.api.operations import add_operations_routes
 from payments.api.transport import (
     CALLBACK_PROCESSED,
     INTERNAL_MESSAGE,
@@ -58,6 +60,7 @@ from payments.config import Settings
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.inbound import ProviderEvents
 from payments.model import Caller
+from payments.readiness import Readiness
 from payments.service import PaymentService
 from payments.validation import validate_create
 
@@ -67,7 +70,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 API_KEY_HEADER = "X-API-Key"
 # Endpoints that need neither header: the orchestrator's probe.
 # ``checkout_return``: the customer's browser, sent back by Stripe after checkout.
-_OPEN_ENDPOINTS = frozenset({"healthz", "checkout_return"})
+# ``OPERATIONS_ENDPOINTS``: /readyz and /openapi.json (payments.api.operations).
+_OPEN_ENDPOINTS = frozenset({"healthz", "checkout_return"}) | OPERATIONS_ENDPOINTS
 HEALTHZ_DB_TIMEOUT_SECONDS = 2.0
 # Set on the app's config once serve_http's shutdown trigger fires (see finish()).
 DRAINING = "PAYMENTS_DRAINING"
@@ -107,9 +111,11 @@ def create_http_app(
     authenticator: Authenticator,
     settings: Settings,
     health: Callable[[], Mapping[str, Any]] | None = None,
+    readiness: Readiness | None = None,
 ) -> QuartTrio:
-    """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``."""
-    app = QuartTrio(__name__)
+    """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``;
+    ``readiness`` answers ``/readyz`` (default: the service's database only)."""
+    app = QuartTrio(__name__, static_folder=None)  # no /static/ route: not in the contract
     max_body = settings.max_body_bytes
     app.config.update(
         MAX_CONTENT_LENGTH=max_body,
@@ -302,6 +308,7 @@ def create_http_app(
             headers={"Content-Security-Policy": "default-src 'none'", "Cache-Control": "no-store"},
         )
 
+    add_operations_routes(app, readiness or Readiness(service.database))
     _shield_sends(app)
     return app
 

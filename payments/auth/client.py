@@ -67,6 +67,8 @@ quiet_header_logging()  # hpack would log our x-api-key at DEBUG
 
 DEFAULT_CACHE_MAX_ENTRIES = 10_000
 UNAVAILABLE_MESSAGE = "auth service unavailable"
+# The key :meth:`GrpcAuthenticator.probe` asks about: Auth refuses it, which is an answer.
+PROBE_KEY = "payments-readiness-probe"
 
 _INVALID_KEY_CODES = frozenset({purerpc.StatusCode.UNAUTHENTICATED, purerpc.StatusCode.NOT_FOUND})
 
@@ -227,6 +229,8 @@ class GrpcAuthenticator:
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
         self.stats = AuthStats()
+        # trio time of the first "unavailable" since Auth last answered (readiness).
+        self.unreachable_since: float | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GrpcAuthenticator:
@@ -313,6 +317,7 @@ class GrpcAuthenticator:
             log.exception("auth service unavailable: unexpected error")
         finally:
             # No checkpoint from here on: cache, then wake the waiters, atomically.
+            self._note_reachable(outcome is not None)
             if outcome is None:
                 self.stats.unavailable += 1
             elif self._ttl > 0:
@@ -321,6 +326,31 @@ class GrpcAuthenticator:
             if self._flights.get(digest) is flight:
                 del self._flights[digest]
             flight.done.set()
+
+    @property
+    def cache_ttl_seconds(self) -> float:
+        """How long a cached answer lets callers in while Auth does not answer."""
+        return self._ttl
+
+    def _note_reachable(self, answered: bool) -> None:
+        if answered:
+            self.unreachable_since = None
+        elif self.unreachable_since is None:
+            self.unreachable_since = trio.current_time()
+
+    async def probe(self) -> bool:
+        """Ask Auth once, past the cache, about a key no one holds: any answer (a
+        refusal included) means it is reachable. For readiness: a replica marked not
+        ready gets no traffic, so without a probe it would never see Auth come back."""
+        answered = False
+        try:
+            with trio.move_on_after(self._timeout):
+                await self._ask_auth(PROBE_KEY)
+                answered = True
+        except Exception as exc:  # _Unavailable, or anything else: no answer either way
+            log.debug("auth probe: no answer (%s)", type(exc).__name__)
+        self._note_reachable(answered)
+        return answered
 
     async def _ask_auth(self, api_key: str) -> Caller | _Refusal:
         """One ValidateInternalAccess call, retried once on a fresh connection when a
