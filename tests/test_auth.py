@@ -178,11 +178,13 @@ async def test_slow_auth_times_out_as_unavailable(
     open_auth: OpenAuth, auth_server: FakeAuthServer
 ) -> None:
     auth_server.delay = 10
-    async with open_auth(timeout_seconds=0.2) as auth:
+    # 1 s, not less: the recovery call below reconnects within the same budget, which a
+    # loaded 2-core machine did not always give it at 0.2 s.
+    async with open_auth(timeout_seconds=1.0) as auth:
         started = trio.current_time()
         with pytest.raises(DependencyUnavailable):
             await auth.authenticate(ORDERS_KEY)
-        assert 0.15 < trio.current_time() - started < 1.5
+        assert 0.95 < trio.current_time() - started < 3
         # The timed-out connection is dropped; the next call works on a new one.
         auth_server.delay = 0
         assert (await auth.authenticate(ORDERS_KEY)).service_name == "orders"
