@@ -18,7 +18,13 @@ from payments.config import MysqlDsn, Settings
 from payments.errors import DependencyUnavailable
 from payments.jobs.batch import JobSummary, TokenBucket
 from payments.jobs.reconciler import Reconciler
-from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType, utcnow
+from payments.model import (
+    Payment,
+    PaymentMethod,
+    PaymentStatus,
+    PaymentType,
+    utcnow,
+)
 from payments.providers.registry import ProviderRegistry
 from payments.sandbox import Sandbox
 from payments.service import PaymentService
@@ -262,10 +268,13 @@ async def test_stripe_calls_are_rate_limited(
     assert summary.checked == 12
     times = sorted(r.at for r in stripe_sandbox.state.requests_to(SESSION_GET))
     assert len(times) == 12
-    # 12 calls at 40/s: at least 11 intervals of 25 ms (minus clock jitter).
-    assert times[-1] - times[0] >= 11 / 40 * 0.9
-    for i in range(len(times) - 4):  # never 5 within 100 ms (4 intervals)
-        assert times[i + 4] - times[i] >= 4 / 40 * 0.9
+    # The limiter paces sending (its exact windows: test_token_bucket_paces_calls_on_trio_time);
+    # what the emulator sees is sending plus a delay a loaded machine varies by several ms,
+    # so each window is allowed one interval of that jitter. Unpaced, 4 workers would send
+    # these 12 within a few ms.
+    assert times[-1] - times[0] >= 10 / 40
+    for i in range(len(times) - 4):  # never 5 within 75 ms (4 intervals less one)
+        assert times[i + 4] - times[i] >= 3 / 40
 
 
 async def test_one_pass_drains_a_backlog_larger_than_a_batch(
