@@ -430,6 +430,7 @@ def start_service(
     full = dict(env)
     full.setdefault("HTTP_PORT", str(free_port()))
     full.setdefault("GRPC_PORT", str(free_port()))
+    full.setdefault("PAYMENTS_METRICS_PORT", str(free_port()))
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"serve-{uuid.uuid4().hex[:8]}.log"
     with open(log_path, "wb") as log, open(workdir / "stdout.log", "ab") as out:
