@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_asgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from payments.model import PaymentStatus, RefundStatus
 from payments.storage.database import Database
 
 log = logging.getLogger("payments.observability.metrics")
@@ -104,6 +105,23 @@ JOB_ITEMS = Counter(
     ["job", "outcome"],
 )
 POOL_STATES = ("idle", "in_use", "connecting", "waiting")
+CALLBACK_OUTCOMES = ("delivered", "refused", "timeout", "error")
+
+
+def _start_at_zero() -> None:
+    """Series whose label values are a fixed set exist from the start at 0, so a
+    ``rate()`` or ``increase()`` over them sees their first event."""
+    for status in PaymentStatus:
+        if status is not PaymentStatus.UNSPECIFIED:
+            STATUS_CHANGES.labels(status.name)
+    for refund_status in RefundStatus:
+        if refund_status is not RefundStatus.UNSPECIFIED:
+            REFUNDS.labels(refund_status.name)
+    for outcome in CALLBACK_OUTCOMES:
+        CALLBACK_ATTEMPTS.labels(outcome)
+
+
+_start_at_zero()
 
 
 class PoolCollector(Collector):

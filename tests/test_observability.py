@@ -1,0 +1,246 @@
+"""Metrics and traces (issue 12): /metrics read after driving each path, spans caught
+by an in-memory exporter, the OTLP/HTTP exporter's real requests on a loopback
+receiver, and the callback's traceparent carrying the trace of the request behind it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
+
+import grpc
+import httpx
+import pytest
+import trio
+import trio.testing
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
+
+from payments.gen import payments_pb2 as pb
+from payments.gen import payments_pb2_grpc as pb_grpc
+from payments.jobs.dispatcher import Dispatcher
+from payments.model import Caller
+from payments.observability import metrics, tracing
+from supervisor import Backoff, ChildContext, ChildSpec, RestartIntensity, Supervisor
+from tests.fixtures.app import KEY_A, Stack
+from tests.observability_support import (
+    scrape,
+    start_recorder,
+    value,
+)
+
+CONTRACT_NAMES = (
+    "payments_http_requests_total",
+    "payments_http_request_duration_seconds",
+    "payments_grpc_requests_total",
+    "payments_grpc_request_duration_seconds",
+    "payments_stripe_requests_total",
+    "payments_stripe_request_duration_seconds",
+    "payments_status_changes_total",
+    "payments_refunds_total",
+    "payments_callback_attempts_total",
+    "payments_callback_outbox_due",
+    "payments_callback_outbox_oldest_due_seconds",
+    "payments_supervisor_restarts_total",
+    "payments_db_pool_connections",
+    "payments_job_items_total",
+)
+FIXED_NAMES = (
+    'payments_status_changes_total{to="PAID"}',
+    'payments_status_changes_total{to="EXPIRED"}',
+    'payments_refunds_total{status="PENDING"}',
+    'payments_callback_attempts_total{outcome="timeout"}',
+    "payments_callback_outbox_due ",
+    "payments_callback_outbox_oldest_due_seconds ",
+)
+
+
+@pytest.fixture
+async def metrics_url(nursery: trio.Nursery) -> AsyncIterator[str]:
+    stop = trio.Event()
+    port = await nursery.start(
+        partial(metrics.serve_metrics, "127.0.0.1", 0, shutdown_trigger=stop.wait)
+    )
+    yield f"http://127.0.0.1:{port}"
+    stop.set()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Every finished span of the test, in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    previous = tracing.use_provider(provider)
+    yield exporter
+    tracing.use_provider(previous)
+    provider.shutdown()
+
+
+def grpc_get(target: str, payment_id: int, traceparent: str = "") -> grpc.StatusCode:
+    metadata = [("x-request-id", "g-obs"), ("x-api-key", KEY_A)]
+    if traceparent:
+        metadata.append(("traceparent", traceparent))
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.PaymentsServiceStub(channel)
+        try:
+            stub.GetPayment(pb.GetPaymentRequest(id=payment_id), metadata=metadata, timeout=10)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[attr-defined,no-any-return]
+    return grpc.StatusCode.OK
+
+
+def create_body() -> dict[str, object]:
+    return {
+        "caller_service": "svc-a",
+        "resource_type": "order",
+        "resource_id": "7",
+        "amount_cents": 1200,
+        "currency": "usd",
+        "payment_method": "PAYMENT_METHOD_HOSTED_CARD",
+        "payment_type": "PAYMENT_TYPE_ONE_TIME",
+        "status_callback_url": "https://svc-a.internal/cb",
+    }
+
+
+# --- /metrics --------------------------------------------------------------------------
+
+
+async def test_metrics_serves_every_contract_name_and_nothing_else(metrics_url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{metrics_url}/metrics")).text
+        other = await client.get(f"{metrics_url}/payments")
+    # Fixed label sets start at 0; the rest appear with their first event (below).
+    for name in FIXED_NAMES:
+        assert f"\n{name}" in text, name
+    assert other.status_code == 404
+
+
+async def test_http_grpc_stripe_and_status_counters_move(stack: Stack, metrics_url: str) -> None:
+    before = await scrape(metrics_url)
+    async with httpx.AsyncClient(base_url=stack.http.url) as client:
+        created = await client.post(
+            "/payments", json=create_body(), headers=stack.headers(request_id="obs-1")
+        )
+        assert created.status_code == 201, created.text
+        payment_id = created.json()["payment"]["id"]
+        got = await client.get(f"/payments/{payment_id}", headers=stack.headers())
+        assert got.status_code == 200
+        canceled = await client.post(f"/payments/{payment_id}/cancel", headers=stack.headers())
+        assert canceled.status_code == 200
+        assert (await client.get("/no/such/path/123", headers=stack.headers())).status_code == 404
+    assert await trio.to_thread.run_sync(grpc_get, stack.grpc_target, payment_id) == (
+        grpc.StatusCode.OK
+    )
+    assert await trio.to_thread.run_sync(grpc_get, stack.grpc_target, 999999999) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    after = await scrape(metrics_url)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    http = "payments_http_requests_total"
+    assert moved(http, route="/payments", method="POST", code="201") == 1
+    assert moved(http, route="/payments/<payment_id>", method="GET", code="200") == 1
+    assert moved(http, route="/payments/<payment_id>/cancel", method="POST", code="200") == 1
+    assert moved(http, route="unmatched", method="GET", code="404") == 1
+    duration = "payments_http_request_duration_seconds_count"
+    assert moved(duration, route="/payments", method="POST") == 1
+    grpc_calls = "payments_grpc_requests_total"
+    assert moved(grpc_calls, method="GetPayment", code="OK") == 1
+    assert moved(grpc_calls, method="GetPayment", code="NOT_FOUND") == 1
+    assert moved("payments_grpc_request_duration_seconds_count", method="GetPayment") == 2
+    stripe = "payments_stripe_requests_total"
+    assert moved(stripe, operation="create_checkout", outcome="ok") == 1
+    assert moved(stripe, operation="cancel", outcome="ok") == 1
+    assert moved("payments_stripe_request_duration_seconds_count", operation="cancel") == 1
+    assert moved("payments_status_changes_total", to="CANCELED") == 1
+    present = {name for name, _labels in after}
+    for name in CONTRACT_NAMES:
+        if name.startswith(("payments_http", "payments_grpc", "payments_stripe")):
+            assert name in present or f"{name}_count" in present, name
+    # Bounded labels: route templates, never a raw path or an id.
+    routes = {v for _name, labels in after for k, v in labels if k == "route"}
+    assert "/payments/<payment_id>" in routes
+    assert not [route for route in routes if any(ch.isdigit() for ch in route)]
+
+
+async def test_callback_attempts_outbox_gauges_and_dispatch_items(
+    stack: Stack, metrics_url: str, nursery: trio.Nursery
+) -> None:
+    receiver = await start_recorder(nursery)
+    payment = await stack.create_payment(status_callback_url=f"{receiver.url}/cb")
+    await stack.service.cancel(Caller("svc-a"), payment.id, "changed my mind")
+    async with Dispatcher(stack.pool, stack.settings) as dispatcher:
+        await dispatcher._until_next_due(60)  # the actor's gauge refresh, before delivery
+        due = await scrape(metrics_url)
+        before = await scrape(metrics_url)
+        await dispatcher.drain()
+        await dispatcher._until_next_due(60)
+    after = await scrape(metrics_url)
+    assert value(due, "payments_callback_outbox_due") >= 1
+    assert value(due, "payments_callback_outbox_oldest_due_seconds") >= 0
+    assert value(after, "payments_callback_outbox_due") == 0
+    assert value(after, "payments_callback_outbox_oldest_due_seconds") == 0
+    attempts = "payments_callback_attempts_total"
+    assert (
+        value(after, attempts, outcome="delivered") - value(before, attempts, outcome="delivered")
+        == 1
+    )
+    items = "payments_job_items_total"
+    assert (
+        value(after, items, job="dispatch", outcome="delivered")
+        - value(before, items, job="dispatch", outcome="delivered")
+        == 1
+    )
+    assert len(await receiver.wait_for(1)) == 1
+
+
+async def test_pool_connections_by_state(stack: Stack, metrics_url: str) -> None:
+    metrics.watch_pool(stack.pool)
+    try:
+        async with stack.pool.connection():
+            held = await scrape(metrics_url)
+        released = await scrape(metrics_url)
+    finally:
+        metrics.watch_pool(None)
+    pool = "payments_db_pool_connections"
+    assert value(held, pool, state="in_use") == 1
+    assert value(released, pool, state="in_use") == 0
+    assert value(released, pool, state="idle") >= 1
+
+
+async def test_supervisor_restarts_are_counted_by_child(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    runs = 0
+
+    async def flaky(ctx: ChildContext) -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise RuntimeError("boom")
+        ctx.started()
+        await ctx.stopping.wait()
+
+    before = (
+        REGISTRY.get_sample_value("payments_supervisor_restarts_total", {"child": "flaky-obs"})
+        or 0.0
+    )
+    supervisor = Supervisor(
+        [ChildSpec(name="flaky-obs", start=flaky)],
+        intensity=RestartIntensity(max_restarts=5, period=60),
+        backoff=Backoff(initial=0.1, jitter=0),
+        on_restart=metrics.child_restarted,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervisor.run)
+        while runs < 3:
+            await trio.sleep(0.05)
+        supervisor.shutdown()
+    restarts = REGISTRY.get_sample_value(
+        "payments_supervisor_restarts_total", {"child": "flaky-obs"}
+    )
+    assert restarts == before + 2
