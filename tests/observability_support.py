@@ -50,8 +50,8 @@ class Recorder:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async def wait_for(self, count: int, timeout: float = 10) -> list[Recorded]:
-        with trio.fail_after(timeout):
+    async def wait_for(self, count: int) -> list[Recorded]:
+        with trio.fail_after(10):
             while len(self.requests) < count:
                 await self._changed.wait()
         return self.requests

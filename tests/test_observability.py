@@ -12,21 +12,26 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
 from payments.gen import payments_pb2 as pb
 from payments.gen import payments_pb2_grpc as pb_grpc
 from payments.jobs.dispatcher import Dispatcher
-from payments.model import Caller
+from payments.model import Caller, PaymentStatus
 from payments.observability import metrics, tracing
+from payments.storage import outbox
 from supervisor import Backoff, ChildContext, ChildSpec, RestartIntensity, Supervisor
 from tests.fixtures.app import KEY_A, Stack
 from tests.observability_support import (
+    new_traceparent,
     scrape,
     start_recorder,
+    trace_id_of,
     value,
 )
 
@@ -76,6 +81,17 @@ def spans() -> Iterator[InMemorySpanExporter]:
     yield exporter
     tracing.use_provider(previous)
     provider.shutdown()
+
+
+async def finished_span(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
+    """The span called ``name`` once it ends: a server span ends just after the last
+    byte of the response, so it may still be open when the client has the answer."""
+    with trio.fail_after(5):
+        while True:
+            found = [span for span in spans.get_finished_spans() if span.name == name]
+            if found:
+                return found[-1]
+            await trio.sleep(0.01)
 
 
 def grpc_get(target: str, payment_id: int, traceparent: str = "") -> grpc.StatusCode:
@@ -216,6 +232,7 @@ async def test_supervisor_restarts_are_counted_by_child(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     runs = 0
+    settled = trio.Event()
 
     async def flaky(ctx: ChildContext) -> None:
         nonlocal runs
@@ -223,6 +240,7 @@ async def test_supervisor_restarts_are_counted_by_child(
         if runs < 3:
             raise RuntimeError("boom")
         ctx.started()
+        settled.set()
         await ctx.stopping.wait()
 
     before = (
@@ -237,10 +255,132 @@ async def test_supervisor_restarts_are_counted_by_child(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(supervisor.run)
-        while runs < 3:
-            await trio.sleep(0.05)
+        await settled.wait()
         supervisor.shutdown()
     restarts = REGISTRY.get_sample_value(
         "payments_supervisor_restarts_total", {"child": "flaky-obs"}
     )
     assert restarts == before + 2
+
+
+# --- traces ----------------------------------------------------------------------------
+
+
+async def test_an_http_request_continues_the_callers_trace_through_db_and_stripe(
+    stack: Stack, spans: InMemorySpanExporter
+) -> None:
+    traceparent, trace_id = new_traceparent()
+    headers = {**stack.headers(request_id="obs-trace"), "traceparent": traceparent}
+    async with httpx.AsyncClient(base_url=stack.http.url) as client:
+        response = await client.post("/payments", json=create_body(), headers=headers)
+    assert response.status_code == 201, response.text
+    server = await finished_span(spans, "POST /payments")
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    assert server.kind is SpanKind.SERVER
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert (
+        server.parent is not None
+        and format(server.parent.span_id, "016x") == (traceparent.split("-")[2])
+    )
+    assert server.attributes is not None and server.attributes["http.route"] == "/payments"
+    in_trace = {span.context.span_id for span in finished.values()}
+    for name in ("db transaction", "stripe create_checkout"):
+        child = finished[name]
+        assert format(child.context.trace_id, "032x") == trace_id, name
+        assert child.parent is not None and child.parent.span_id in in_trace, name
+
+
+async def test_a_grpc_call_continues_the_traceparent_in_its_metadata(
+    stack: Stack, spans: InMemorySpanExporter
+) -> None:
+    payment = await stack.create_payment()
+    traceparent, trace_id = new_traceparent()
+    code = await trio.to_thread.run_sync(grpc_get, stack.grpc_target, payment.id, traceparent)
+    assert code == grpc.StatusCode.OK
+    server = await finished_span(spans, "payments.PaymentsService/GetPayment")
+    assert server.kind is SpanKind.SERVER
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert server.attributes is not None and server.attributes["rpc.grpc.status_code"] == "OK"
+
+
+async def test_the_callback_carries_the_trace_of_the_request_that_ended_the_payment(
+    stack: Stack, nursery: trio.Nursery
+) -> None:
+    """With tracing not exported (no endpoint): the context is still made, stored with
+    the outbox row and sent in the callback's traceparent."""
+    receiver = await start_recorder(nursery)
+    payment = await stack.create_payment(status_callback_url=f"{receiver.url}/cb")
+    traceparent, trace_id = new_traceparent()
+    headers = {**stack.headers(request_id="obs-cancel"), "traceparent": traceparent}
+    async with httpx.AsyncClient(base_url=stack.http.url) as client:
+        response = await client.post(f"/payments/{payment.id}/cancel", headers=headers)
+    assert response.status_code == 200, response.text
+    async with stack.pool.connection() as conn:
+        (entry,) = await outbox.entries_for_payment(conn, payment.id)
+    assert trace_id_of(entry.traceparent) == trace_id
+    async with Dispatcher(stack.pool, stack.settings) as dispatcher:
+        await dispatcher.drain()
+    (callback,) = await receiver.wait_for(1)
+    assert trace_id_of(callback.headers["traceparent"]) == trace_id
+    assert callback.headers["traceparent"] != entry.traceparent  # the attempt's own span
+
+
+async def test_a_provider_event_s_trace_reaches_the_callback(
+    stack: Stack, spans: InMemorySpanExporter, nursery: trio.Nursery
+) -> None:
+    """A payment ended by a Stripe event: the callback's span is a child in the trace
+    of the forwarded event's request."""
+    receiver = await start_recorder(nursery)
+    payment = await stack.create_payment(status_callback_url=f"{receiver.url}/cb")
+    stack.sandbox.state.expire_session(payment.provider_payment_id)
+    await stack.events_delivered()
+    assert (await stack.payment(payment.id)).status is PaymentStatus.EXPIRED
+    async with Dispatcher(stack.pool, stack.settings) as dispatcher:
+        await dispatcher.drain()
+    (callback,) = await receiver.wait_for(1)
+    event_request = await finished_span(
+        spans, "POST /webhooks/providers/<provider>/<callback_hash>"
+    )
+    attempt = await finished_span(spans, "callback attempt")
+    assert attempt.context.trace_id == event_request.context.trace_id
+    assert trace_id_of(callback.headers["traceparent"]) == format(attempt.context.trace_id, "032x")
+
+
+async def test_the_otlp_exporter_posts_spans_to_the_endpoint(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collector = await start_recorder(nursery)
+    monkeypatch.setenv(tracing.ENDPOINT_VARIABLE, collector.url)
+    provider = tracing.configure("payments-otlp-test")
+    try:
+        traceparent, trace_id = new_traceparent()
+        with tracing.span("exported", parent=tracing.extract({"traceparent": traceparent})):
+            pass
+        # The batch processor posts from its own thread (blocking): keep trio free.
+        assert await trio.to_thread.run_sync(provider.force_flush)
+        (request,) = await collector.wait_for(1)
+    finally:
+        tracing.use_provider(TracerProvider())
+        await trio.to_thread.run_sync(provider.shutdown)
+    assert (request.method, request.path) == ("POST", "/v1/traces")
+    assert request.headers["content-type"] == "application/x-protobuf"
+    export = ExportTraceServiceRequest.FromString(request.body)
+    (resource_spans,) = export.resource_spans
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert service["service.name"] == "payments-otlp-test"
+    (span,) = [s for scope in resource_spans.scope_spans for s in scope.spans]
+    assert span.name == "exported" and span.trace_id.hex() == trace_id
+
+
+def test_without_an_endpoint_nothing_is_exported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tracing.ENDPOINT_VARIABLE, raising=False)
+    provider = tracing.configure("payments-quiet")
+    try:
+        with tracing.span("made") as made:
+            assert tracing.current_traceparent().split("-")[1] == format(
+                made.get_span_context().trace_id, "032x"
+            )
+        assert not provider._active_span_processor._span_processors
+    finally:
+        tracing.use_provider(TracerProvider())
+        provider.shutdown()
