@@ -4,9 +4,11 @@ receiver, and the callback's traceparent carrying the trace of the request behin
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 
+import attrs
 import grpc
 import httpx
 import pytest
@@ -19,14 +21,21 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
+from payments.errors import ProviderUnavailable
 from payments.gen import payments_pb2 as pb
 from payments.gen import payments_pb2_grpc as pb_grpc
 from payments.jobs.dispatcher import Dispatcher
-from payments.model import Caller, PaymentStatus
+from payments.model import Caller, Payment, PaymentStatus, RefundStatus
 from payments.observability import metrics, tracing
+from payments.providers.stripe import StripeProvider
 from payments.storage import outbox
+from payments.storage import repository as repo
+from payments.storage.database import Connection, Database
+from payments.unit_of_work import Change, UnitOfWork
 from supervisor import Backoff, ChildContext, ChildSpec, RestartIntensity, Supervisor
-from tests.fixtures.app import KEY_A, Stack
+from tests.fixtures.app import KEY_A, Stack, closed_port
+from tests.fixtures.db import make_payment
+from tests.fixtures.sandbox import SANDBOX_SECRET_KEY
 from tests.observability_support import (
     new_traceparent,
     scrape,
@@ -384,3 +393,117 @@ def test_without_an_endpoint_nothing_is_exported(monkeypatch: pytest.MonkeyPatch
     finally:
         tracing.use_provider(TracerProvider())
         provider.shutdown()
+
+
+# --- status changes, Stripe outcomes, trio tasks ------------------------------------------
+
+
+@attrs.define
+class RefundLike:
+    """A second status machine (refund statuses) moved by the unit of work; its rows
+    are the refunds branch's business, so it writes none."""
+
+    payment: Payment
+    status: RefundStatus = RefundStatus.PENDING
+
+    def allows(self, new: enum.IntEnum) -> bool:
+        return new != self.status
+
+    def is_terminal(self, status: enum.IntEnum) -> bool:
+        return False
+
+    async def record(
+        self, conn: Connection, new: enum.IntEnum, change: Change, *, applied: bool
+    ) -> None:
+        return None
+
+    async def apply(self, conn: Connection, new: enum.IntEnum, change: Change) -> None:
+        self.status = RefundStatus(new)
+
+    def callback_body(self) -> dict[str, object]:
+        return {}
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_status_changes_count_once_committed_and_refunds_by_status(
+    database: Database,
+) -> None:
+    uow = UnitOfWork(database)
+    payment = make_payment(status=PaymentStatus.PENDING)
+    async with database.transaction() as conn:
+        payment.id = await repo.insert_payment(conn, payment)
+    paid = partial(sample, "payments_status_changes_total", to="PAID")
+    succeeded = partial(sample, "payments_refunds_total", status="SUCCEEDED")
+    before_paid, before_succeeded = paid(), succeeded()
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with uow.begin() as work:
+            current = await repo.get_payment(work.conn, payment.id, for_update=True)
+            assert current is not None
+            assert await work.change_status(current, PaymentStatus.PAID, reason="rolled back")
+            raise Boom
+    assert paid() == before_paid  # rolled back: never counted
+    async with uow.begin() as work:
+        current = await repo.get_payment(work.conn, payment.id, for_update=True)
+        assert current is not None
+        assert await work.change_status(current, PaymentStatus.PAID, reason="kept")
+        refund = RefundLike(current)
+        assert await work.change_status(
+            current, RefundStatus.SUCCEEDED, reason="refunded", subject=refund
+        )
+    assert paid() == before_paid + 1
+    assert succeeded() == before_succeeded + 1
+
+
+async def test_stripe_failures_are_counted_by_outcome(stack: Stack) -> None:
+    payment = await stack.create_payment()
+    down = StripeProvider(
+        SANDBOX_SECRET_KEY, api_base=f"http://127.0.0.1:{closed_port()}", max_network_retries=0
+    )
+    unavailable = partial(
+        sample, "payments_stripe_requests_total", operation="fetch_state", outcome="unavailable"
+    )
+    before = unavailable()
+    try:
+        with pytest.raises(ProviderUnavailable):
+            await down.fetch_state(payment)
+    finally:
+        await down.aclose()
+    assert unavailable() == before + 1
+
+
+async def test_spans_follow_trio_tasks_and_never_leak_into_siblings(
+    spans: InMemorySpanExporter,
+) -> None:
+    """Contextvars under trio: a task started inside a span sees it as its parent; a
+    span opened in one task is not the current span of its sibling."""
+    seen: dict[str, str] = {}
+    opened = trio.Event()
+
+    async def opens_its_own() -> None:
+        with tracing.span("sibling-own"):
+            opened.set()
+            await trio.sleep(0.01)
+
+    async def sibling() -> None:
+        await opened.wait()
+        seen["sibling"] = tracing.current_traceparent()
+
+    async def child() -> None:
+        seen["child"] = tracing.current_traceparent()
+
+    with tracing.span("outer") as outer:
+        outer_id = format(outer.get_span_context().span_id, "016x")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+        assert seen["child"].split("-")[2] == outer_id
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(opens_its_own)
+        nursery.start_soon(sibling)
+    assert seen["sibling"] == ""
