@@ -331,14 +331,19 @@ async def next_due_at(conn: Connection, horizon: datetime) -> datetime | None:
     return None if row is None or row[0] is None else from_db_datetime(row[0])
 
 
+@cache
+def _backlog_query(dialect: Dialect) -> str:
+    return (
+        "SELECT COUNT(*), MIN(next_attempt_at) FROM callback_outbox"  # noqa: S608 - fixed SQL
+        f"{dialect.force_index('ix_callback_outbox_due')}"
+        " WHERE state = 'pending' AND next_attempt_at <= %s"
+    )
+
+
 async def due_backlog(conn: Connection, now: datetime) -> tuple[int, datetime | None]:
     """How many pending rows are due at ``now`` and the earliest due time among them
     (for the outbox gauges); an index-only range on ix_callback_outbox_due."""
-    row = await conn.fetchone(
-        "SELECT COUNT(*), MIN(next_attempt_at) FROM callback_outbox"
-        " WHERE state = 'pending' AND next_attempt_at <= %s",
-        (to_db_datetime(now),),
-    )
+    row = await conn.fetchone(_backlog_query(conn.dialect), (to_db_datetime(now),))
     if row is None or not row[0]:
         return 0, None
     return int(row[0]), from_db_datetime(row[1])
