@@ -68,7 +68,7 @@ def instrument_http_app(app: QuartTrio) -> None:
 
         parent = tracing.extract(tracing.carrier_from_pairs(scope["headers"]))
         try:
-            with tracing.span(f"{method}", kind=SpanKind.SERVER, parent=parent) as span:
+            with tracing.span(method, kind=SpanKind.SERVER, parent=parent) as span:
                 try:
                     await inner(scope, receive, send_observed)
                 finally:
