@@ -225,3 +225,9 @@ CREATE TABLE IF NOT EXISTS refund_events (
     KEY ix_refund_events_refund (refund_id, id),
     UNIQUE KEY uq_refund_events_provider_event (provider_event_id, refund_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- migrate:step 4 callback_outbox.traceparent
+
+-- The W3C traceparent of the request or provider event that queued the callback, so
+-- the delivery's span and its outgoing traceparent header continue that trace.
+ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS traceparent VARCHAR(55) NOT NULL DEFAULT '';

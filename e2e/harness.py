@@ -19,6 +19,7 @@ import fcntl
 import functools
 import http.server
 import json
+import os
 import signal
 import socket
 import struct
@@ -99,6 +100,12 @@ def base_env(home: Path) -> dict[str, str]:
         "HOME": str(home),
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
+        # Passed on so `make bench` can be run with tracing exported (README).
+        **{
+            name: os.environ[name]
+            for name in ("OTEL_EXPORTER_OTLP_ENDPOINT",)
+            if os.environ.get(name)
+        },
     }
 
 
@@ -430,6 +437,7 @@ def start_service(
     full = dict(env)
     full.setdefault("HTTP_PORT", str(free_port()))
     full.setdefault("GRPC_PORT", str(free_port()))
+    full.setdefault("PAYMENTS_METRICS_PORT", str(free_port()))
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"serve-{uuid.uuid4().hex[:8]}.log"
     with open(log_path, "wb") as log, open(workdir / "stdout.log", "ab") as out:

@@ -126,7 +126,7 @@ async def test_serve_only_http(spawn: Spawn) -> None:
         created = await http.post("/payments", json=create_body(), headers=headers())
         assert created.status_code == 201, created.text
         healthz = (await http.get("/healthz")).json()
-    assert set(healthz["children"]) == {"http"}
+    assert set(healthz["children"]) == {"http", "metrics"}  # /metrics runs with every serve
     assert listen_addresses(process.grpc_port) == []
     assert connect_error("127.0.0.1", process.grpc_port) is not None
     code = await trio.to_thread.run_sync(process.terminate)

@@ -191,6 +191,10 @@ class Settings:
     api_keys_file: str = ""
     api_keys: str = attrs.field(default="", repr=False)
     sandbox_port: int = 12111
+    # /metrics (Prometheus) on HTTP_HOST; 0 picks a free port.
+    metrics_port: int = 9464
+    # A one-off job writes its metrics here at exit (Prometheus text format).
+    metrics_textfile: str = ""
     # The variables the environment actually set (profile selection needs to know
     # "not set" apart from "set to the default").
     explicit: frozenset[str] = attrs.field(default=frozenset(), repr=False)
@@ -370,6 +374,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "PAYMENTS_API_KEYS_FILE": ("api_keys_file", _str),
     "PAYMENTS_API_KEYS": ("api_keys", _str),
     "PAYMENTS_SANDBOX_PORT": ("sandbox_port", _int(0, 65535)),
+    "PAYMENTS_METRICS_PORT": ("metrics_port", _int(0, 65535)),
+    "PAYMENTS_METRICS_TEXTFILE": ("metrics_textfile", _str),
 }
 
 

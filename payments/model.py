@@ -269,6 +269,8 @@ class OutboxEntry:
     claimed_until: datetime | None = None
     last_error: str = ""
     delivered_at: datetime | None = None
+    # W3C traceparent of what caused the callback ('' when none): its trace continues.
+    traceparent: str = ""
     id: int = 0
 
 

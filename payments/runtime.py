@@ -40,6 +40,7 @@ from payments.jobs.batch import JobSummary
 from payments.jobs.dispatcher import Dispatcher, DispatchNotifier, PassResult, open_notice_channel
 from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
+from payments.observability import metrics, tracing
 from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
 from payments.readiness import Readiness
@@ -163,6 +164,8 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
     async with AsyncExitStack() as stack:
         database = open_database(settings)
         stack.push_async_callback(database.aclose)
+        metrics.watch_pool(database)
+        stack.callback(metrics.watch_pool, None)
         if profile.storage == "sqlite":
             await apply_schema(database)  # the embedded file is made and kept current here
         providers = ProviderRegistry.from_settings(settings)
@@ -254,6 +257,24 @@ def _grpc_child(res: Resources) -> ChildStart:
     return run
 
 
+def _metrics_child(res: Resources) -> ChildStart:
+    async def run(ctx: ChildContext) -> None:
+        host = res.settings.http_host
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                partial(
+                    metrics.serve_metrics,
+                    host,
+                    res.settings.metrics_port,
+                    shutdown_trigger=ctx.stopping.wait,
+                )
+            )
+            log.info("metrics listening", extra={"host": host, "port": port})
+            ctx.started()
+
+    return run
+
+
 def _sandbox_child(res: Resources) -> ChildStart:
     """The emulator as a child (payments.sandbox.child), over one state kept for the
     process: a restart of the child keeps every object, and the state writes each
@@ -321,6 +342,7 @@ def _dispatcher_child(res: Resources) -> ChildStart:
 
 # part -> (child name, how to build its start function, its grace beyond the base)
 _CHILDREN: dict[str, tuple[str, Callable[[Resources], ChildStart]]] = {
+    "metrics": ("metrics", _metrics_child),
     "sandbox": ("stripe-sandbox", _sandbox_child),
     "reconcile": ("reconciler", lambda res: _reconciler(res).run),
     "dispatch": ("dispatcher", _dispatcher_child),
@@ -345,9 +367,11 @@ def build_children(res: Resources, parts: Iterable[str]) -> list[ChildSpec]:
         "reconcile": settings.stripe_http_timeout_seconds + 5,
         "expire": settings.stripe_http_timeout_seconds + 5,
         "sandbox": 2,
+        "metrics": 2,
     }
     if res.profile.stripe == "sandbox":
         wanted.add("sandbox")  # the stand-in for Stripe runs wherever the service does
+    wanted.add("metrics")  # every serve, workers too, has its /metrics
     return [
         ChildSpec(
             name=name, start=factory(res), restart=RestartPolicy.PERMANENT, grace=graces[part]
@@ -368,12 +392,17 @@ async def serve(settings: Settings, parts: Iterable[str]) -> int:
         "starting",
         extra={"parts": sorted(parts), "stand_ins": profile.stand_ins, **build_info()},
     )
+    traces = tracing.configure(settings.app_service_name)
     try:
         async with open_resources(profile, parts) as res:
             if profile.stand_ins and parts & SERVERS:  # only once the files opened fine
                 print(banner(profile), file=sys.stderr, flush=True)
             res.supervisor = Supervisor(
-                build_children(res, parts), intensity=INTENSITY, backoff=BACKOFF, name="payments"
+                build_children(res, parts),
+                intensity=INTENSITY,
+                backoff=BACKOFF,
+                name="payments",
+                on_restart=metrics.child_restarted,
             )
             # What start-up made lives for the whole run: keeping it out of the
             # collector's generations removes the long full collections that made the
@@ -390,6 +419,8 @@ async def serve(settings: Settings, parts: Iterable[str]) -> int:
     except DependencyUnavailable as exc:
         log.error("start-up failed", extra={"error": exc.message})
         return 1
+    finally:
+        traces.shutdown()  # sends the last batch of spans, if exporting
     log.info("stopped")
     return 0
 
@@ -419,6 +450,16 @@ async def run_job(settings: Settings, part: str) -> int:
     profile = check_settings(settings, {part})
     logs.setup_from_settings(profile.settings)
     progress = _progress(part)
+    traces = tracing.configure(profile.settings.app_service_name)
+    try:
+        return await _run_job(profile, part, progress)
+    finally:
+        traces.shutdown()
+        if profile.settings.metrics_textfile:  # for node_exporter's textfile collector
+            metrics.write_textfile(profile.settings.metrics_textfile)
+
+
+async def _run_job(profile: Profile, part: str, progress: Callable[[object], None]) -> int:
     async with open_resources(profile, {part}) as res:
         summary: JobSummary | PassResult
         try:

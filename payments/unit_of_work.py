@@ -35,6 +35,7 @@ from payments.model import (
     can_transition,
     utcnow,
 )
+from payments.observability import hooks, tracing
 from payments.payment_json import payment_to_json
 from payments.storage import outbox
 from payments.storage import repository as repo
@@ -145,6 +146,7 @@ class Work:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.notices: list[Payment] = []
+        self.moved: list[enum.IntEnum] = []  # counted once committed
 
     async def change_status(
         self,
@@ -173,6 +175,7 @@ class Work:
             return False
         await subject.record(self.conn, new_status, change, applied=True)
         await subject.apply(self.conn, new_status, change)
+        self.moved.append(new_status)
         if subject.is_terminal(new_status):
             await outbox.insert_entry(self.conn, new_outbox_entry(payment, subject.callback_body()))
             self.notices.append(payment)
@@ -190,9 +193,11 @@ class UnitOfWork:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Work]:
         """A transaction: COMMIT at the end, ROLLBACK (and no notice) on error."""
-        async with self.database.transaction() as conn:
-            work = Work(conn)
-            yield work
+        with hooks.transaction_span():
+            async with self.database.transaction() as conn:
+                work = Work(conn)
+                yield work
+        hooks.status_changes_committed(work.moved)
         self._wake(work.notices)
 
     def _wake(self, notices: list[Payment]) -> None:
@@ -221,4 +226,5 @@ def new_outbox_entry(payment: Payment, body: Mapping[str, Any] | None = None) ->
         next_attempt_at=now,
         created_at=now,
         updated_at=now,
+        traceparent=tracing.current_traceparent(),  # the callback continues this trace
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -102,12 +102,15 @@ class Supervisor:
         intensity: RestartIntensity | None = None,
         backoff: Backoff | None = None,
         name: str = "supervisor",
+        on_restart: Callable[[str], object] | None = None,
     ) -> None:
         names = [spec.name for spec in children]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate child names: {', '.join(duplicates)}")
         self.name = name
+        # Told the child's name at each restart (a metrics counter, say); must not block.
+        self._on_restart = on_restart
         self.intensity = intensity if intensity is not None else RestartIntensity()
         self.backoff = backoff if backoff is not None else Backoff()
         self._children = [_Child(spec) for spec in children]
@@ -293,6 +296,11 @@ class Supervisor:
                 child.state = ChildState.STOPPED
                 return
             child.restarts += 1
+            if self._on_restart is not None:
+                try:
+                    self._on_restart(spec.name)
+                except Exception:  # an observer must not take the supervisor down
+                    log.exception("%s: on_restart hook failed", self.name, extra=extra)
 
     async def _run_once(self, child: _Child) -> tuple[Exception | None, float]:
         """Run the child once; return what it raised (None if it returned) and its runtime."""

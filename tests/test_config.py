@@ -127,6 +127,8 @@ def test_every_variable_sets_its_field() -> None:
         "PAYMENTS_API_KEYS_FILE": "/etc/payments/keys",
         "PAYMENTS_API_KEYS": "sha256:00 svc payments-service",
         "PAYMENTS_SANDBOX_PORT": "12999",
+        "PAYMENTS_METRICS_PORT": "9999",
+        "PAYMENTS_METRICS_TEXTFILE": "/var/lib/node_exporter/payments.prom",
     }
     assert set(values) == set(variable_names())
     settings, defaults = load(**values), Settings()

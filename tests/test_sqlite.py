@@ -553,6 +553,7 @@ async def test_lookups_lists_and_job_queries_use_indexes(sqlite_db: SqliteDataba
         now = repo.to_db_datetime(cutoff)
         recorder.statements.append((outbox.due_query(SQLITE), (now, now, 10)))
         await outbox.next_due_at(rec, cutoff)
+        await outbox.due_backlog(rec, cutoff)
         await outbox.entries_for_payment(rec, sample.id)
         await outbox.attempts_for(rec, 1)
         await provider_callbacks.for_payment(rec, sample.id)

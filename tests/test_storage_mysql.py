@@ -9,6 +9,8 @@ skipped by the others rather than waited for: pinned here with a second pool.
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import trio
 
@@ -17,10 +19,12 @@ from payments.errors import DependencyUnavailable
 from payments.model import Payment
 from payments.storage import outbox
 from payments.storage import repository as repo
+from payments.storage.database import Connection
 from payments.storage.pool import Pool
 from tests.fixtures.db import make_payment
 from tests.storage_support import (
     LEASE,
+    RecordingConnection,
     event_for,
     insert,
     later,
@@ -83,6 +87,14 @@ async def test_the_due_query_uses_its_index(db_pool: Pool) -> None:
     assert key == "ix_callback_outbox_due"
     assert access_type == "range"
     assert "filesort" not in extra  # the index yields next_attempt_at order
+    async with db_pool.connection() as conn:
+        recorder = RecordingConnection(conn)
+        await outbox.due_backlog(cast(Connection, recorder), later())
+        ((sql, args),) = recorder.statements
+        (row,) = await conn.fetchall("EXPLAIN " + sql, args)
+    # The outbox gauges' count: a range read of the same index, never the table.
+    assert (row[3], row[5]) == ("range", "ix_callback_outbox_due")
+    assert "Using index" in (row[9] or "")
 
 
 async def test_a_row_locked_by_another_claimer_is_skipped_not_waited_for(

@@ -19,7 +19,6 @@ Serve it with::
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -55,6 +54,7 @@ from payments.gen import payments_pb2 as pb
 from payments.gen.payments_grpc import PaymentsServiceServicer
 from payments.inbound import ProviderEvents
 from payments.model import Caller
+from payments.observability.transports import observed_method
 from payments.service import PaymentService
 from payments.validation import DEFAULT_CALLBACK_POLICY, MAX_ID_LENGTH, validate_create
 
@@ -278,7 +278,7 @@ class PaymentsConnectionHandler(ConnectionHandler):
                 )
                 return
             try:
-                method_fn = functools.partial(bound.method_fn, request=event)
+                method_fn = observed_method(bound, event)
                 stream.expect_message_type(bound.signature.request_type)
                 cardinality = bound.signature.cardinality
                 if cardinality == Cardinality.STREAM_STREAM:

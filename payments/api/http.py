@@ -60,6 +60,7 @@ from payments.config import Settings
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.inbound import ProviderEvents
 from payments.model import Caller
+from payments.observability.transports import instrument_http_app
 from payments.readiness import Readiness
 from payments.service import PaymentService
 from payments.validation import validate_create
@@ -116,6 +117,7 @@ def create_http_app(
     """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``;
     ``readiness`` answers ``/readyz`` (default: the service's database only)."""
     app = QuartTrio(__name__, static_folder=None)  # no /static/ route: not in the contract
+    instrument_http_app(app)  # first, so its hook sees the route before auth can fail
     max_body = settings.max_body_bytes
     app.config.update(
         MAX_CONTENT_LENGTH=max_body,

@@ -28,6 +28,7 @@ import trio
 from payments.config import Settings
 from payments.errors import DependencyUnavailable, PaymentsError
 from payments.model import PaymentStatus, utcnow
+from payments.observability import metrics
 from payments.providers.registry import ProviderRegistry
 from payments.storage import claims
 from payments.unit_of_work import UnitOfWork
@@ -82,6 +83,7 @@ class JobSummary:
         return self.errors > 0
 
     def record(self, result: ItemResult) -> None:
+        metrics.job_item(self.job, result.outcome.value)
         if result.outcome is Outcome.CHANGED:
             self.changed += 1
             if result.status is not None:
@@ -226,6 +228,7 @@ class PaymentJob:
                     )
             except Exception as exc:
                 summary.errors += 1
+                metrics.job_item(self.selection.job, "error")
                 extra = {"payment_id": candidate.id, "error_type": type(exc).__name__}
                 if isinstance(exc, PaymentsError):
                     self._log.warning("%s failed: %s", self.selection.job, exc.message, extra=extra)

@@ -50,6 +50,7 @@ from payments.config import Settings
 from payments.errors import DependencyUnavailable
 from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, utcnow
+from payments.observability import hooks, metrics, tracing
 from payments.storage import outbox
 from payments.storage.database import Database
 from payments.storage.outbox import CallbackAttempt
@@ -285,7 +286,9 @@ class Dispatcher:
 
             async def one(entry: OutboxEntry) -> None:
                 async with limiter:
-                    counts[await self._work(entry, stopping)] += 1
+                    outcome = await self._work(entry, stopping)
+                    counts[outcome] += 1
+                    metrics.job_item("dispatch", outcome)
 
             async with trio.open_nursery() as nursery:
                 for entry in entries:
@@ -344,7 +347,7 @@ class Dispatcher:
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:
-                attempt = await self._post(entry, attempt_no)
+                attempt = await hooks.callback_attempt(self._post, entry, attempt_no)
             state, next_at, outcome = self._decide(attempt, rejected=bool(problem))
             async with self._pool.transaction() as conn:
                 recorded = await outbox.record_attempt(
@@ -376,6 +379,7 @@ class Dispatcher:
         timeout is per phase, so a receiver trickling bytes could outlast it)."""
         at = self._clock()
         headers = self._signer.headers(entry, at)
+        tracing.inject(headers)  # the trace of the request that ended the payment
         started = trio.current_time()
         status: int | None = None
         error = ""
@@ -457,6 +461,7 @@ class Dispatcher:
         now = self._clock()
         async with self._pool.connection() as conn:
             due = await outbox.next_due_at(conn, now + timedelta(seconds=sweep))
+            await hooks.record_outbox_backlog(conn, now)
         if due is None:
             return sweep
         # At least a moment: a row due "now" that a pass could not move is not retried hot.

@@ -41,6 +41,7 @@ from stripe.params.checkout import SessionListParams
 
 from payments.errors import BadSignature, ProviderRejected, ProviderUnavailable
 from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType
+from payments.observability.hooks import stripe_operation
 from payments.providers.base import CheckoutResult, ProviderEvent, ProviderState
 from payments.providers.stripe_events import StripeEventParser
 
@@ -145,6 +146,7 @@ class StripeProvider:
 
     # --- create -----------------------------------------------------------------------
 
+    @stripe_operation("create_checkout")
     async def create_checkout(self, payment: Payment) -> CheckoutResult:
         try:
             if payment.payment_method == PaymentMethod.HOSTED_CARD:
@@ -234,6 +236,7 @@ class StripeProvider:
 
     # --- cancel -----------------------------------------------------------------------
 
+    @stripe_operation("cancel")
     async def cancel(self, payment: Payment) -> None:
         try:
             if payment.payment_method == PaymentMethod.PAYMENT_LINK:
@@ -302,6 +305,7 @@ class StripeProvider:
 
     # --- state ------------------------------------------------------------------------
 
+    @stripe_operation("fetch_state")
     async def fetch_state(self, payment: Payment) -> ProviderState:
         """Where the payment stands at Stripe; ``status`` None means nothing to conclude
         yet (the checkout is still open, or there is no provider object to ask about)."""

@@ -55,6 +55,7 @@ OUTBOX_COLUMNS = (
     "created_at",
     "updated_at",
     "delivered_at",
+    "traceparent",
 )
 SELECT_OUTBOX = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM callback_outbox"  # noqa: S608
 
@@ -82,6 +83,7 @@ def entry_from_row(row: Sequence[Any]) -> OutboxEntry:
         created_at=from_db_datetime(values["created_at"]),
         updated_at=from_db_datetime(values["updated_at"]),
         delivered_at=_optional_time(values["delivered_at"]),
+        traceparent=values["traceparent"],
     )
 
 
@@ -91,8 +93,8 @@ async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
     try:
         return await conn.insert(
             "INSERT INTO callback_outbox (payment_id, status, delivery_id, url, request_id,"
-            " payload, state, attempts, next_attempt_at, created_at, updated_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " payload, state, attempts, next_attempt_at, created_at, updated_at, traceparent)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 entry.payment_id,
                 int(entry.status),
@@ -105,6 +107,7 @@ async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
                 to_db_datetime(entry.next_attempt_at),
                 to_db_datetime(entry.created_at),
                 to_db_datetime(entry.updated_at),
+                entry.traceparent,
             ),
         )
     except DuplicateKey as exc:
@@ -326,3 +329,21 @@ async def next_due_at(conn: Connection, horizon: datetime) -> datetime | None:
     range on ix_callback_outbox_due), so a large backlog further out costs nothing."""
     row = await conn.fetchone(_next_due_query(conn.dialect), (to_db_datetime(horizon),))
     return None if row is None or row[0] is None else from_db_datetime(row[0])
+
+
+@cache
+def _backlog_query(dialect: Dialect) -> str:
+    return (
+        "SELECT COUNT(*), MIN(next_attempt_at) FROM callback_outbox"  # noqa: S608 - fixed SQL
+        f"{dialect.force_index('ix_callback_outbox_due')}"
+        " WHERE state = 'pending' AND next_attempt_at <= %s"
+    )
+
+
+async def due_backlog(conn: Connection, now: datetime) -> tuple[int, datetime | None]:
+    """How many pending rows are due at ``now`` and the earliest due time among them
+    (for the outbox gauges); an index-only range on ix_callback_outbox_due."""
+    row = await conn.fetchone(_backlog_query(conn.dialect), (to_db_datetime(now),))
+    if row is None or not row[0]:
+        return 0, None
+    return int(row[0]), from_db_datetime(row[1])

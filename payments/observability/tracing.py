@@ -1,0 +1,123 @@
+"""OpenTelemetry traces: the provider, W3C trace-context propagation, span helpers.
+
+The SDK's tracer provider is always in place, so a request without an incoming
+``traceparent`` still gets a trace id and the callback it causes carries it (CONTRACT.md,
+"Operations endpoints"). Spans are exported (OTLP/HTTP, batched on the SDK's own thread)
+only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise the provider has no span
+processor and a finished span is simply dropped.
+
+The module keeps its own provider instead of the API's global one (which can be set
+once per process): the service configures it at start, tests swap in one with an
+in-memory exporter. The current span lives in a contextvar, and trio gives each task a
+copy of its parent's context at spawn, so spans opened around a nursery reach the
+tasks started in it (quart-trio's request task, purerpc's handler) and a span opened in
+a task never leaks into its siblings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
+
+ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
+TRACEPARENT = "traceparent"
+INSTRUMENTATION_NAME = "payments"
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class _State:
+    provider: TracerProvider = TracerProvider()
+    tracer: trace.Tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+
+
+def use_provider(provider: TracerProvider) -> TracerProvider:
+    """Make ``provider`` the one spans go to; returns the previous one."""
+    previous = _State.provider
+    _State.provider = provider
+    _State.tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+    return previous
+
+
+def configure(service_name: str, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """Install the process's provider; with ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, spans
+    go to it over OTLP/HTTP (the exporter reads the standard OTEL_* variables itself).
+    Call ``shutdown()`` on the result at exit so the last batch is sent."""
+    environ = os.environ if environ is None else environ
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    if environ.get(ENDPOINT_VARIABLE, "").strip():
+        # Imported only when used: the exporter pulls in requests and protobuf encoders.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    use_provider(provider)
+    return provider
+
+
+def extract(carrier: Mapping[str, str]) -> Context:
+    """The trace context a ``traceparent`` (and ``tracestate``) in ``carrier`` names;
+    an empty context when there is none or it is malformed (a new trace then starts)."""
+    return _PROPAGATOR.extract(carrier)
+
+
+def carrier_from_pairs(pairs: Iterable[tuple[bytes | str, bytes | str]]) -> dict[str, str]:
+    """The trace-context headers out of ASGI headers or gRPC metadata (other keys
+    are not copied)."""
+    found: dict[str, str] = {}
+    for raw_name, raw_value in pairs:
+        name = raw_name.decode("latin-1") if isinstance(raw_name, bytes) else raw_name
+        name = name.lower()
+        if name in _PROPAGATOR.fields:
+            value = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
+            found[name] = value
+    return found
+
+
+def current_traceparent() -> str:
+    """The current span's ``traceparent`` header value ('' outside any span)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get(TRACEPARENT, "")
+
+
+def inject(headers: dict[str, str]) -> None:
+    """Add the current span's trace-context headers to outgoing ``headers``."""
+    _PROPAGATOR.inject(headers)
+
+
+@contextmanager
+def span(
+    name: str,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    parent: Context | None = None,
+    attributes: Mapping[str, AttributeValue] | None = None,
+    errors_from_exceptions: bool = True,
+) -> Iterator[Span]:
+    """A current span around the block (child of ``parent``, else of the current one).
+    An exception escaping the block marks it as an error unless
+    ``errors_from_exceptions`` is False (the caller then judges, say a gRPC NOT_FOUND)."""
+    with _State.tracer.start_as_current_span(
+        name,
+        context=parent,
+        kind=kind,
+        attributes=attributes,
+        record_exception=errors_from_exceptions,
+        set_status_on_exception=errors_from_exceptions,
+    ) as current:
+        yield current
+
+
+def mark_error(current: Span, description: str) -> None:
+    """Set the span's status to ERROR with a short description (no secrets)."""
+    current.set_status(Status(StatusCode.ERROR, description))
