@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
+from payments.config import Settings
 from payments.errors import ProviderUnavailable
 from payments.gen import payments_pb2 as pb
 from payments.gen import payments_pb2_grpc as pb_grpc
@@ -198,7 +199,7 @@ async def test_callback_attempts_outbox_gauges_and_dispatch_items(
     receiver = await start_recorder(nursery)
     payment = await stack.create_payment(status_callback_url=f"{receiver.url}/cb")
     await stack.service.cancel(Caller("svc-a"), payment.id, "changed my mind")
-    async with Dispatcher(stack.pool, stack.settings) as dispatcher:
+    async with Dispatcher(stack.pool, loopback_receivers(stack.settings)) as dispatcher:
         await dispatcher._until_next_due(60)  # the actor's gauge refresh, before delivery
         due = await scrape(metrics_url)
         before = await scrape(metrics_url)
@@ -327,7 +328,7 @@ async def test_the_callback_carries_the_trace_of_the_request_that_ended_the_paym
     async with stack.pool.connection() as conn:
         (entry,) = await outbox.entries_for_payment(conn, payment.id)
     assert trace_id_of(entry.traceparent) == trace_id
-    async with Dispatcher(stack.pool, stack.settings) as dispatcher:
+    async with Dispatcher(stack.pool, loopback_receivers(stack.settings)) as dispatcher:
         await dispatcher.drain()
     (callback,) = await receiver.wait_for(1)
     assert trace_id_of(callback.headers["traceparent"]) == trace_id
@@ -344,7 +345,7 @@ async def test_a_provider_event_s_trace_reaches_the_callback(
     stack.sandbox.state.expire_session(payment.provider_payment_id)
     await stack.events_delivered()
     assert (await stack.payment(payment.id)).status is PaymentStatus.EXPIRED
-    async with Dispatcher(stack.pool, stack.settings) as dispatcher:
+    async with Dispatcher(stack.pool, loopback_receivers(stack.settings)) as dispatcher:
         await dispatcher.drain()
     (callback,) = await receiver.wait_for(1)
     event_request = await finished_span(
@@ -507,3 +508,8 @@ async def test_spans_follow_trio_tasks_and_never_leak_into_siblings(
         nursery.start_soon(opens_its_own)
         nursery.start_soon(sibling)
     assert seen["sibling"] == ""
+
+
+def loopback_receivers(settings: Settings) -> Settings:
+    """The stack's settings with the tests' loopback receivers allowed at delivery."""
+    return attrs.evolve(settings, callback_allowed_hosts=("127.0.0.1",))
