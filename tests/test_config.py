@@ -126,6 +126,7 @@ def test_every_variable_sets_its_field() -> None:
         "PAYMENTS_API_KEYS_FILE": "/etc/payments/keys",
         "PAYMENTS_API_KEYS": "sha256:00 svc payments-service",
         "PAYMENTS_SANDBOX_PORT": "12999",
+        "PAYMENTS_DB_QUERY_TIMEOUT_SECONDS": "2.5",
     }
     assert set(values) == set(variable_names())
     settings, defaults = load(**values), Settings()
