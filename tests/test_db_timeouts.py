@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -48,7 +49,7 @@ async def test_a_silent_database_answers_unavailable_within_the_query_timeout(
         mysql_proxy.pause()
         for _ in range(3):  # the idle session, then new ones that never get a handshake
             started = trio.current_time()
-            with pytest.raises(DependencyUnavailable, match="^database unavailable$"):
+            with pytest.raises(DependencyUnavailable, match=r"^database unavailable$"):
                 async with pool.connection() as conn:
                     await conn.fetchone("SELECT 1")
             assert trio.current_time() - started < TIMEOUT * 2 + 0.3
@@ -78,7 +79,9 @@ async def test_a_statement_past_the_query_timeout_is_stopped_on_the_server(
         assert trio.current_time() - started < TIMEOUT + 0.5
         assert pool.stats().open == 0  # never lent again
         with trio.fail_after(5):  # the background KILL ends it on the server
-            while await _running(mysql_server_pool, victim):
+            while True:
+                if not await _running(mysql_server_pool, victim):
+                    break
                 await trio.sleep(0.05)
         async with pool.connection() as conn:
             assert await conn.fetchone("SELECT 1") == (1,)
@@ -95,9 +98,9 @@ async def _running(admin: Pool, thread_id: int) -> bool:
 
 
 @pytest.fixture
-async def mysql_server_pool(test_db_dsn: MysqlDsn) -> Pool:
+async def mysql_server_pool(test_db_dsn: MysqlDsn) -> AsyncIterator[Pool]:
     pool = Pool(test_db_dsn, 1, 1, 0)
-    yield pool  # type: ignore[misc]
+    yield pool
     await pool.aclose()
 
 
@@ -120,7 +123,7 @@ async def test_sqlite_statement_past_the_timeout_is_interrupted(tmp_path: Path) 
     db = await SqliteDatabase.open(tmp_path / "t.db", query_timeout=TIMEOUT)
     try:
         started = trio.current_time()
-        with pytest.raises(DependencyUnavailable, match="^database unavailable$"):
+        with pytest.raises(DependencyUnavailable, match=r"^database unavailable$"):
             async with db.transaction() as conn:
                 await conn.execute("CREATE TABLE t (x INTEGER)")
                 await conn.execute("INSERT INTO t VALUES (1)")
