@@ -225,3 +225,11 @@ CREATE TABLE IF NOT EXISTS refund_events (
     KEY ix_refund_events_refund (refund_id, id),
     UNIQUE KEY uq_refund_events_provider_event (provider_event_id, refund_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- migrate:step 4 payments.claimed_by, payments.claimed_until
+
+-- Who is talking to the provider about this payment, and until when (a lease taken and
+-- committed before the call, so no row lock or pooled session is held across it):
+-- create, cancel and the jobs take it, one at a time; a crashed holder's lease lapses.
+ALTER TABLE payments ADD COLUMN IF NOT EXISTS claimed_by VARCHAR(64) NOT NULL DEFAULT '';
+ALTER TABLE payments ADD COLUMN IF NOT EXISTS claimed_until DATETIME(6) NULL DEFAULT NULL;

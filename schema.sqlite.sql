@@ -177,3 +177,8 @@ CREATE TABLE IF NOT EXISTS refund_events (
 
 CREATE INDEX IF NOT EXISTS ix_refund_events_refund ON refund_events (refund_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS uq_refund_events_provider_event ON refund_events (provider_event_id, refund_id);
+
+-- migrate:step 4 payments.claimed_by, payments.claimed_until
+
+ALTER TABLE payments ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
+ALTER TABLE payments ADD COLUMN claimed_until DATETIME_TEXT NULL DEFAULT NULL;

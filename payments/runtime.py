@@ -39,6 +39,7 @@ from payments.jobs.batch import JobSummary
 from payments.jobs.dispatcher import Dispatcher, DispatchNotifier, PassResult, open_notice_channel
 from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
+from payments.leasing import LeasePolicy
 from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
 from payments.service import PaymentService
@@ -177,7 +178,12 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
             database,
             providers,
             uow,
-            PaymentService(uow, providers, settings.provider_callback_base_url),
+            PaymentService(
+                uow,
+                providers,
+                settings.provider_callback_base_url,
+                LeasePolicy.from_settings(settings),
+            ),
             ProviderEvents(uow, providers),
             authenticator=authenticator,
             notices=notices,

@@ -27,6 +27,7 @@ import trio
 
 from payments.config import Settings
 from payments.errors import DependencyUnavailable, PaymentsError
+from payments.leasing import LeasePolicy
 from payments.model import PaymentStatus, utcnow
 from payments.providers.registry import ProviderRegistry
 from payments.storage import claims
@@ -38,8 +39,8 @@ T = TypeVar("T")
 # Stripe allows 100 requests/s in live mode (25 in test mode) per account, shared with
 # the API's own creates and cancels; each replica runs its own bucket.
 DEFAULT_RATE_PER_SECOND = 20.0
-# Items of one batch in flight at once; each holds a database session while it waits on
-# the provider, so keep (jobs x concurrency) well under MYSQL_MAX_OPEN_CONNS.
+# Items of one batch in flight at once, each bound by the provider's latency (the
+# reconciler holds no session while it waits on the provider).
 DEFAULT_CONCURRENCY = 4
 
 
@@ -164,6 +165,7 @@ class PaymentJob:
         self._pool = uow.database
         self._providers = providers
         self._settings = settings
+        self._lease = LeasePolicy.from_settings(settings)
         self._bucket = TokenBucket(rate_per_second) if rate_per_second else None
         self._concurrency = concurrency
         self._log = logging.getLogger(f"payments.jobs.{self.selection.job}")
