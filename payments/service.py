@@ -79,8 +79,9 @@ class PaymentService:
         """Create a payment, or return the one this (caller_service, request_id) names.
 
         Exact without holding anything across the provider call. The row is committed as
-        CREATED together with a lease for its inserter (the unique key on
-        (caller_service, request_id) makes concurrent duplicates meet there). The holder
+        CREATED (the unique key on (caller_service, request_id) makes concurrent
+        duplicates meet there), then one of them takes its lease (payments/leasing.py;
+        one conditional UPDATE, so exactly one wins). The holder
         calls the provider, with an idempotency key derived from the request, holding no
         session or row lock, then moves the row to PENDING under its lock and gives the
         lease back. A duplicate waits for the lease (looking now and then, holding
@@ -90,17 +91,15 @@ class PaymentService:
         """
         if not caller.may_act_for(new.caller_service):
             raise PermissionDenied("caller_service must be the calling service's own name")
-        payment, owner = await self._insert_or_load(new)
+        payment = await self._insert_or_load(new)
         if payment.status != PaymentStatus.CREATED:
             return payment
+        payment, owner = await self._lease_to_open(payment)
         if owner is None:
-            payment, owner = await self._wait_to_open(payment)
-            if owner is None:
-                return payment
+            return payment
         return await self._open_at_provider(payment, owner)
 
-    async def _insert_or_load(self, new: NewPayment) -> tuple[Payment, str | None]:
-        """The payment and, when this call inserted it, the lease it holds on it."""
+    async def _insert_or_load(self, new: NewPayment) -> Payment:
         fingerprint = new.fingerprint()
         now = utcnow()
         callback_hash = str(uuid.uuid4())
@@ -119,10 +118,9 @@ class PaymentService:
             },
             metadata=dict(new.metadata),
         )
-        owner = leases.new_owner(leases.OPEN)
         for attempt in range(DEADLOCK_RETRIES + 1):
             try:
-                return await self._insert(payment, now, owner), owner
+                return await self._insert(payment, now)
             except DuplicateKey:
                 break
             except Deadlock:
@@ -130,11 +128,10 @@ class PaymentService:
                 # InnoDB; the winner has committed or will, so the next try meets it.
                 if attempt == DEADLOCK_RETRIES:
                     raise
-        return await self._load_duplicate(new, fingerprint), None
+        return await self._load_duplicate(new, fingerprint)
 
-    async def _insert(self, payment: Payment, now: datetime, owner: str) -> Payment:
-        """Commit the CREATED row, its event and ``owner``'s lease; DuplicateKey when the
-        row already exists."""
+    async def _insert(self, payment: Payment, now: datetime) -> Payment:
+        """Commit the CREATED row and its event; DuplicateKey when it already exists."""
         async with self._pool.transaction() as conn:
             payment.id = await repo.insert_payment(conn, payment)
             await repo.insert_event(
@@ -147,9 +144,6 @@ class PaymentService:
                     created_at=now,
                 ),
             )
-            await leases.take(
-                conn, payment.id, owner, self._lease.lease_seconds, _OPENABLE, now=now
-            )
         return payment
 
     async def _load_duplicate(self, new: NewPayment, fingerprint: str) -> Payment:
@@ -161,9 +155,10 @@ class PaymentService:
             raise AlreadyExists("request_id already names a payment with different parameters")
         return existing
 
-    async def _wait_to_open(self, payment: Payment) -> tuple[Payment, str | None]:
-        """Wait for another holder of the CREATED payment's lease: the payment once it
-        moved on (no lease), or the lease once it is free (the holder failed or crashed)."""
+    async def _lease_to_open(self, payment: Payment) -> tuple[Payment, str | None]:
+        """The lease on the CREATED payment (the inserter nearly always gets it at once),
+        or, while another holds it, wait: the payment once it moved on (no lease), or
+        the lease once it is free (its holder failed or crashed)."""
         polling = Polling(self._lease.wait_seconds)
         while True:
             owner = leases.new_owner(leases.OPEN)

@@ -55,8 +55,11 @@ async def take(
     now = now or utcnow()
     wanted = [int(status) for status in statuses]
     placeholders = ", ".join(["%s"] * len(wanted))
+    # By the primary key, as the apply step locks it: through the status index the
+    # UPDATE would lock that index first and deadlock with a status change in flight.
+    primary = conn.dialect.force_index("PRIMARY")
     matched = await conn.execute(
-        "UPDATE payments SET claimed_by = %s, claimed_until = %s"  # noqa: S608
+        f"UPDATE payments{primary} SET claimed_by = %s, claimed_until = %s"  # noqa: S608
         f" WHERE id = %s AND status IN ({placeholders})"
         " AND (claimed_until IS NULL OR claimed_until < %s)",
         (
