@@ -18,29 +18,38 @@ from payments.storage.database import Database
 
 log = logging.getLogger("payments.leasing")
 
-# Provider calls one piece of work may make (cancel's closing: replayed create, state,
-# close, state again), each bounded by STRIPE_HTTP_TIMEOUT_SECONDS.
-_CALLS_PER_LEASE = 4
 _FIRST_POLL_SECONDS = 0.02
 _MAX_POLL_SECONDS = 0.5
 
 
 @attrs.frozen
 class LeasePolicy:
-    """``lease_seconds``: how long a lease lasts (outlives the holder's provider calls
-    and its two transactions, so a live holder never loses it); ``wait_seconds``: how
-    long a request waits for another holder before answering 504 (one provider call)."""
+    """How long leases last and how long a request waits for another holder.
 
-    lease_seconds: float = 55.0
-    wait_seconds: float = 15.0
+    ``call_seconds`` bounds one provider operation (STRIPE_HTTP_TIMEOUT_SECONDS, the
+    provider's own deadline); ``margin_seconds`` covers the transactions around it
+    (PAYMENTS_DB_QUERY_TIMEOUT_SECONDS). A lease outlives its holder's calls, so a live
+    holder keeps it; should one ever outlast it anyway, the next holder repeats the call
+    with the same idempotency key and the apply step finds the work done: exactness
+    rests on the keys and the status machine, the lease only keeps Stripe from being
+    asked twice. A request waits as long as an opening lease lasts, so a retry after a
+    crash gets through in one request (the dead holder's lease lapses meanwhile).
+    """
+
+    call_seconds: float = 10.0
+    margin_seconds: float = 5.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LeasePolicy:
-        stripe, database = settings.stripe_http_timeout_seconds, settings.db_query_timeout_seconds
-        return cls(
-            lease_seconds=_CALLS_PER_LEASE * stripe + 2 * database + 5,
-            wait_seconds=stripe + database,
-        )
+        return cls(settings.stripe_http_timeout_seconds, settings.db_query_timeout_seconds)
+
+    def lease_seconds(self, calls: int = 1) -> float:
+        """A lease for work making ``calls`` provider operations one after another."""
+        return calls * self.call_seconds + self.margin_seconds
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.lease_seconds(1)
 
 
 class Polling:

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import attrs
 
-from payments.closing import Closing, close_at_provider
+from payments.closing import CLOSING_CALLS, Closing, close_at_provider
 from payments.errors import (
     AlreadyExists,
     DependencyUnavailable,
@@ -163,7 +163,8 @@ class PaymentService:
         while True:
             owner = leases.new_owner(leases.OPEN)
             async with self._pool.connection() as conn:
-                if await leases.take(conn, payment.id, owner, self._lease.lease_seconds, _OPENABLE):
+                seconds = self._lease.lease_seconds()
+                if await leases.take(conn, payment.id, owner, seconds, _OPENABLE):
                     current = await repo.get_payment(conn, payment.id)
                     if current is not None:
                         return current, owner
@@ -290,9 +291,8 @@ class PaymentService:
                         f"payment is {payment.status.name}; only CREATED, PENDING or "
                         "PROCESSING payments can be canceled"
                     )
-                if await leases.take(
-                    conn, payment_id, owner, self._lease.lease_seconds, CANCELABLE_STATUSES
-                ):
+                seconds = self._lease.lease_seconds(CLOSING_CALLS)
+                if await leases.take(conn, payment_id, owner, seconds, CANCELABLE_STATUSES):
                     # Read again: it may have moved on between the look and the lease.
                     current = await repo.get_payment(conn, payment_id)
                     if current is not None:

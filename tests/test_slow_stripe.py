@@ -63,7 +63,7 @@ def headers(request_id: str = "rid-slow") -> dict[str, str]:
 @pytest.fixture
 async def slow_api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     """The HTTP API over a service whose Stripe timeout is STRIPE_TIMEOUT (retries on,
-    as in production) and whose leases wait at most STRIPE_TIMEOUT for one another."""
+    as in production); its leases last one Stripe timeout and 0.5 s."""
     provider = StripeProvider(
         stack.sandbox.secret_key,
         stack.sandbox.url,
@@ -75,7 +75,7 @@ async def slow_api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         UnitOfWork(stack.pool),
         stack_registry(provider),
         stack.settings.provider_callback_base_url,
-        LeasePolicy(lease_seconds=3 * STRIPE_TIMEOUT, wait_seconds=STRIPE_TIMEOUT),
+        LeasePolicy(call_seconds=STRIPE_TIMEOUT, margin_seconds=0.5),
     )
     server = await stack.start_http(service=service)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

@@ -54,7 +54,7 @@ class Reconciler(PaymentJob):
         async with self._uow.begin() as work:
             payment = await claims.claim(work.conn, self.selection, candidate.id, cutoff)
             if payment is None or not await leases.take(
-                work.conn, payment.id, owner, self._lease.lease_seconds, statuses
+                work.conn, payment.id, owner, self._lease.lease_seconds(), statuses
             ):
                 return ItemResult(Outcome.SKIPPED)  # worked elsewhere, now or already
         try:
