@@ -21,6 +21,7 @@ import trio
 from payments.config import MysqlDsn, Settings
 from payments.errors import DependencyUnavailable
 from payments.storage.backends import open_database
+from payments.storage.migrate import latest_version, lock_name, migrate
 from payments.storage.pool import Pool
 from payments.storage.sqlite import SqliteDatabase
 from tests.fixtures.proxy import PausableProxy
@@ -159,3 +160,30 @@ async def test_sqlite_statement_that_will_not_stop_costs_its_connection(tmp_path
     finally:
         release.set()
         await db.aclose()
+
+
+async def test_migrations_are_not_cut_by_the_query_timeout(empty_db_dsn: MysqlDsn) -> None:
+    """Waiting for another replica's migration (and long DDL) outlives the deadline."""
+    pool = Pool(empty_db_dsn, 2, 2, 60, query_timeout=0.3)
+    other = Pool(empty_db_dsn, 1, 1, 60)
+    try:
+        async with other.connection() as holder:
+            await holder.fetchone("SELECT GET_LOCK(%s, 0)", (lock_name(empty_db_dsn.database),))
+            async with trio.open_nursery() as nursery:
+                versions: list[int] = []
+
+                async def run() -> None:
+                    versions.append(await migrate(pool, lock_timeout=10))
+
+                nursery.start_soon(run)
+                await trio.sleep(0.8)  # well past the 0.3 s deadline
+                await holder.fetchone(
+                    "SELECT RELEASE_LOCK(%s)", (lock_name(empty_db_dsn.database),)
+                )
+        assert versions == [latest_version()]
+        async with pool.connection() as conn:  # the session's deadline is back
+            with pytest.raises(DependencyUnavailable):
+                await conn.fetchone("SELECT SLEEP(2)")
+    finally:
+        await pool.aclose()
+        await other.aclose()
