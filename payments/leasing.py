@@ -20,6 +20,7 @@ log = logging.getLogger("payments.leasing")
 
 _FIRST_POLL_SECONDS = 0.02
 _MAX_POLL_SECONDS = 0.5
+_GIVE_BACK_SECONDS = 5.0
 
 
 @attrs.frozen
@@ -70,9 +71,10 @@ class Polling:
 
 async def give_back(database: Database, payment_id: int, owner: str) -> None:
     """Release ``owner``'s lease after failed work, so a retry need not wait for it to
-    lapse. Shielded (it runs on the way out of a cancelled request too) and bounded by
-    the database's own deadlines; a failure only logs: the lease lapses by itself."""
-    with trio.CancelScope(shield=True):
+    lapse. Shielded (it runs on the way out of a cancelled request too) and bounded;
+    a failure only logs: the lease lapses by itself."""
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + _GIVE_BACK_SECONDS  # a pool with no free slot
         try:
             async with database.connection() as conn:
                 await leases.release(conn, payment_id, owner)
