@@ -53,7 +53,7 @@ async def test_a_silent_database_answers_unavailable_within_the_query_timeout(
             with pytest.raises(DependencyUnavailable, match=r"^database unavailable$"):
                 async with pool.connection() as conn:
                     await conn.fetchone("SELECT 1")
-            assert trio.current_time() - started < TIMEOUT * 2 + 0.3
+            assert trio.current_time() - started < TIMEOUT * 2 + 1  # not TCP's minutes
         stats = pool.stats()
         assert (stats.in_use, stats.idle, stats.connecting) == (0, 0, 0)
         assert stats.closed_total >= 1  # the timed-out session was discarded
@@ -77,7 +77,7 @@ async def test_a_statement_past_the_query_timeout_is_stopped_on_the_server(
             async with pool.connection() as conn:
                 victim = conn.thread_id
                 await conn.fetchone("SELECT SLEEP(30)")
-        assert trio.current_time() - started < TIMEOUT + 0.5
+        assert trio.current_time() - started < TIMEOUT + 1
         assert pool.stats().open == 0  # never lent again
         with trio.fail_after(5):  # the background KILL ends it on the server
             while True:
@@ -129,7 +129,7 @@ async def test_sqlite_statement_past_the_timeout_is_interrupted(tmp_path: Path) 
                 await conn.execute("CREATE TABLE t (x INTEGER)")
                 await conn.execute("INSERT INTO t VALUES (1)")
                 await conn.fetchone(ENDLESS)
-        assert trio.current_time() - started < TIMEOUT + 0.5
+        assert trio.current_time() - started < TIMEOUT + 1
         async with db.connection() as conn:  # same connection, rolled back, usable
             assert await conn.fetchone("SELECT count(*) FROM sqlite_master WHERE name = 't'") == (
                 0,

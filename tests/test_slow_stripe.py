@@ -143,7 +143,7 @@ async def test_reads_keep_their_latency_while_a_dozen_creates_wait_on_a_hung_str
     for elapsed, response in creates:
         assert response.status_code == 504, response.text
         assert response.json() == {"error": f"stripe did not answer within {STRIPE_TIMEOUT:g}s"}
-        assert STRIPE_TIMEOUT <= elapsed < STRIPE_TIMEOUT + 1.5
+        assert STRIPE_TIMEOUT <= elapsed < STRIPE_TIMEOUT + 2
 
     # Stripe back: each retried create completes with the object its first try made.
     stack.sandbox.faults.clear()
@@ -221,14 +221,13 @@ async def test_cancel_holds_no_row_lock_while_stripe_hangs(
         await trio.sleep(0.2)
         # The customer pays meanwhile: the event takes the row at once, not after the
         # cancel's Stripe call, and a second cancel waits for the lease, holding nothing.
-        started = trio.current_time()
         stack.sandbox.state.complete_session(payment["provider_payment_id"])
         await stack.events_delivered()
-        assert trio.current_time() - started < 1.0
         assert (await stack.payment(payment["id"])).status == PaymentStatus.PAID
+        assert not cancels  # applied while the cancel still waits on Stripe
     (elapsed, response) = cancels[0]
     assert response.status_code == 504, response.text
-    assert elapsed < STRIPE_TIMEOUT + 1.5
+    assert elapsed < STRIPE_TIMEOUT + 2
     stack.sandbox.faults.clear()
     assert (await stack.payment(payment["id"])).status == PaymentStatus.PAID
 
@@ -271,11 +270,10 @@ async def test_the_reconciler_asks_a_hung_stripe_holding_no_row_lock(
 
             nursery.start_soon(run)
             await trio.sleep(0.2)
-            started = trio.current_time()
             stack.sandbox.state.complete_session(payment.provider_payment_id)
             await stack.events_delivered()
-            assert trio.current_time() - started < 1.0  # the event did not wait on it
             assert (await stack.payment(payment.id)).status == PaymentStatus.PAID
+            assert not summaries  # applied while the reconciler still waits on Stripe
         assert (summaries[0].checked, summaries[0].errors) == (1, 1)  # Stripe timed out
     finally:
         stack.sandbox.faults.clear()
