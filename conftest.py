@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.auth",
     "tests.fixtures.app",
     "tests.fixtures.jobs",
+    "tests.fixtures.proxy",
 ]

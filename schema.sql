@@ -231,3 +231,11 @@ CREATE TABLE IF NOT EXISTS refund_events (
 -- The W3C traceparent of the request or provider event that queued the callback, so
 -- the delivery's span and its outgoing traceparent header continue that trace.
 ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS traceparent VARCHAR(55) NOT NULL DEFAULT '';
+
+-- migrate:step 5 payments.claimed_by, payments.claimed_until
+
+-- Who is talking to the provider about this payment, and until when (a lease taken and
+-- committed before the call, so no row lock or pooled session is held across it):
+-- create, cancel and the jobs take it, one at a time; a crashed holder's lease lapses.
+ALTER TABLE payments ADD COLUMN IF NOT EXISTS claimed_by VARCHAR(64) NOT NULL DEFAULT '';
+ALTER TABLE payments ADD COLUMN IF NOT EXISTS claimed_until DATETIME(6) NULL DEFAULT NULL;

@@ -181,3 +181,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS uq_refund_events_provider_event ON refund_even
 -- migrate:step 4 callback_outbox.traceparent
 
 ALTER TABLE callback_outbox ADD COLUMN traceparent TEXT NOT NULL DEFAULT '';
+
+-- migrate:step 5 payments.claimed_by, payments.claimed_until
+
+ALTER TABLE payments ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
+ALTER TABLE payments ADD COLUMN claimed_until DATETIME_TEXT NULL DEFAULT NULL;

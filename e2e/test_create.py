@@ -369,7 +369,8 @@ async def test_stripe_refusing_is_a_bad_request(
 async def test_stripe_answer_lost_then_retry_makes_no_second_object(
     spawn: Spawn, sandbox: SandboxProcess, method: int
 ) -> None:
-    """Stripe makes the object but its answer never arrives in time (502); the retry
+    """Stripe makes the object but its answer never arrives in time (504, naming
+    Stripe: a timeout, not a failure); the retry
     of the same request replays Stripe's idempotent result instead of making another.
     A process of its own with a 0.5 s Stripe timeout."""
     process = await trio.to_thread.run_sync(spawn, {"STRIPE_HTTP_TIMEOUT_SECONDS": "0.5"})
@@ -380,7 +381,8 @@ async def test_stripe_answer_lost_then_retry_makes_no_second_object(
     try:
         async with httpx.AsyncClient(base_url=process.http_url, timeout=15) as http:
             lost = await http.post("/payments", json=body, headers=headers())
-            assert lost.status_code == 502, lost.text
+            assert lost.status_code == 504, lost.text
+            assert lost.json() == {"error": "stripe did not answer within 0.5s"}
             kind = "checkout_sessions" if method == 1 else "payment_links"
             made = await eventually(lambda: objects_of(sandbox, request_id, kind))
             retry = await http.post("/payments", json=body, headers=headers())

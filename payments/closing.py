@@ -29,6 +29,8 @@ from payments.opening import apply_checkout
 from payments.providers.base import Provider, ProviderState
 
 T = TypeVar("T")
+# The most provider operations one closing makes: replayed create, state, close, state.
+CLOSING_CALLS = 4
 Call = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
 
 

@@ -157,6 +157,8 @@ class Settings:
     mysql_max_open_conns: int = 10
     mysql_max_idle_conns: int = 5
     mysql_conn_max_lifetime_minutes: float = 30
+    # Every database round trip (and finding a session); then 503 and the session dropped.
+    db_query_timeout_seconds: float = 5
     log_level: str = "info"
     stripe_secret_key: str = attrs.field(default="", repr=False)
     stripe_webhook_secret: str = attrs.field(default="", repr=False)
@@ -340,6 +342,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MYSQL_MAX_OPEN_CONNS": ("mysql_max_open_conns", _int(1, 10_000)),
     "MYSQL_MAX_IDLE_CONNS": ("mysql_max_idle_conns", _int(0, 10_000)),
     "MYSQL_CONN_MAX_LIFETIME_MINUTES": ("mysql_conn_max_lifetime_minutes", _float(0)),
+    "PAYMENTS_DB_QUERY_TIMEOUT_SECONDS": ("db_query_timeout_seconds", _float(0.001)),
     "LOG_LEVEL": ("log_level", _log_level),
     "STRIPE_SECRET_KEY": ("stripe_secret_key", _str),
     "STRIPE_WEBHOOK_SECRET": ("stripe_webhook_secret", _str),

@@ -55,5 +55,11 @@ class ProviderUnavailable(PaymentsError):
     """The provider failed (auth, 5xx, timeout, network): 502 / UNAVAILABLE."""
 
 
+class ProviderTimeout(ProviderUnavailable):
+    """The provider did not answer within its timeout (STRIPE_HTTP_TIMEOUT_SECONDS):
+    504 / UNAVAILABLE. Nothing is lost: a retry repeats the call with the same
+    idempotency key."""
+
+
 class DependencyUnavailable(PaymentsError):
     """The database or the Auth service is unreachable: 503 / UNAVAILABLE."""

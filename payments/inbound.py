@@ -24,7 +24,7 @@ from payments.errors import DependencyUnavailable, InvalidArgument, NotFound, Pa
 from payments.model import Payment, PaymentStatus, ProviderType, utcnow
 from payments.providers.base import ProviderEvent
 from payments.providers.registry import ProviderRegistry
-from payments.storage import provider_callbacks
+from payments.storage import leases, provider_callbacks
 from payments.storage import repository as repo
 from payments.storage.database import DuplicateKey
 from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
@@ -202,6 +202,13 @@ async def _apply(
     if revealed:  # written with the status change, or on its own below
         updated.provider_subscription_id = event.subscription_id
     target = event.target_status or payment.status
+    # Expiring the checkout is how a cancel closes it: Stripe's "expired" event for that
+    # must not beat the cancel to the payment's end (the cancel holds its lease).
+    closing = target == PaymentStatus.EXPIRED and (
+        await leases.live_purpose(work.conn, payment.id) == leases.CANCEL
+    )
+    if closing:
+        target = payment.status
     try:
         changed = await work.change_status(
             updated,
@@ -221,7 +228,9 @@ async def _apply(
     if revealed:
         updated.updated_at = utcnow()
         await repo.update_payment(work.conn, updated)
-    if event.target_status is None:
+    if closing:
+        reason = "recorded, not applied: a cancel is closing this payment"
+    elif event.target_status is None:
         reason = "recorded: the event type moves no status"
     elif event.target_status == payment.status:
         reason = f"recorded: payment is already {payment.status.name}"

@@ -40,6 +40,7 @@ from payments.jobs.batch import JobSummary
 from payments.jobs.dispatcher import Dispatcher, DispatchNotifier, PassResult, open_notice_channel
 from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
+from payments.leasing import LeasePolicy
 from payments.observability import metrics, tracing
 from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
@@ -189,7 +190,12 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
             database,
             providers,
             uow,
-            PaymentService(uow, providers, settings.provider_callback_base_url),
+            PaymentService(
+                uow,
+                providers,
+                settings.provider_callback_base_url,
+                LeasePolicy.from_settings(settings),
+            ),
             ProviderEvents(uow, providers),
             authenticator=authenticator,
             notices=notices,

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import attrs
 
-from payments.closing import close_at_provider
+from payments.closing import CLOSING_CALLS, Closing, close_at_provider
 from payments.errors import (
     AlreadyExists,
     DependencyUnavailable,
@@ -22,7 +22,9 @@ from payments.errors import (
     NotFound,
     PermissionDenied,
     ProviderRejected,
+    ProviderTimeout,
 )
+from payments.leasing import LeasePolicy, Polling, give_back
 from payments.model import (
     CANCELABLE_STATUSES,
     Caller,
@@ -37,14 +39,18 @@ from payments.model import (
 )
 from payments.opening import record_opened
 from payments.providers.registry import ProviderRegistry
+from payments.storage import leases
 from payments.storage import repository as repo
 from payments.storage.database import Database, Deadlock, DuplicateKey
-from payments.unit_of_work import UnitOfWork
+from payments.unit_of_work import UnitOfWork, Work
 
 log = logging.getLogger("payments.service")
 
 MAX_CANCEL_REASON = 500
 DEADLOCK_RETRIES = 3
+_OPENABLE = (PaymentStatus.CREATED,)
+# What closing may learn about a payment at the provider (kept on the row).
+_PROVIDER_REFS = ("provider_payment_id", "provider_subscription_id", "checkout_url")
 
 
 def _not_found() -> NotFound:
@@ -55,9 +61,14 @@ class PaymentService:
     """Create, read, list and cancel payments for an authenticated caller."""
 
     def __init__(
-        self, uow: UnitOfWork, providers: ProviderRegistry, provider_callback_base_url: str
+        self,
+        uow: UnitOfWork,
+        providers: ProviderRegistry,
+        provider_callback_base_url: str,
+        lease: LeasePolicy | None = None,
     ) -> None:
         self._uow = uow
+        self._lease = lease or LeasePolicy()
         self._pool = uow.database
         self._providers = providers
         self._callback_base = provider_callback_base_url.rstrip("/")
@@ -67,20 +78,26 @@ class PaymentService:
     async def create(self, caller: Caller, new: NewPayment) -> Payment:
         """Create a payment, or return the one this (caller_service, request_id) names.
 
-        Two steps make it exact. First the row is committed as CREATED (the unique key
-        on (caller_service, request_id) makes concurrent duplicates meet here). Then,
-        holding the row lock, the provider object is made with an idempotency key
-        derived from the request, and the row moves to PENDING. A duplicate waits on the
-        lock and finds PENDING: one provider call. A crash between the provider call
-        and the commit leaves CREATED; the retry repeats the call with the same key, so
-        Stripe hands back the object it already made.
+        Exact without holding anything across the provider call. The row is committed as
+        CREATED (the unique key on (caller_service, request_id) makes concurrent
+        duplicates meet there), then one of them takes its lease (payments/leasing.py;
+        one conditional UPDATE, so exactly one wins). The holder
+        calls the provider, with an idempotency key derived from the request, holding no
+        session or row lock, then moves the row to PENDING under its lock and gives the
+        lease back. A duplicate waits for the lease (looking now and then, holding
+        nothing) and finds PENDING: one provider call. A holder that fails gives the lease
+        back; one that crashed lets it lapse; either way the next try repeats the call
+        with the same key, so Stripe hands back the object it already made.
         """
         if not caller.may_act_for(new.caller_service):
             raise PermissionDenied("caller_service must be the calling service's own name")
         payment = await self._insert_or_load(new)
         if payment.status != PaymentStatus.CREATED:
             return payment
-        return await self._open_at_provider(payment.id)
+        payment, owner = await self._lease_to_open(payment)
+        if owner is None:
+            return payment
+        return await self._open_at_provider(payment, owner)
 
     async def _insert_or_load(self, new: NewPayment) -> Payment:
         fingerprint = new.fingerprint()
@@ -138,32 +155,66 @@ class PaymentService:
             raise AlreadyExists("request_id already names a payment with different parameters")
         return existing
 
-    async def _open_at_provider(self, payment_id: int) -> Payment:
-        rejected: ProviderRejected | None = None
-        async with self._uow.begin() as work:
-            payment = await repo.get_payment(work.conn, payment_id, for_update=True)
-            if payment is None:  # deleted by a concurrent duplicate that Stripe refused
+    async def _lease_to_open(self, payment: Payment) -> tuple[Payment, str | None]:
+        """The lease on the CREATED payment (the inserter nearly always gets it at once),
+        or, while another holds it, wait: the payment once it moved on (no lease), or
+        the lease once it is free (its holder failed or crashed)."""
+        polling = Polling(self._lease.wait_seconds)
+        while True:
+            owner = leases.new_owner(leases.OPEN)
+            async with self._pool.connection() as conn:
+                seconds = self._lease.lease_seconds()
+                if await leases.take(conn, payment.id, owner, seconds, _OPENABLE):
+                    current = await repo.get_payment(conn, payment.id)
+                    if current is not None:
+                        return current, owner
+                current = await repo.get_payment(conn, payment.id)
+            if current is None:  # deleted: Stripe refused the concurrent duplicate
                 raise _not_found()
-            if payment.status != PaymentStatus.CREATED:
-                return payment  # a concurrent duplicate got there first
-            provider = self._providers.get(payment.provider)
-            try:
-                result = await provider.create_checkout(payment)
-            except ProviderRejected as exc:
-                # The request was bad after all: leave nothing behind, so a corrected
-                # request with the same request_id can go through. The delete must
-                # commit, so the error is raised after the transaction.
-                await repo.delete_payment(work.conn, payment.id)
-                rejected = exc
-            else:
-                await record_opened(work, payment, result)
-        if rejected is not None:
-            raise rejected
+            if current.status != PaymentStatus.CREATED:
+                return current, None
+            if polling.expired:
+                raise ProviderTimeout("stripe is still creating this payment; retry")
+            await polling.pause()
+
+    async def _open_at_provider(self, payment: Payment, owner: str) -> Payment:
+        """Make the provider object of the CREATED ``payment`` whose lease ``owner``
+        holds, then record it (CREATED -> PENDING) and give the lease back."""
+        provider = self._providers.get(payment.provider)
+        try:
+            result = await provider.create_checkout(payment)
+        except ProviderRejected:
+            # The request was bad after all: leave nothing behind, so a corrected
+            # request with the same request_id can go through.
+            await self._forget_refused(payment.id, owner)
+            raise
+        except BaseException:
+            await give_back(self._pool, payment.id, owner)
+            raise
+        try:
+            async with self._uow.begin() as work:
+                current = await repo.get_payment(work.conn, payment.id, for_update=True)
+                if current is None:
+                    raise _not_found()
+                if current.status == PaymentStatus.CREATED:
+                    await record_opened(work, current, result)
+                await leases.release(work.conn, current.id, owner)
+        except BaseException:
+            await give_back(self._pool, payment.id, owner)
+            raise
         log.info(
             "payment opened at provider",
-            extra={"payment_id": payment.id, "provider_payment_id": payment.provider_payment_id},
+            extra={"payment_id": current.id, "provider_payment_id": current.provider_payment_id},
         )
-        return payment
+        return current
+
+    async def _forget_refused(self, payment_id: int, owner: str) -> None:
+        async with self._uow.begin() as work:
+            current = await repo.get_payment(work.conn, payment_id, for_update=True)
+            if current is not None and current.status == PaymentStatus.CREATED:
+                await repo.delete_payment(work.conn, payment_id)
+            elif current is not None:
+                await leases.release(work.conn, payment_id, owner)
 
     # --- read ---------------------------------------------------------------------------
 
@@ -190,52 +241,65 @@ class PaymentService:
         """Cancel a payment that is not over yet, at the provider too.
 
         Canceling a canceled payment returns it unchanged; PAID, FAILED and EXPIRED
-        refuse. The row stays locked across the provider call so a provider event or a
-        concurrent create cannot slip in between.
+        refuse. The provider is closed under the payment's lease, holding no row lock or
+        session, so a create, another cancel or a job cannot close or open it meanwhile;
+        the answer is applied under the row lock by the status machine, so a provider
+        event that slipped in (the customer paid a moment ago) decides over the cancel.
         """
         reason = reason.strip()
         if len(reason) > MAX_CANCEL_REASON:
             raise InvalidArgument("reason", f"must be at most {MAX_CANCEL_REASON} characters")
-        async with self._uow.begin() as work:
-            payment = await repo.get_payment(work.conn, payment_id, for_update=True)
-            if payment is None or not caller.may_act_for(payment.caller_service):
-                raise _not_found()
-            if payment.status == PaymentStatus.CANCELED:
-                return payment
-            if payment.status not in CANCELABLE_STATUSES:
-                raise FailedPrecondition(
-                    f"payment is {payment.status.name}; only CREATED, PENDING or "
-                    "PROCESSING payments can be canceled"
-                )
+        payment, owner = await self._lease_for_cancel(caller, payment_id)
+        if owner is None:
+            return payment
+        try:
             closing = await close_at_provider(self._providers.get(payment.provider), payment)
-            moved = closing.provider_status
-            if moved is not None and can_transition(payment.status, moved):
-                # Paid (or being paid, or ended) at the provider before the cancel reached
-                # it: the provider's state decides. It is recorded and the cancel refused.
-                await work.change_status(payment, moved, reason="found at the provider on cancel")
-                refused = FailedPrecondition(
-                    f"payment is {moved.name} at the provider; not canceled"
-                )
-            elif not closing.closed or moved is not None:
-                refused = FailedPrecondition(
-                    f"payment is {moved.name} at the provider; not canceled"
-                    if moved is not None
-                    else "the provider would not close the checkout; not canceled"
-                )
-                await repo.update_payment(work.conn, payment)  # provider ids it learned
-            else:
-                await work.change_status(
-                    payment, PaymentStatus.CANCELED, reason=reason or "canceled by caller"
-                )
-                refused = None
+            async with self._uow.begin() as work:
+                current = await repo.get_payment(work.conn, payment.id, for_update=True)
+                if current is None:
+                    raise _not_found()
+                refused = await _conclude_cancel(work, current, payment, closing, reason)
+                await leases.release(work.conn, current.id, owner)
+        except BaseException:
+            await give_back(self._pool, payment.id, owner)
+            raise
         if refused is not None:
             log.warning(
                 "cancel refused by the provider's state",
-                extra={"payment_id": payment.id, "status": payment.status.name},
+                extra={"payment_id": current.id, "status": current.status.name},
             )
             raise refused
-        log.info("payment canceled", extra={"payment_id": payment.id})
-        return payment
+        log.info("payment canceled", extra={"payment_id": current.id})
+        return current
+
+    async def _lease_for_cancel(
+        self, caller: Caller, payment_id: int
+    ) -> tuple[Payment, str | None]:
+        """The caller's cancelable payment and the lease taken on it; no lease for a
+        payment already CANCELED. Waits (holding nothing) while another holds it."""
+        polling = Polling(self._lease.wait_seconds)
+        while True:
+            owner = leases.new_owner(leases.CANCEL)
+            async with self._pool.connection() as conn:
+                payment = await repo.get_payment(conn, payment_id)
+                if payment is None or not caller.may_act_for(payment.caller_service):
+                    raise _not_found()
+                if payment.status == PaymentStatus.CANCELED:
+                    return payment, None
+                if payment.status not in CANCELABLE_STATUSES:
+                    raise FailedPrecondition(
+                        f"payment is {payment.status.name}; only CREATED, PENDING or "
+                        "PROCESSING payments can be canceled"
+                    )
+                seconds = self._lease.lease_seconds(CLOSING_CALLS)
+                if await leases.take(conn, payment_id, owner, seconds, CANCELABLE_STATUSES):
+                    # Read again: it may have moved on between the look and the lease.
+                    current = await repo.get_payment(conn, payment_id)
+                    if current is not None:
+                        return current, owner
+            if polling.expired:
+                raise ProviderTimeout("stripe is still working on this payment; retry")
+            await polling.pause()
 
     # --- health -------------------------------------------------------------------------
 
@@ -248,3 +312,33 @@ class PaymentService:
         """Raise DependencyUnavailable when the database does not answer."""
         async with self._pool.connection() as conn:
             await repo.ping(conn)
+
+
+async def _conclude_cancel(
+    work: Work, current: Payment, closed: Payment, closing: Closing, reason: str
+) -> FailedPrecondition | None:
+    """Apply the closing of ``closed`` (the leased copy, with the provider ids closing
+    learned) to ``current`` (locked now); the refusal to raise, or None when canceled."""
+    for field in _PROVIDER_REFS:
+        if getattr(closed, field):
+            setattr(current, field, getattr(closed, field))
+    if current.status == PaymentStatus.CANCELED:  # ended so meanwhile (a provider event)
+        return None
+    moved = closing.provider_status
+    if moved is not None and can_transition(current.status, moved):
+        # Paid (or being paid, or ended) at the provider before the cancel reached it:
+        # the provider's state decides. It is recorded and the cancel refused.
+        await work.change_status(current, moved, reason="found at the provider on cancel")
+        return FailedPrecondition(f"payment is {moved.name} at the provider; not canceled")
+    if not closing.closed or moved is not None:
+        await repo.update_payment(work.conn, current)  # provider ids it learned
+        return FailedPrecondition(
+            f"payment is {moved.name} at the provider; not canceled"
+            if moved is not None
+            else "the provider would not close the checkout; not canceled"
+        )
+    if current.status not in CANCELABLE_STATUSES:
+        # A provider event ended it while the checkout was being closed.
+        return FailedPrecondition(f"payment is {current.status.name}; not canceled")
+    await work.change_status(current, PaymentStatus.CANCELED, reason=reason or "canceled by caller")
+    return None

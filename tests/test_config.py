@@ -129,6 +129,7 @@ def test_every_variable_sets_its_field() -> None:
         "PAYMENTS_SANDBOX_PORT": "12999",
         "PAYMENTS_METRICS_PORT": "9999",
         "PAYMENTS_METRICS_TEXTFILE": "/var/lib/node_exporter/payments.prom",
+        "PAYMENTS_DB_QUERY_TIMEOUT_SECONDS": "2.5",
     }
     assert set(values) == set(variable_names())
     settings, defaults = load(**values), Settings()

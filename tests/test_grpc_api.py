@@ -408,6 +408,21 @@ async def test_stripe_down_is_unavailable_and_a_retry_makes_one_object(
     assert stack.provider_objects() == 1
 
 
+async def test_stripe_hanging_is_unavailable_within_its_timeout_naming_stripe(
+    client: Client, stack: Stack
+) -> None:
+    request = create_request()
+    stack.sandbox.faults.hang()
+    started = trio.current_time()
+    hung = await client.call("CreatePayment", request)
+    assert (hung.code, hung.details) == (Code.UNAVAILABLE, "stripe did not answer within 1s")
+    assert trio.current_time() - started < 2.5  # the stack's Stripe timeout is 1 s
+    stack.sandbox.faults.clear()  # the held request completes at Stripe now
+    retry = await client.call("CreatePayment", request)
+    assert retry.payment.status == pb.PAYMENT_STATUS_PENDING
+    assert stack.provider_objects() == 1
+
+
 async def test_auth_down_is_unavailable(client: Client, stack: Stack) -> None:
     await stack.auth.stop()
     stack.auth.grant("fresh-key", "svc-a")

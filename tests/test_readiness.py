@@ -17,7 +17,7 @@ from payments.storage.migrate import latest_version, load_steps, migrate
 from payments.storage.pool import Pool
 from tests.fixtures.app import Stack
 from tests.fixtures.auth import APP_API_KEY, SERVICE_NAME, FakeAuthServer
-from tests.fixtures.proxy import TcpProxy
+from tests.fixtures.proxy import PausableProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,11 +26,9 @@ CHECK_TIMEOUT = 0.5
 
 
 @pytest.fixture
-async def proxied_pool(
-    test_db_dsn: MysqlDsn, nursery: trio.Nursery
-) -> AsyncIterator[tuple[Pool, TcpProxy]]:
+async def proxied_pool(test_db_dsn: MysqlDsn) -> AsyncIterator[tuple[Pool, PausableProxy]]:
     """A pool on the test database through a pausable proxy."""
-    proxy: TcpProxy = await nursery.start(TcpProxy(test_db_dsn.host, test_db_dsn.port).serve)
+    proxy = PausableProxy.start(test_db_dsn.host, test_db_dsn.port)
     dsn = attrs.evolve(test_db_dsn, host="127.0.0.1", port=proxy.port, unix_socket="")
     pool = Pool(dsn, max_open=2, max_idle=2, max_lifetime_seconds=0, connect_timeout=CHECK_TIMEOUT)
     try:
@@ -38,6 +36,7 @@ async def proxied_pool(
     finally:
         proxy.resume()
         await pool.aclose()
+        proxy.stop()
 
 
 async def readyz(stack: Stack, readiness: Readiness) -> httpx.Response:
@@ -47,7 +46,7 @@ async def readyz(stack: Stack, readiness: Readiness) -> httpx.Response:
 
 
 async def test_ready_then_503_database_while_the_proxy_hides_it_then_ready_again(
-    stack: Stack, proxied_pool: tuple[Pool, TcpProxy]
+    stack: Stack, proxied_pool: tuple[Pool, PausableProxy]
 ) -> None:
     pool, proxy = proxied_pool
     readiness = Readiness(pool, timeout_seconds=CHECK_TIMEOUT)

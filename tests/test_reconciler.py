@@ -467,6 +467,11 @@ async def test_candidate_and_claim_queries_use_their_indexes(
             assert len(reads) == len(selection.statuses), plan
             for row in reads:
                 assert row[3] == "range" and row[5] == selection.index, plan
-        claim_args = [batch[0].id, *(int(s) for s in selection.statuses), to_db_datetime(cutoff)]
+        claim_args = [
+            batch[0].id,
+            *(int(s) for s in selection.statuses),
+            to_db_datetime(cutoff),
+            to_db_datetime(utcnow()),  # leases lapsed before now
+        ]
         plan = await conn.fetchall("EXPLAIN " + claims._claim_sql(selection), claim_args)
         assert [row[3] for row in plan] == ["const"], plan

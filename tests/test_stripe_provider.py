@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import trio
 
 from payments.config import Settings
-from payments.errors import ProviderRejected, ProviderUnavailable
+from payments.errors import ProviderRejected, ProviderTimeout, ProviderUnavailable
 from payments.model import Payment, PaymentMethod, PaymentType, ProviderType
 from payments.providers.base import CheckoutResult, Provider
 from payments.providers.registry import ProviderRegistry
@@ -202,18 +203,43 @@ async def test_retry_with_metadata_in_another_order_still_replays(
 async def test_lost_answer_is_retried_with_the_same_key(
     stripe_sandbox: Sandbox, make_provider: Callable[..., StripeProvider]
 ) -> None:
-    # Stripe makes the session but the answer is late: the SDK times out and retries.
+    # Stripe makes the session but the answer is late: the operation's deadline (the
+    # timeout, retries included) ends it as a timeout naming Stripe; the retry (a
+    # retried create) carries the same key, and Stripe hands back the same session.
     stripe_sandbox.faults.delay(2, after=True, times=1)
     payment = _hosted()
-    result = await make_provider(timeout_seconds=0.3, max_network_retries=1).create_checkout(
-        payment
-    )
+    provider = make_provider(timeout_seconds=0.3, max_network_retries=1)
+    started = trio.current_time()
+    with pytest.raises(ProviderTimeout, match=r"^stripe did not answer within 0.3s$"):
+        await provider.create_checkout(payment)
+    assert trio.current_time() - started < 1.0  # the deadline, not a retry after it
+    # The retry (a retried create, unhurried: the test machine may be busy) replays it.
+    result = await make_provider(timeout_seconds=5).create_checkout(payment)
     log = stripe_sandbox.state.requests_to(SESSION)
     assert [(r.idempotency_key, r.replayed) for r in log] == [
         (f"{payment.idempotency_key}:session", False),
         (f"{payment.idempotency_key}:session", True),
     ]
     assert list(stripe_sandbox.state.sessions) == [result.provider_payment_id]
+
+
+@pytest.mark.parametrize("operation", ["create_checkout", "cancel", "fetch_state"])
+async def test_a_hung_stripe_costs_one_timeout_whatever_the_retries(
+    stripe_sandbox: Sandbox, make_provider: Callable[..., StripeProvider], operation: str
+) -> None:
+    provider = make_provider(timeout_seconds=0.5, max_network_retries=2)
+    payment = _hosted()
+    if operation != "create_checkout":
+        payment.provider_payment_id = (await provider.create_checkout(payment)).provider_payment_id
+    hang = stripe_sandbox.faults.hang()
+    started = trio.current_time()
+    with pytest.raises(ProviderTimeout, match=r"^stripe did not answer within 0.5s$"):
+        await getattr(provider, operation)(payment)
+    # One deadline, not three timeouts of 0.5 s and 1.5 s of backoff between them.
+    assert 0.5 <= trio.current_time() - started < 1.5
+    assert hang.hits >= 1
+    stripe_sandbox.faults.clear()  # released: the emulator answers again
+    await provider.fetch_state(payment)
 
 
 async def test_transient_5xx_is_retried_with_the_same_key(
@@ -239,7 +265,8 @@ async def test_timeout_is_unavailable(
     stripe_sandbox.faults.delay(3, times=None)
     with pytest.raises(ProviderUnavailable) as info:
         await make_provider(timeout_seconds=0.2).create_checkout(_hosted())
-    assert info.value.message == "payment provider unavailable"
+    assert isinstance(info.value, ProviderTimeout)  # 504, not 502
+    assert info.value.message == "stripe did not answer within 0.2s"
     assert stripe_sandbox.state.sessions == {}
 
 
@@ -249,7 +276,8 @@ async def test_5xx_is_unavailable_after_the_retries(
     stripe_sandbox.faults.fail(500, times=None)
     payment = _hosted()
     with pytest.raises(ProviderUnavailable, match=r"^payment provider unavailable$"):
-        await make_provider(max_network_retries=2).create_checkout(payment)
+        # The two backoffs (0.5 s, 1 s) fit in the operation's deadline.
+        await make_provider(timeout_seconds=5, max_network_retries=2).create_checkout(payment)
     log = stripe_sandbox.state.requests_to(SESSION)
     assert len(log) == 3  # the first attempt and two retries
     assert {r.idempotency_key for r in log} == {f"{payment.idempotency_key}:session"}

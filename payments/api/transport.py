@@ -21,6 +21,7 @@ from payments.errors import (
     PaymentsError,
     PermissionDenied,
     ProviderRejected,
+    ProviderTimeout,
     ProviderUnavailable,
     Unauthenticated,
 )
@@ -42,6 +43,7 @@ HTTP_STATUS: dict[type[PaymentsError], int] = {
     AlreadyExists: 409,
     FailedPrecondition: 409,
     ProviderUnavailable: 502,
+    ProviderTimeout: 504,
     DependencyUnavailable: 503,
 }
 
@@ -54,6 +56,7 @@ GRPC_STATUS: dict[type[PaymentsError], StatusCode] = {
     AlreadyExists: StatusCode.ALREADY_EXISTS,
     FailedPrecondition: StatusCode.FAILED_PRECONDITION,
     ProviderUnavailable: StatusCode.UNAVAILABLE,
+    ProviderTimeout: StatusCode.UNAVAILABLE,
     DependencyUnavailable: StatusCode.UNAVAILABLE,
 }
 

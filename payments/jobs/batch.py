@@ -3,10 +3,12 @@ summary, the rate limit on provider calls, and the supervised loop.
 
 A pass fixes its cutoff once, then reads candidates in batches (payments.storage.claims:
 keyset order, so it drains a backlog of any size and never revisits a row) and works
-each candidate in its own transaction under its row lock. Up to ``concurrency`` items
-run at once, because a pass is bound by the provider's latency, not by CPU; each holds
-one database session while it runs, and changes statuses through the unit of work
-(which tells the dispatcher after each commit). One item failing (provider down, provider refusing,
+each candidate on its own: claimed under its row lock (a payment leased by a create,
+cancel or another job is skipped), the provider asked, the answer applied through the
+unit of work (which tells the dispatcher after each commit). The reconciler asks the
+provider under the payment's lease, holding no session or row lock (the rule in
+payments/leasing.py). Up to ``concurrency`` items run at once, because a pass is bound
+by the provider's latency, not by CPU. One item failing (provider down, provider refusing,
 even a bug) is counted and logged and the pass goes on: one bad payment must not stop
 the others from being settled. A stop request is honoured between items: no new item
 starts, the ones in flight finish.
@@ -27,6 +29,7 @@ import trio
 
 from payments.config import Settings
 from payments.errors import DependencyUnavailable, PaymentsError
+from payments.leasing import LeasePolicy
 from payments.model import PaymentStatus, utcnow
 from payments.observability import metrics
 from payments.providers.registry import ProviderRegistry
@@ -39,8 +42,8 @@ T = TypeVar("T")
 # Stripe allows 100 requests/s in live mode (25 in test mode) per account, shared with
 # the API's own creates and cancels; each replica runs its own bucket.
 DEFAULT_RATE_PER_SECOND = 20.0
-# Items of one batch in flight at once; each holds a database session while it waits on
-# the provider, so keep (jobs x concurrency) well under MYSQL_MAX_OPEN_CONNS.
+# Items of one batch in flight at once, each bound by the provider's latency (the
+# reconciler holds no session while it waits on the provider).
 DEFAULT_CONCURRENCY = 4
 
 
@@ -166,6 +169,7 @@ class PaymentJob:
         self._pool = uow.database
         self._providers = providers
         self._settings = settings
+        self._lease = LeasePolicy.from_settings(settings)
         self._bucket = TokenBucket(rate_per_second) if rate_per_second else None
         self._concurrency = concurrency
         self._log = logging.getLogger(f"payments.jobs.{self.selection.job}")

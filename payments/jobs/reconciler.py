@@ -5,7 +5,9 @@ PROCESSING payment with a provider object that nothing has touched for
 PAYMENTS_RECONCILE_STALE_AFTER_MINUTES (a missed or lost webhook, an outage), and moves
 it by the status machine with reason ``reconciled``: the event row, the payment and,
 for a terminal status, the callback-outbox row in one unit of work, which tells the
-dispatcher after the commit.
+dispatcher after the commit. The provider is asked under the payment's lease
+(payments/storage/leases.py), never under its row lock or holding a session: a hung
+provider then stalls this job's item, not the requests and events that need the row.
 
 A payment the provider says nothing new about gets its ``updated_at`` touched. That
 makes ``updated_at`` mean "last time the service knew where this payment stood" rather
@@ -21,9 +23,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from payments.jobs.batch import ItemResult, Outcome, PaymentJob
-from payments.model import utcnow
-from payments.storage import claims
+from payments.leasing import give_back
+from payments.model import Payment, utcnow
+from payments.providers.base import ProviderState
+from payments.storage import claims, leases
 from payments.storage import repository as repo
+from payments.unit_of_work import Work
 
 REASON = "reconciled"
 
@@ -41,21 +46,41 @@ class Reconciler(PaymentJob):
         return self._settings.reconcile_interval_minutes
 
     async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
+        """Claim and lease the payment in one short transaction, ask the provider holding
+        nothing, then apply the answer under the row lock (re-checked: an event may
+        have moved it meanwhile) and give the lease back."""
+        owner = leases.new_owner(leases.RECONCILE)
+        statuses = self.selection.statuses
         async with self._uow.begin() as work:
             payment = await claims.claim(work.conn, self.selection, candidate.id, cutoff)
-            if payment is None:
-                return ItemResult(Outcome.SKIPPED)
+            if payment is None or not await leases.take(
+                work.conn, payment.id, owner, self._lease.lease_seconds(), statuses
+            ):
+                return ItemResult(Outcome.SKIPPED)  # worked elsewhere, now or already
+        try:
             provider = self._providers.get(payment.provider)
             state = await self._provider_call(lambda: provider.fetch_state(payment))
-            if state.subscription_id:
-                payment.provider_subscription_id = state.subscription_id
-            target = state.status
-            if target is not None and await work.change_status(payment, target, reason=REASON):
-                result = ItemResult(Outcome.CHANGED, target)
-            else:
-                # Still open (or nothing the status machine allows): touch it, so it
-                # waits a whole stale window before the next question.
-                payment.updated_at = utcnow()
-                await repo.update_payment(work.conn, payment)
-                result = ItemResult(Outcome.UNCHANGED)
+            async with self._uow.begin() as work:
+                current = await repo.get_payment(work.conn, payment.id, for_update=True)
+                if current is None or current.status not in statuses:
+                    result = ItemResult(Outcome.SKIPPED)  # an event settled it meanwhile
+                else:
+                    result = await _apply(work, current, state)
+                await leases.release(work.conn, payment.id, owner)
+        except BaseException:
+            await give_back(self._pool, payment.id, owner)
+            raise
         return result
+
+
+async def _apply(work: Work, payment: Payment, state: ProviderState) -> ItemResult:
+    if state.subscription_id:
+        payment.provider_subscription_id = state.subscription_id
+    target = state.status
+    if target is not None and await work.change_status(payment, target, reason=REASON):
+        return ItemResult(Outcome.CHANGED, target)
+    # Still open (or nothing the status machine allows): touch it, so it waits a whole
+    # stale window before the next question.
+    payment.updated_at = utcnow()
+    await repo.update_payment(work.conn, payment)
+    return ItemResult(Outcome.UNCHANGED)

@@ -15,7 +15,11 @@ replayed Product gives the Price the same parameters, so the chain replays as a 
 Timeouts and retries: ``stripe.HTTPXClient(timeout=...)`` passes the timeout to every
 httpx request (connect, read, write and pool each); ``max_network_retries`` on the
 StripeClient makes the SDK retry connection errors (timeouts included), 409 and 5xx
-answers with exponential backoff (0.5 s doubling, jittered, at most 5 s).
+answers with exponential backoff (0.5 s doubling, jittered, at most 5 s). Each operation
+(create_checkout, cancel, fetch_state: all its requests and retries together) has one
+deadline of the same length, so a Stripe that hangs costs a caller
+STRIPE_HTTP_TIMEOUT_SECONDS, not that times the requests and retries:
+:class:`ProviderTimeout` (504), naming Stripe.
 
 Reading state (``fetch_state``, for the reconciler and the expirer): a Checkout
 Session's ``status`` / ``payment_status``; a payment link's completed sessions; and once
@@ -33,13 +37,16 @@ WARNING (unless configured otherwise).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import stripe
+import trio
 from stripe.params.checkout import SessionListParams
 
-from payments.errors import BadSignature, ProviderRejected, ProviderUnavailable
+from payments.errors import BadSignature, ProviderRejected, ProviderTimeout, ProviderUnavailable
 from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType
 from payments.observability.hooks import stripe_operation
 from payments.providers.base import CheckoutResult, ProviderEvent, ProviderState
@@ -146,8 +153,24 @@ class StripeProvider:
 
     # --- create -----------------------------------------------------------------------
 
+    @contextmanager
+    def _deadline(self, operation: str, payment: Payment) -> Iterator[None]:
+        """One deadline for a whole operation, its requests and retries included."""
+        with trio.move_on_after(self._timeout) as scope:
+            yield
+        if scope.cancelled_caught:
+            log.warning(
+                "stripe did not answer in time",
+                extra={"operation": operation, "payment_id": payment.id},
+            )
+            raise ProviderTimeout(f"stripe did not answer within {self._timeout:g}s")
+
     @stripe_operation("create_checkout")
     async def create_checkout(self, payment: Payment) -> CheckoutResult:
+        with self._deadline("create_checkout", payment):
+            return await self._create_checkout(payment)
+
+    async def _create_checkout(self, payment: Payment) -> CheckoutResult:
         try:
             if payment.payment_method == PaymentMethod.HOSTED_CARD:
                 return await self._create_session(payment)
@@ -238,6 +261,10 @@ class StripeProvider:
 
     @stripe_operation("cancel")
     async def cancel(self, payment: Payment) -> None:
+        with self._deadline("cancel", payment):
+            await self._cancel(payment)
+
+    async def _cancel(self, payment: Payment) -> None:
         try:
             if payment.payment_method == PaymentMethod.PAYMENT_LINK:
                 if payment.provider_payment_id:
@@ -309,6 +336,10 @@ class StripeProvider:
     async def fetch_state(self, payment: Payment) -> ProviderState:
         """Where the payment stands at Stripe; ``status`` None means nothing to conclude
         yet (the checkout is still open, or there is no provider object to ask about)."""
+        with self._deadline("fetch_state", payment):
+            return await self._fetch_state(payment)
+
+    async def _fetch_state(self, payment: Payment) -> ProviderState:
         try:
             if payment.provider_subscription_id:
                 # Known subscription: its status is the payment's truth from now on.

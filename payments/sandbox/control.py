@@ -21,9 +21,10 @@ here but in payments.sandbox.pages (HTML for a browser).
     DELETE /_sandbox/webhook                                  stop delivering
     GET    /_sandbox/webhook/deliveries                       every delivery attempt
     POST   /_sandbox/events/{id}/resend                       deliver an event again
-    POST   /_sandbox/faults     {"kind": "delay|error|drop", "path": "/v1/", "method": null,
+    POST   /_sandbox/faults     {"kind": "delay|error|drop|hang", "path": "/v1/", "method": null,
                                  "times": 1, "seconds": 0, "after": false, "status": 500}
-    DELETE /_sandbox/faults                                   clear faults
+                                 (hang: held unanswered until the faults are cleared)
+    DELETE /_sandbox/faults                                   clear faults (releases hangs)
     POST   /_sandbox/reset                                    forget everything
     POST   /_sandbox/refunds    {"payment_intent" | "charge": ..., "amount": null,
                                  "reason": null}   a refund made in Stripe's dashboard
@@ -211,18 +212,19 @@ class ControlApi:
                 return _answer(200, self.webhooks.resend(event_id))
             case ("POST", ["faults"]):
                 spec = json.loads(body or b"{}")
+                kind = FaultKind(spec.get("kind", ""))
                 fault = state.faults.add(
                     Fault(
-                        kind=FaultKind(spec.get("kind", "")),
+                        kind=kind,
                         path_prefix=spec.get("path", "/v1/"),
                         method=spec.get("method"),
-                        remaining=spec.get("times", 1),
+                        remaining=spec.get("times", None if kind is FaultKind.HANG else 1),
                         seconds=float(spec.get("seconds", 0)),
                         after=bool(spec.get("after", False)),
                         status=int(spec.get("status", 500)),
                     )
                 )
-                return _answer(200, attrs.asdict(fault))
+                return _answer(200, fault.as_dict())
             case ("DELETE", ["faults"]):
                 state.faults.clear()
                 return _answer(200, {"cleared": True})

@@ -182,6 +182,8 @@ class _Server:
         after = sum(f.seconds for f in faults if f.kind is FaultKind.DELAY and f.after)
         if before:
             await trio.sleep(before)
+        for hang in (f for f in faults if f.kind is FaultKind.HANG):
+            await hang.released.wait()
         if any(f.kind is FaultKind.DROP for f in faults):
             raise _Dropped
         error = next((f for f in faults if f.kind is FaultKind.ERROR), None)

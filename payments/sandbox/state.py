@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 
 from payments.sandbox import money
 from payments.sandbox.ids import new_id
@@ -65,6 +66,7 @@ class FaultKind(enum.StrEnum):
     DELAY = "delay"  # sleep before (or after) handling
     ERROR = "error"  # answer an error status instead of handling
     DROP = "drop"  # close the connection without answering
+    HANG = "hang"  # hold the request, unanswered, until the fault is cleared
 
 
 @attrs.define
@@ -81,6 +83,11 @@ class Fault:
     error_type: str | None = None
     message: str | None = None
     hits: int = 0
+    # HANG: set when the fault is cleared or removed; the held requests then go on.
+    released: trio.Event = attrs.field(factory=trio.Event, eq=False, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self, filter=lambda field, _: field.name != "released")
 
     def matches(self, method: str, path: str) -> bool:
         if self.remaining is not None and self.remaining <= 0:
@@ -99,10 +106,20 @@ class Faults:
 
     def __init__(self) -> None:
         self._faults: list[Fault] = []
+        self._hangs: list[Fault] = []  # until released, used up or not
 
     def add(self, fault: Fault) -> Fault:
         self._faults.append(fault)
+        if fault.kind is FaultKind.HANG:
+            self._hangs.append(fault)
         return fault
+
+    def hang(
+        self, *, path: str = "/v1/", method: str | None = None, times: int | None = None
+    ) -> Fault:
+        """Hold matching requests unanswered (connection open, no byte back) until
+        :meth:`clear` or :meth:`remove`: a Stripe that hangs. Then they are handled."""
+        return self.add(Fault(FaultKind.HANG, path, method, times))
 
     def delay(
         self,
@@ -149,9 +166,15 @@ class Faults:
     def remove(self, fault: Fault) -> None:
         if fault in self._faults:
             self._faults.remove(fault)
+        if fault in self._hangs:
+            self._hangs.remove(fault)
+            fault.released.set()
 
     def clear(self) -> None:
         self._faults.clear()
+        for fault in self._hangs:
+            fault.released.set()
+        self._hangs.clear()
 
     @property
     def active(self) -> list[Fault]:

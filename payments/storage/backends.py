@@ -49,4 +49,5 @@ def open_database(
     from payments.storage.sqlite import SqliteDatabase
 
     path = sqlite_path if sqlite_path is not None else settings.sqlite_path
+    sqlite_options.setdefault("query_timeout", settings.db_query_timeout_seconds)
     return SqliteDatabase(sqlite_path_from(path), **sqlite_options)

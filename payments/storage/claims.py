@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import attrs
 
-from payments.model import Payment, PaymentStatus
+from payments.model import Payment, PaymentStatus, utcnow
 from payments.storage import repository as repo
 from payments.storage.database import Connection
 from payments.storage.dialect import MYSQL, Dialect
@@ -133,7 +133,9 @@ def _claim_sql(selection: Selection, dialect: Dialect = MYSQL) -> str:
     provider = " AND provider_payment_id <> ''" if selection.needs_provider_id else ""
     return (
         f"SELECT id FROM payments WHERE id = %s AND status IN ({placeholders})"  # noqa: S608
-        f" AND {selection.age_column} < %s{provider}{dialect.for_update_skip_locked}"
+        f" AND {selection.age_column} < %s{provider}"
+        " AND (claimed_until IS NULL OR claimed_until < %s)"
+        f"{dialect.for_update_skip_locked}"
     )
 
 
@@ -141,12 +143,14 @@ async def claim(
     conn: Connection, selection: Selection, payment_id: int, cutoff: datetime
 ) -> Payment | None:
     """Lock the payment if it is free and still a candidate; None when another process
-    holds it or it no longer matches (worked meanwhile). Call inside a transaction: the
-    lock lasts until it ends."""
+    holds it, a create, cancel or job is at the provider about it (its lease,
+    payments/storage/leases.py), or it no longer matches (worked meanwhile). Call inside
+    a transaction: the lock lasts until it ends."""
     args: Sequence[Any] = (
         payment_id,
         *(int(status) for status in selection.statuses),
         to_db_datetime(cutoff),
+        to_db_datetime(utcnow()),
     )
     if await conn.fetchone(_claim_sql(selection, conn.dialect), args) is None:
         return None

@@ -19,6 +19,10 @@ The rules both keep (tests/test_storage_contract.py checks them on both):
   aware). Text is full Unicode, emoji included, and compares exactly (binary).
 * A UNIQUE violation raises :class:`DuplicateKey` naming the index as schema.sql names
   it; the statement is undone and an open transaction goes on.
+* Every round trip has a deadline (PAYMENTS_DB_QUERY_TIMEOUT_SECONDS; migrations
+  excepted): past it the statement is abandoned (interrupted, or its session discarded
+  and KILLed) and ``DependencyUnavailable`` raised, so a database that stops answering
+  costs a request that long, never more.
 * The database being unreachable, locked or failing raises
   ``DependencyUnavailable("database unavailable")``; :class:`Deadlock`, a kind of it,
   when the transaction was chosen as a deadlock victim and may simply run again. A bad

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -197,6 +198,18 @@ async def _migrate_sqlite(conn: Connection, steps: Sequence[Step]) -> int:
 
 
 async def _migrate(conn: MysqlConnection, steps: Sequence[Step], lock_timeout: float) -> int:
+    # Not bounded by PAYMENTS_DB_QUERY_TIMEOUT_SECONDS: waiting for another replica's
+    # migration (lock_timeout) and DDL on a big table take what they take.
+    bounded, conn.query_timeout = conn.query_timeout, math.inf
+    try:
+        return await _migrate_unbounded(conn, steps, lock_timeout)
+    finally:
+        conn.query_timeout = bounded
+
+
+async def _migrate_unbounded(
+    conn: MysqlConnection, steps: Sequence[Step], lock_timeout: float
+) -> int:
     row = await conn.fetchone("SELECT DATABASE()")
     database = row[0] if row else None
     if not database:

@@ -16,6 +16,12 @@ Why each rule is here:
 * A query cancelled mid-flight leaves the protocol in an unknown state: that connection
   is closed, never reused, and the server is told to ``KILL`` the abandoned thread so
   it stops running the statement (and holding its row locks).
+* Every round trip has a deadline (``query_timeout``, PAYMENTS_DB_QUERY_TIMEOUT_SECONDS):
+  a server that stops answering (TCP open, no bytes) costs a request that long, then
+  "database unavailable"; the session is discarded, never returned to the pool, and the
+  ``KILL`` is sent from a background task so the caller's answer does not wait on a
+  server that may not answer it either. Finding or opening a session has one deadline
+  too (``connect_timeout``), the liveness ping of an idle session included.
 * Connection failures are the database's fault, not the caller's: they surface as
   ``DependencyUnavailable("database unavailable")`` (never with SQL text). A duplicate
   key surfaces as :class:`DuplicateKey`, so the service can spot idempotent duplicates.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import select
 from collections.abc import AsyncIterator, Sequence
@@ -182,14 +189,18 @@ class Connection:
 
     dialect: Dialect = MYSQL
 
-    def __init__(self, raw: trio_mysql.Connection, opened_at: float) -> None:
+    def __init__(
+        self, raw: trio_mysql.Connection, opened_at: float, query_timeout: float | None = None
+    ) -> None:
         self.raw = raw
+        self.query_timeout = query_timeout if query_timeout is not None else math.inf
         self.opened_at = opened_at
         self.idle_since = opened_at
         self.thread_id: int = raw.thread_id()
         self._busy = False  # a statement is on the wire
         self._broken = False
         self.abandoned = False  # left mid-statement: the server may still be running it
+        self.timed_out = False  # a round trip outlived query_timeout
         self._in_transaction = False  # BEGIN sent by Pool.transaction, not yet ended
 
     @property
@@ -243,17 +254,21 @@ class Connection:
             raise DependencyUnavailable(UNAVAILABLE)
         self._busy = True
         try:
-            await operation
+            with trio.fail_after(self.query_timeout):
+                await operation
         except BaseException as exc:
             errno = _errno(exc)
             if not (
                 _is_server_error(errno) and errno not in _FATAL_SERVER_ERRORS and self.raw.open
             ):
                 # Lost, out of sync, or left mid-statement: never reuse. When it was not
-                # the connection failing (cancelled, say), the statement may still be
-                # running on the server.
+                # the connection failing (cancelled or timed out, say), the statement may
+                # still be running on the server.
                 self._broken = True
-                self.abandoned = not _is_unavailable(exc)
+                self.timed_out = isinstance(exc, trio.TooSlowError)
+                self.abandoned = self.timed_out or not _is_unavailable(exc)
+            if self.timed_out:
+                log.warning("database round trip timed out after %gs", self.query_timeout)
             duplicate = _duplicate_key(exc)
             if duplicate is not None:
                 raise duplicate from exc
@@ -285,11 +300,14 @@ class Pool:
         connect_timeout: float = 5.0,
         acquire_timeout: float | None = 30.0,
         ping_after_idle_seconds: float = 5.0,
+        query_timeout: float | None = 5.0,
     ) -> None:
         if max_open < 1:
             raise ValueError("max_open must be >= 1")
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be > 0")
+        if query_timeout is not None and not query_timeout > 0:
+            raise ValueError("query_timeout must be > 0 (or None for no limit)")
         self._dsn = dsn
         self._max_open = max_open
         self._max_idle = max(0, min(max_idle, max_open))
@@ -297,6 +315,7 @@ class Pool:
         self._connect_timeout = connect_timeout
         self._acquire_timeout = acquire_timeout
         self._ping_after_idle = ping_after_idle_seconds
+        self._query_timeout = query_timeout
         self._slots = trio.Semaphore(max_open)
         self._idle: list[Connection] = []  # most recently returned last (LIFO reuse)
         self._in_use = 0
@@ -308,9 +327,12 @@ class Pool:
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> Pool:
-        """The pool the service runs with: MYSQL_DSN and the MYSQL_* pool settings."""
+        """The pool the service runs with: MYSQL_DSN, the MYSQL_* pool settings and
+        PAYMENTS_DB_QUERY_TIMEOUT_SECONDS (which bounds connecting too)."""
         if settings.mysql_dsn is None:
             raise ConfigError("MYSQL_DSN: is required")
+        timeout = settings.db_query_timeout_seconds
+        options = {"query_timeout": timeout, "connect_timeout": timeout, **options}
         return cls(
             settings.mysql_dsn,
             max_open=settings.mysql_max_open_conns,
@@ -383,9 +405,16 @@ class Pool:
         try:
             if self._closed:
                 raise DependencyUnavailable(UNAVAILABLE)
-            conn = await self._reuse_idle()
-            if conn is None:
-                conn = await self._open()
+            # One deadline for finding a live session: the ping of a stale idle one and
+            # opening a new one together, not each.
+            with trio.fail_after(self._connect_timeout):
+                conn = await self._reuse_idle()
+                if conn is None:
+                    conn = await self._open()
+        except trio.TooSlowError:
+            self._slots.release()
+            log.warning("database unavailable: no session within %gs", self._connect_timeout)
+            raise DependencyUnavailable(UNAVAILABLE) from None
         except BaseException:
             self._slots.release()
             raise
@@ -450,14 +479,18 @@ class Pool:
         finally:
             self._connecting -= 1
         self._opened_total += 1
-        return Connection(raw, trio.current_time())
+        return Connection(raw, trio.current_time(), self._query_timeout)
 
     async def _checkin(self, conn: Connection) -> None:
         """Put a session back or close it; the slot is released whatever happens."""
         try:
             if conn.broken:
                 self._close_now(conn)
-                if conn.abandoned:
+                if conn.timed_out:
+                    # The server did not answer in time: it may not answer the KILL
+                    # either, and the caller's 503 must not wait for that.
+                    trio.lowlevel.spawn_system_task(self._kill_in_background, conn.thread_id)
+                elif conn.abandoned:
                     await self._kill_abandoned(conn.thread_id)
                 return
             if conn.in_transaction:
@@ -542,6 +575,24 @@ class Pool:
                         self._close_now(helper)
         if scope.cancelled_caught:
             log.info("timed out killing abandoned database session %d", thread_id)
+
+    async def _kill_in_background(self, thread_id: int) -> None:
+        """The KILL of a timed-out session, on a short-lived session of its own (outside
+        ``max_open`` for its moment, like the abandoned one it stops)."""
+        with trio.move_on_after(min(self._connect_timeout, 2.0)) as scope:
+            scope.shield = True
+            helper: Connection | None = None
+            try:
+                helper = await self._open()
+                await helper.execute("KILL %s", (thread_id,))
+            except Exception as exc:
+                if _errno(exc) != 1094:
+                    log.info("could not kill timed-out database session %d", thread_id)
+            finally:
+                if helper is not None:
+                    self._close_now(helper)
+        if scope.cancelled_caught:
+            log.info("timed out killing timed-out database session %d", thread_id)
 
     async def aclose(self) -> None:
         """Close idle sessions now; sessions in use are closed when they come back."""

@@ -13,10 +13,14 @@ Why it is built this way:
   process using the same file (a one-off job, the sqlite3 shell) waits up to
   ``busy_timeout`` for it and then fails with "database unavailable"; correct, but
   serialized: scaling out needs MySQL.
-* A statement is never abandoned when its task is cancelled (the thread finishes it;
-  statements are local and short, a lock wait is bounded by ``busy_timeout``), so the
-  connection's state is always known and a cancelled transaction is rolled back,
-  shielded, on the way out.
+* Every statement has a deadline (``query_timeout``, PAYMENTS_DB_QUERY_TIMEOUT_SECONDS).
+  Past it, or when its task is cancelled, the statement is interrupted
+  (``sqlite3_interrupt``, safe from another thread): SQLite stops it cleanly, the
+  connection's state stays known, the request answers "database unavailable" and a
+  transaction is rolled back, shielded, on the way out. A thread that does not come back
+  even then (stuck in the file system, say) is left behind with its connection: that
+  connection is discarded (closed when the thread ends) and the next checkout opens the
+  file afresh, so no other task ever shares a connection with a running thread.
 * The file is opened in WAL mode (readers never block the writer), with
   ``synchronous=FULL`` by default (a committed payment survives a power cut), after
   checks that turn a bad file into a :class:`DatabaseStartupError` naming it: a
@@ -33,8 +37,10 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -45,6 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from payments.errors import DependencyUnavailable
@@ -78,6 +85,8 @@ _CONSTRAINT_UNIQUE = 2067
 _UNIQUE_FAILED = re.compile(r"UNIQUE constraint failed: (.+)$")
 _UNIQUE_INDEX = re.compile(r"index '([^']+)'")
 _PLACEHOLDER = re.compile(r"%(.)")
+# How long an interrupted statement's thread gets to come back before it is given up.
+INTERRUPT_GRACE_SECONDS = 1.0
 
 
 # --- values ---------------------------------------------------------------------------
@@ -241,10 +250,19 @@ class SqliteConnection:
 
     dialect: Dialect = SQLITE
 
-    def __init__(self, raw: sqlite3.Connection, keys: _UniqueKeys) -> None:
+    def __init__(
+        self,
+        raw: sqlite3.Connection,
+        keys: _UniqueKeys,
+        query_timeout: float | None = None,
+        on_stuck: Callable[[sqlite3.Connection, trio.Event], None] | None = None,
+    ) -> None:
         self._raw: sqlite3.Connection | None = raw
         self._keys = keys
         self._busy = False
+        self._timeout = query_timeout if query_timeout is not None else math.inf
+        self._on_stuck = on_stuck
+        self.discarded = False  # a thread still runs on it: never touch it again
 
     @property
     def in_transaction(self) -> bool:
@@ -301,13 +319,44 @@ class SqliteConnection:
 
         self._busy = True
         try:
-            return await trio.to_thread.run_sync(work)
+            return await self._in_thread(raw, work)
         except sqlite3.Error as exc:
             if _is_unavailable(exc):
                 raise _unavailable(exc, "a query") from exc
             raise
         finally:
             self._busy = False
+
+    async def _in_thread(self, raw: sqlite3.Connection, work: Callable[[], T]) -> T:
+        """Run ``work`` in a worker thread within the deadline; interrupt it past the
+        deadline or on cancellation, and give the connection up if it will not stop."""
+        finished = trio.Event()
+        results: list[outcome.Outcome[T]] = []
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
+            results.append(result)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished.set)
+
+        trio.lowlevel.start_thread_soon(work, deliver)
+        try:
+            with trio.move_on_after(self._timeout) as deadline:
+                await finished.wait()
+        finally:
+            if not finished.is_set():
+                raw.interrupt()
+                with trio.CancelScope(shield=True), trio.move_on_after(INTERRUPT_GRACE_SECONDS):
+                    await finished.wait()
+                if not finished.is_set():
+                    self.discarded = True
+                    if self._on_stuck is not None:
+                        self._on_stuck(raw, finished)
+        if deadline.cancelled_caught:
+            log.warning("SQLite statement timed out after %gs", self._timeout)
+        if not finished.is_set():
+            raise DependencyUnavailable(UNAVAILABLE)
+        return results[0].unwrap()
 
     def _end(self) -> None:
         self._raw = None
@@ -348,6 +397,7 @@ class SqliteDatabase:
         check_integrity: bool = True,
         apply_schema: bool = True,
         acquire_timeout: float | None = 30.0,
+        query_timeout: float | None = 5.0,
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
@@ -360,6 +410,7 @@ class SqliteDatabase:
         self._check_integrity = check_integrity
         self._apply_schema = apply_schema
         self._acquire_timeout = acquire_timeout
+        self._query_timeout = query_timeout
         self._raw: sqlite3.Connection | None = None  # None until opened, or once closed
         self._lock = trio.Lock()
         self._keys = _UniqueKeys()
@@ -404,13 +455,13 @@ class SqliteDatabase:
         """Lend the connection (autocommit) to this task until the block ends. An
         unfinished transaction is rolled back on the way out, whatever ended the block."""
         raw = await self._acquire()
-        conn = SqliteConnection(raw, self._keys)
+        conn = SqliteConnection(raw, self._keys, self._query_timeout, self._discard)
         try:
             yield conn
         finally:
             conn._end()
             try:
-                if raw.in_transaction:
+                if not conn.discarded and raw.in_transaction:
                     await self._rollback(raw)
             finally:
                 self._in_use = False
@@ -479,6 +530,20 @@ class SqliteDatabase:
             "SQLite database %s open (WAL, synchronous=%s)", _display(self._path), self._synchronous
         )
         return raw
+
+    def _discard(self, raw: sqlite3.Connection, finished: trio.Event) -> None:
+        """Give up ``raw``: a worker thread is stuck on it. The next checkout opens the
+        file again; ``raw`` is closed once its thread comes back."""
+        log.error("SQLite statement did not stop when interrupted; reopening the database")
+        if self._raw is raw:
+            self._raw = None
+
+        async def close_when_done() -> None:
+            await finished.wait()
+            with contextlib.suppress(sqlite3.Error):
+                await trio.to_thread.run_sync(raw.close)
+
+        trio.lowlevel.spawn_system_task(close_when_done)
 
     @staticmethod
     async def _rollback(raw: sqlite3.Connection) -> None:
