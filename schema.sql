@@ -225,3 +225,18 @@ CREATE TABLE IF NOT EXISTS refund_events (
     KEY ix_refund_events_refund (refund_id, id),
     UNIQUE KEY uq_refund_events_provider_event (provider_event_id, refund_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- migrate:step 4 callback deliveries: kind, refund, resends, gone, retention
+
+-- A delivery announces a payment's or a refund's status (kind, refund_id 0 for a
+-- payment); resend numbers the caller-requested repeats of one announcement, so an
+-- announcement is written once by the status machine and may be resent at will.
+-- state gains 'gone' (the receiver answered 410). Indexes: the operators' listing
+-- (state, created_at) and the retention cleanup (state, updated_at).
+ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS kind VARCHAR(16) NOT NULL DEFAULT 'payment';
+ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS refund_id BIGINT UNSIGNED NOT NULL DEFAULT 0;
+ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS resend INT NOT NULL DEFAULT 0;
+ALTER TABLE callback_outbox ADD UNIQUE KEY IF NOT EXISTS uq_callback_outbox_announcement (payment_id, kind, refund_id, status, resend);
+ALTER TABLE callback_outbox DROP INDEX IF EXISTS uq_callback_outbox_payment_status;
+ALTER TABLE callback_outbox ADD KEY IF NOT EXISTS ix_callback_outbox_state_created (state, created_at);
+ALTER TABLE callback_outbox ADD KEY IF NOT EXISTS ix_callback_outbox_state_updated (state, updated_at);

@@ -42,6 +42,7 @@ from payments import logs
 from payments.api import wire
 from payments.api.transport import CALLBACK_PROCESSED, INTERNAL_MESSAGE, domain_error, http_status
 from payments.auth import Authenticator
+from payments.callbacks import CallbackOperations
 from payments.config import Settings
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.inbound import ProviderEvents
@@ -95,8 +96,10 @@ def create_http_app(
     authenticator: Authenticator,
     settings: Settings,
     health: Callable[[], Mapping[str, Any]] | None = None,
+    callbacks: CallbackOperations | None = None,
 ) -> QuartTrio:
-    """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``."""
+    """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``;
+    ``callbacks`` defaults to the callback operations over the service's unit of work."""
     app = QuartTrio(__name__)
     max_body = settings.max_body_bytes
     app.config.update(
@@ -268,8 +271,27 @@ def create_http_app(
             headers={"Content-Security-Policy": "default-src 'none'", "Cache-Control": "no-store"},
         )
 
+    _callback_routes(app, callbacks or CallbackOperations(service.unit_of_work))
     _shield_sends(app)
     return app
+
+
+def _callback_routes(app: QuartTrio, callbacks: CallbackOperations) -> None:
+    """A payment's delivery log and resend (CONTRACT.md "Callback deliveries")."""
+
+    @app.get("/payments/<payment_id>/callbacks")
+    async def list_callback_deliveries(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        found = await callbacks.deliveries(_caller(), number)
+        g.payment_id = number
+        return _json({"deliveries": [wire.delivery_to_json(d) for d in found]})
+
+    @app.post("/payments/<payment_id>/callbacks/resend")
+    async def resend_callback(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        delivery = await callbacks.resend(_caller(), number)
+        g.payment_id = number
+        return _json({"delivery": wire.delivery_to_json(delivery)}, 202)
 
 
 def _shield_sends(app: QuartTrio) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from payments.model import OutboxEntry, OutboxState, PaymentStatus
+from payments.model import CallbackKind, OutboxEntry, OutboxState, PaymentStatus
 from payments.storage.database import Connection, Database, DuplicateKey
 from payments.storage.dialect import MYSQL, Dialect
 from payments.storage.timestamps import from_db_datetime, to_db_datetime
@@ -55,6 +55,9 @@ OUTBOX_COLUMNS = (
     "created_at",
     "updated_at",
     "delivered_at",
+    "kind",
+    "refund_id",
+    "resend",
 )
 SELECT_OUTBOX = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM callback_outbox"  # noqa: S608
 
@@ -82,17 +85,22 @@ def entry_from_row(row: Sequence[Any]) -> OutboxEntry:
         created_at=from_db_datetime(values["created_at"]),
         updated_at=from_db_datetime(values["updated_at"]),
         delivered_at=_optional_time(values["delivered_at"]),
+        kind=CallbackKind(values["kind"]),
+        refund_id=int(values["refund_id"]),
+        resend=int(values["resend"]),
     )
 
 
 async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
-    """Queue a callback; returns its id. A payment announces each status once, so a
-    second entry for the same (payment, status) is ignored (0 is returned)."""
+    """Queue a callback; returns its id. A payment (or refund) announces each status
+    once, so a second entry for the same announcement and resend number is ignored (0
+    is returned)."""
     try:
         return await conn.insert(
             "INSERT INTO callback_outbox (payment_id, status, delivery_id, url, request_id,"
-            " payload, state, attempts, next_attempt_at, created_at, updated_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " payload, state, attempts, next_attempt_at, created_at, updated_at,"
+            " kind, refund_id, resend)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 entry.payment_id,
                 int(entry.status),
@@ -105,10 +113,13 @@ async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
                 to_db_datetime(entry.next_attempt_at),
                 to_db_datetime(entry.created_at),
                 to_db_datetime(entry.updated_at),
+                str(entry.kind),
+                entry.refund_id,
+                entry.resend,
             ),
         )
     except DuplicateKey as exc:
-        if exc.key != "uq_callback_outbox_payment_status":
+        if exc.key != "uq_callback_outbox_announcement":
             raise
         return 0
 
