@@ -26,8 +26,8 @@ from payments.mapping import payment_to_json as payment_to_json  # re-exported
 from payments.mapping import payment_to_proto as payment_to_proto  # re-exported
 from payments.model import (
     CallbackDelivery,
-    DeliveryAttempt,
     CreatePaymentInput,
+    DeliveryAttempt,
     ListFilter,
     PaymentStatus,
     ProviderType,

@@ -5,18 +5,27 @@ The outbox row is written in the transaction that ended the payment
 dispatcher claims due rows with a lease (payments.storage.outbox.claim_due, safe with
 many replicas), POSTs each to its URL, and records the attempt:
 
-* 2xx: delivered. Anything else (another status, a timeout, a connection error) is
-  retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 2**(attempt-1)``, jittered
-  by +-20% so callbacks that failed together do not retry in lockstep, capped at
-  :data:`MAX_RETRY_DELAY`; after ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts it is
-  failed.
+* 2xx: delivered. ``410 Gone``: the receiver says it will never want it; the delivery
+  stops (state ``gone``). Anything else (another status, a timeout, a connection error)
+  is retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 2**(attempt-1)``,
+  jittered by +-20% so callbacks that failed together do not retry in lockstep, capped
+  at :data:`MAX_RETRY_DELAY`; a ``429`` or ``503`` with ``Retry-After`` waits that long
+  instead (capped the same). After ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts (the
+  first included) it is failed. The defaults (15 attempts, 5 minutes first) keep trying
+  for 74.6 to 97.5 hours (:func:`retry_schedule`): a receiver down for a weekend still
+  gets its callbacks.
 * Redirects are never followed (a 3xx is a failed attempt): a callback URL must not be
   able to bounce our signed, API-keyed request somewhere else.
 * Only http/https URLs, and with ``PAYMENTS_CALLBACK_ALLOWED_HOSTS`` set only those
   exact host names; any other URL is failed at once, without a request.
 
 As an actor (:meth:`Dispatcher.run`) it wakes at once when the service sends a notice
-after committing a terminal status, so a caller hears within milliseconds; it also
+after committing a terminal status, so a caller hears within milliseconds. Each
+delivery runs as its own task, bounded by the callback timeout, so a slow or dead
+receiver never holds up anyone else's callback; at most :data:`HOST_CONCURRENCY`
+requests go to one receiver (scheme, host and port) at once, and rows beyond
+:data:`HOST_BACKLOG` for a busy receiver are parked (their lease shortened to one
+timeout) so they do not fill the dispatcher's slots while other receivers wait. It also
 sweeps every ``PAYMENTS_CALLBACK_DISPATCH_INTERVAL_MINUTES`` (or sooner when a retry
 falls due) for retries and for rows other replicas committed. Notices are only
 wake-ups: the database is the source of truth, so a dropped notice costs latency,
@@ -36,6 +45,7 @@ import secrets
 import socket
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -54,12 +64,20 @@ from supervisor import Backoff, ChildContext
 
 log = logging.getLogger("payments.jobs.dispatcher")
 
-# The longest wait between two attempts, however many failed before.
-MAX_RETRY_DELAY = timedelta(hours=24)
+# The longest wait between two attempts, however many failed before (and the longest a
+# Retry-After is honoured for).
+MAX_RETRY_DELAY = timedelta(hours=12)
 RETRY_JITTER = 0.2
-# Deliveries in flight at once per dispatcher (each also borrows a DB connection
+# Deliveries in flight at once per dispatcher pass (each also borrows a DB connection
 # briefly to record its attempt).
 DEFAULT_CONCURRENCY = 16
+# The actor: requests to one receiver at once, and its rows held at once (sending or
+# waiting for a turn); more are parked. Rows held by the actor in all.
+HOST_CONCURRENCY = 16
+HOST_BACKLOG = 2 * HOST_CONCURRENCY
+DEFAULT_IN_FLIGHT = 256
+# Statuses whose Retry-After header sets the next attempt (RFC 9110 15.6.4, 6585 4).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 # Added to a lease beyond the HTTP time it must cover: recording the attempt, clock
 # skew between replicas.
 LEASE_MARGIN_SECONDS = 30.0
@@ -85,6 +103,7 @@ class PassResult:
     retried: int = 0
     failed: int = 0
     skipped: int = 0
+    gone: int = 0
 
     def __add__(self, other: PassResult) -> PassResult:
         return PassResult(
@@ -94,7 +113,7 @@ class PassResult:
     @property
     def progressed(self) -> bool:
         """True when some row moved (was attempted and recorded)."""
-        return self.delivered + self.retried + self.failed > 0
+        return self.delivered + self.retried + self.failed + self.gone > 0
 
 
 @attrs.define
@@ -118,6 +137,39 @@ def retry_delay(attempt: int, interval_minutes: float, rng: Callable[[], float])
         random=rng,
     )
     return timedelta(seconds=backoff.delay(attempt))
+
+
+def retry_schedule(
+    max_attempts: int, interval_minutes: float, rng: Callable[[], float]
+) -> list[timedelta]:
+    """The gaps between ``max_attempts`` attempts of a delivery no one answers."""
+    return [retry_delay(n, interval_minutes, rng) for n in range(1, max_attempts)]
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or
+    None when absent or unreadable."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - now).total_seconds())
+
+
+def receiver_of(url: str) -> str:
+    """The receiver a URL names, for the per-receiver bound: scheme://host:port."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+    except ValueError:
+        return url
 
 
 def url_problem(url: str, allowed_hosts: Iterable[str] = ()) -> str:
@@ -157,7 +209,7 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(settings.callback_http_timeout_seconds),
-        limits=httpx.Limits(max_connections=DEFAULT_CONCURRENCY * 2, max_keepalive_connections=16),
+        limits=httpx.Limits(max_connections=DEFAULT_IN_FLIGHT, max_keepalive_connections=64),
         headers={"User-Agent": "payments-service/callbacks"},
     )
 
@@ -223,9 +275,10 @@ class Dispatcher:
         clock: Callable[[], datetime] = utcnow,
         rng: Callable[[], float] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        in_flight: int = DEFAULT_IN_FLIGHT,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        if concurrency < 1 or in_flight < 1:
+            raise ValueError("concurrency and in_flight must be >= 1")
         self._pool = pool
         self._settings = settings
         self._signer = CallbackSigner(settings.app_api_key, settings.callback_signing_secret)
@@ -239,6 +292,13 @@ class Dispatcher:
         self._concurrency = concurrency
         self._timeout = settings.callback_http_timeout_seconds
         self.stats = DispatcherStats()
+        # The actor's rows: in flight in all, and held per receiver with its limiter.
+        self._in_flight_limit = in_flight
+        self._in_flight = 0
+        self._full = False
+        self._held: dict[str, int] = {}
+        self._host_limiters: dict[str, trio.CapacityLimiter] = {}
+        self._wake = trio.Event()
 
     async def aclose(self) -> None:
         """Close the HTTP client if this dispatcher made it."""
@@ -269,7 +329,13 @@ class Dispatcher:
         entries = await outbox.claim_due(
             self._pool, self.worker_id, self._clock(), self.lease_seconds(limit), limit
         )
-        counts: dict[str, int] = {"delivered": 0, "retried": 0, "failed": 0, "skipped": 0}
+        counts: dict[str, int] = {
+            "delivered": 0,
+            "retried": 0,
+            "failed": 0,
+            "skipped": 0,
+            "gone": 0,
+        }
         if entries:
             limiter = trio.CapacityLimiter(self._concurrency)
 
@@ -328,11 +394,14 @@ class Dispatcher:
                 return "skipped"
             attempt_no = entry.attempts + 1
             problem = url_problem(entry.url, self._settings.callback_allowed_hosts)
+            retry_after: float | None = None
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:
-                attempt = await self._post(entry, attempt_no)
-            state, next_at, outcome = self._decide(attempt, rejected=bool(problem))
+                attempt, retry_after = await self._post(entry, attempt_no)
+            state, next_at, outcome = self._decide(
+                attempt, rejected=bool(problem), retry_after=retry_after
+            )
             async with self._pool.transaction() as conn:
                 recorded = await outbox.record_attempt(
                     conn, entry, self.worker_id, attempt, state, next_at
@@ -358,13 +427,17 @@ class Dispatcher:
         log.log(level, f"callback attempt {outcome}", extra=extra)
         return outcome
 
-    async def _post(self, entry: OutboxEntry, attempt_no: int) -> CallbackAttempt:
+    async def _post(
+        self, entry: OutboxEntry, attempt_no: int
+    ) -> tuple[CallbackAttempt, float | None]:
         """One HTTP attempt, bounded as a whole by the callback timeout (httpx's own
-        timeout is per phase, so a receiver trickling bytes could outlast it)."""
+        timeout is per phase, so a receiver trickling bytes could outlast it); with the
+        seconds a Retry-After header asked for."""
         at = self._clock()
         headers = self._signer.headers(entry, at)
         started = trio.current_time()
         status: int | None = None
+        retry_after: str | None = None
         error = ""
         with trio.move_on_after(self._timeout) as scope:
             try:
@@ -379,6 +452,7 @@ class Dispatcher:
                     timeout=self._timeout,
                 ) as response:
                     status = response.status_code
+                    retry_after = response.headers.get("retry-after")
             except httpx.TimeoutException:
                 error = f"timed out after {self._timeout:g}s"
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -395,20 +469,27 @@ class Dispatcher:
             error = f"HTTP {status}" + (
                 " (redirects are not followed)" if 300 <= status < 400 else ""
             )
-        return CallbackAttempt(entry.id, attempt_no, at, status, error, latency_ms)
+        waited = retry_after_seconds(retry_after, at) if status in RETRY_AFTER_STATUSES else None
+        return CallbackAttempt(entry.id, attempt_no, at, status, error, latency_ms), waited
 
     def _decide(
-        self, attempt: CallbackAttempt, *, rejected: bool
+        self, attempt: CallbackAttempt, *, rejected: bool, retry_after: float | None = None
     ) -> tuple[OutboxState, datetime, str]:
-        """(new state, next_attempt_at, outcome) after ``attempt``."""
+        """(new state, next_attempt_at, outcome) after ``attempt``; ``retry_after``
+        (seconds) replaces the schedule's gap, capped at MAX_RETRY_DELAY."""
         now = self._clock()
         if attempt.status_code is not None and 200 <= attempt.status_code < 300:
             return OutboxState.DELIVERED, now, "delivered"
+        if attempt.status_code == 410:
+            return OutboxState.GONE, now, "gone"
         if rejected or attempt.attempt >= self._settings.callback_max_attempts:
             return OutboxState.FAILED, now, "failed"
-        delay = retry_delay(
-            attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
-        )
+        if retry_after is not None:
+            delay = min(timedelta(seconds=retry_after), MAX_RETRY_DELAY)
+        else:
+            delay = retry_delay(
+                attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
+            )
         return OutboxState.PENDING, now + delay, "retried"
 
     # -- the actor -----------------------------------------------------------------
@@ -418,26 +499,84 @@ class Dispatcher:
     ) -> None:
         """Run as a supervised child until ``ctx.stopping``.
 
-        Drains what is due, then waits for a notice, the next due retry or the sweep
-        interval, whichever comes first, and drains again. On ``ctx.stopping`` the
-        deliveries in flight finish (give the child a grace of at least the callback
-        timeout) and it returns. A database outage is waited out here rather than
-        crashing the child, so it does not eat the supervisor's restart budget.
+        Claims what is due (up to its free slots) and starts each row as its own task,
+        then waits for a notice, a freed slot, the next due retry or the sweep interval,
+        whichever comes first, and claims again; it never waits for a delivery to end.
+        On ``ctx.stopping`` the deliveries in flight finish (give the child a grace of
+        at least the callback timeout), rows still waiting for their turn are released,
+        and it returns. A database outage is waited out here rather than crashing the
+        child, so it does not eat the supervisor's restart budget.
         """
         sweep = self._settings.callback_dispatch_interval_minutes * 60
         ctx.started()
         log.info("dispatcher running", extra={"worker_id": self.worker_id, "sweep_s": sweep})
-        while not ctx.stop_requested:
-            try:
-                await self.drain(stopping=ctx.stopping)
-                wait = await self._until_next_due(sweep)
-            except DependencyUnavailable:
-                log.warning("dispatcher pass failed: database unavailable; retrying")
-                wait = min(sweep, DB_RETRY_SECONDS)
-            if ctx.stop_requested:
-                break
-            notices = await self._wait_for_work(ctx.stopping, notices, wait)
+        async with trio.open_nursery() as deliveries:
+            while not ctx.stop_requested:
+                try:
+                    await self._feed(deliveries, ctx.stopping)
+                    wait = await self._until_next_due(sweep)
+                except DependencyUnavailable:
+                    log.warning("dispatcher pass failed: database unavailable; retrying")
+                    wait = min(sweep, DB_RETRY_SECONDS)
+                if ctx.stop_requested:
+                    break
+                notices = await self._wait_for_work(ctx.stopping, notices, wait)
         log.info("dispatcher stopped", extra={"worker_id": self.worker_id})
+
+    def _actor_lease_seconds(self) -> float:
+        """A lease covering a row's wait for its receiver's turn and its own attempt."""
+        rounds = math.ceil(HOST_BACKLOG / HOST_CONCURRENCY) + 1
+        return rounds * (self._timeout + RECORD_ALLOWANCE_SECONDS) + LEASE_MARGIN_SECONDS
+
+    async def _feed(self, nursery: trio.Nursery, stopping: trio.Event) -> None:
+        """Claim due rows into the free slots and start each; park the rows of a
+        receiver that already holds HOST_BACKLOG. Raises DependencyUnavailable."""
+        while not stopping.is_set():
+            free = self._in_flight_limit - self._in_flight
+            if free <= 0:
+                self._full = True  # a delivery ending below the low-water mark wakes us
+                return
+            now = self._clock()
+            entries = await outbox.claim_due(
+                self._pool, self.worker_id, now, self._actor_lease_seconds(), free
+            )
+            self.stats.passes += 1
+            parked: list[OutboxEntry] = []
+            for entry in entries:
+                receiver = receiver_of(entry.url)
+                if self._held.get(receiver, 0) >= HOST_BACKLOG:
+                    parked.append(entry)
+                    continue
+                self._held[receiver] = self._held.get(receiver, 0) + 1
+                self._in_flight += 1
+                nursery.start_soon(self._deliver, entry, receiver, stopping)
+            if parked:
+                until = now + timedelta(seconds=self._timeout)
+                await outbox.park(self._pool, parked, self.worker_id, until)
+            if len(entries) < free or len(parked) == len(entries):
+                return
+
+    async def _deliver(self, entry: OutboxEntry, receiver: str, stopping: trio.Event) -> None:
+        """One row, on its own: wait for the receiver's turn, attempt, record."""
+        limiter = self._host_limiters.get(receiver)
+        if limiter is None:
+            limiter = self._host_limiters[receiver] = trio.CapacityLimiter(HOST_CONCURRENCY)
+        outcome = "skipped"
+        try:
+            async with limiter:
+                outcome = await self._work(entry, stopping)
+        finally:
+            self._in_flight -= 1
+            self._held[receiver] -= 1
+            if not self._held[receiver]:
+                del self._held[receiver]
+                del self._host_limiters[receiver]
+            self.stats.totals = self.stats.totals + PassResult(claimed=1, **{outcome: 1})
+            low_water = self._full and self._in_flight <= self._in_flight_limit // 2
+            if outcome == "retried" or low_water:
+                # A retry has a new due time, or slots are free again: look again.
+                self._full = False
+                self._wake.set()
 
     async def _until_next_due(self, sweep: float) -> float:
         """Seconds until the sweep, or sooner when a retry falls due before it."""
@@ -476,11 +615,18 @@ class Dispatcher:
                             return
                         nursery.cancel_scope.cancel()
 
+                    async def watch_wake() -> None:
+                        await self._wake.wait()
+                        nursery.cancel_scope.cancel()
+
                     nursery.start_soon(watch_stop)
+                    nursery.start_soon(watch_wake)
                     if notices is not None:
                         nursery.start_soon(watch_notices, notices)
         finally:
             self.stats.waiting = False
+            if self._wake.is_set():
+                self._wake = trio.Event()
         while notices is not None:
             try:
                 notices.receive_nowait()

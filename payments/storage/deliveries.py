@@ -91,7 +91,8 @@ class DeliveryFilter:
 async def find_deliveries(conn: Connection, filters: DeliveryFilter) -> list[OutboxEntry]:
     """Deliveries matching ``filters``, oldest first, at most ``filters.limit``."""
     where, args = filters.where()
-    rows = await conn.fetchall(f"{SELECT_OUTBOX}{where} ORDER BY id LIMIT %s", (*args, filters.limit))  # noqa: S608
+    sql = f"{SELECT_OUTBOX}{where} ORDER BY id LIMIT %s"
+    rows = await conn.fetchall(sql, (*args, filters.limit))
     return [outbox.entry_from_row(row) for row in rows]
 
 

@@ -299,6 +299,24 @@ async def release(conn: Connection, entry: OutboxEntry, worker_id: str) -> bool:
     return matched == 1
 
 
+async def park(
+    db: Database, entries: Sequence[OutboxEntry], worker_id: str, until: datetime
+) -> int:
+    """Keep claimed rows unattempted until ``until`` (their lease shortened or
+    lengthened to it): the dispatcher's way to set aside rows of a receiver that
+    already has its share in flight, so the next claim reaches other receivers' rows.
+    Only rows still held under the lease they were claimed with move; how many did."""
+    moved = 0
+    async with db.transaction() as conn:
+        for entry in entries:
+            moved += await conn.execute(
+                "UPDATE callback_outbox SET claimed_until = %s"
+                " WHERE id = %s AND state = 'pending' AND claimed_by = %s AND claimed_until = %s",
+                (to_db_datetime(until), *_lease_guard(entry, worker_id)),
+            )
+    return moved
+
+
 async def attempts_for(conn: Connection, outbox_id: int) -> list[CallbackAttempt]:
     """A callback's delivery attempts, first first."""
     rows = await conn.fetchall(
