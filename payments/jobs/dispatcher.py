@@ -57,7 +57,7 @@ from payments.config import Settings
 from payments.errors import DependencyUnavailable
 from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, utcnow
-from payments.storage import outbox
+from payments.storage import deliveries, outbox
 from payments.storage.database import Database
 from payments.storage.outbox import CallbackAttempt
 from supervisor import Backoff, ChildContext
@@ -76,6 +76,8 @@ DEFAULT_CONCURRENCY = 16
 HOST_CONCURRENCY = 16
 HOST_BACKLOG = 2 * HOST_CONCURRENCY
 DEFAULT_IN_FLIGHT = 256
+# How often the actor deletes deliveries past the retention (storage.deliveries).
+PRUNE_INTERVAL = timedelta(hours=1)
 # Statuses whose Retry-After header sets the next attempt (RFC 9110 15.6.4, 6585 4).
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 # Added to a lease beyond the HTTP time it must cover: recording the attempt, clock
@@ -511,6 +513,7 @@ class Dispatcher:
         ctx.started()
         log.info("dispatcher running", extra={"worker_id": self.worker_id, "sweep_s": sweep})
         async with trio.open_nursery() as deliveries:
+            deliveries.start_soon(self._prune_hourly, ctx.stopping)
             while not ctx.stop_requested:
                 try:
                     await self._feed(deliveries, ctx.stopping)
@@ -522,6 +525,19 @@ class Dispatcher:
                     break
                 notices = await self._wait_for_work(ctx.stopping, notices, wait)
         log.info("dispatcher stopped", extra={"worker_id": self.worker_id})
+
+    async def _prune_hourly(self, stopping: trio.Event) -> None:
+        """Delete deliveries finished longer than RETENTION ago, every PRUNE_INTERVAL
+        (many replicas doing it at once only delete nothing twice)."""
+        while not stopping.is_set():
+            try:
+                removed = await deliveries.prune(self._pool, self._clock() - deliveries.RETENTION)
+                if removed:
+                    log.info("callback deliveries pruned", extra={"removed": removed})
+            except DependencyUnavailable:
+                log.warning("callback pruning skipped: database unavailable")
+            with trio.move_on_after(PRUNE_INTERVAL.total_seconds()):
+                await stopping.wait()
 
     def _actor_lease_seconds(self) -> float:
         """A lease covering a row's wait for its receiver's turn and its own attempt."""

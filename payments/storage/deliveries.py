@@ -19,7 +19,7 @@ module is what operators and owners use on top of them:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import attrs
 
@@ -31,6 +31,10 @@ from payments.storage.timestamps import from_db_datetime, to_db_datetime
 
 # States a delivery never leaves by itself: what retention deletes.
 FINISHED_STATES = (OutboxState.DELIVERED, OutboxState.FAILED, OutboxState.GONE)
+# How long finished deliveries (delivered, failed, gone) and their attempts are kept
+# after they finished: long enough to answer "did you tell us?" for a month and to
+# retry a failure found late; short enough that the outbox stays compact.
+RETENTION = timedelta(days=30)
 # Rows deleted per statement while pruning: short transactions, bounded lock sets.
 PRUNE_BATCH = 500
 
