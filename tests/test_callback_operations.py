@@ -265,6 +265,9 @@ async def test_callbacks_list_as_table_and_json_with_filters(
     assert listed[0]["webhook_id"] == failed[0].delivery_id
     assert listed[0]["attempts"][0]["status_code"] == 500
     assert listed[0]["caller_service"] == "orders" and listed[0]["last_error"] == "HTTP 500"
+    mine = ["--json", "--caller", "orders"]
+    code, out, _ = await cli(test_db_url, tmp_path, "callbacks", "list", *mine)
+    assert len(json.loads(out)["deliveries"]) == 3
     code, out, _ = await cli(
         test_db_url, tmp_path, "callbacks", "list", "--json", "--caller", "orders"
     )
