@@ -72,10 +72,12 @@ RETRY_JITTER = 0.2
 # briefly to record its attempt).
 DEFAULT_CONCURRENCY = 16
 # The actor: requests to one receiver at once, and its rows held at once (sending or
-# waiting for a turn); more are parked. Rows held by the actor in all.
+# waiting for a turn); more are parked.
 HOST_CONCURRENCY = 16
 HOST_BACKLOG = 2 * HOST_CONCURRENCY
-DEFAULT_IN_FLIGHT = 256
+# The actor holds at most PAYMENTS_JOB_BATCH_SIZE rows at once (unless told otherwise);
+# the shared HTTP client allows this many connections in all.
+MAX_CONNECTIONS = 256
 # How often the actor deletes deliveries past the retention (storage.deliveries).
 PRUNE_INTERVAL = timedelta(hours=1)
 # Statuses whose Retry-After header sets the next attempt (RFC 9110 15.6.4, 6585 4).
@@ -211,7 +213,7 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(settings.callback_http_timeout_seconds),
-        limits=httpx.Limits(max_connections=DEFAULT_IN_FLIGHT, max_keepalive_connections=64),
+        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64),
         headers={"User-Agent": "payments-service/callbacks"},
     )
 
@@ -277,8 +279,9 @@ class Dispatcher:
         clock: Callable[[], datetime] = utcnow,
         rng: Callable[[], float] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
-        in_flight: int = DEFAULT_IN_FLIGHT,
+        in_flight: int | None = None,
     ) -> None:
+        in_flight = settings.job_batch_size if in_flight is None else in_flight
         if concurrency < 1 or in_flight < 1:
             raise ValueError("concurrency and in_flight must be >= 1")
         self._pool = pool
