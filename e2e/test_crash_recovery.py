@@ -46,7 +46,9 @@ RECEIVER_DELAY = 0.5
 DISPATCH = {
     # above the receiver's 0.5 s, and short: the lease is (2 + 1) * (1 + 2) + 30 = 39 s
     "PAYMENTS_CALLBACK_HTTP_TIMEOUT_SECONDS": "1",
-    "PAYMENTS_JOB_BATCH_SIZE": "5",
+    # two callbacks held at once, 0.5 s each: 4/s, so 40 take 10 s, well beyond the
+    # time it takes to pay them all (about 4 s), and the kill finds work left
+    "PAYMENTS_JOB_BATCH_SIZE": "2",
     # no sweep within the test: the new process must find the dead lease's end itself
     "PAYMENTS_CALLBACK_DISPATCH_INTERVAL_MINUTES": "10",
 }
@@ -104,7 +106,7 @@ async def test_kill_9_while_dispatching_then_restart_delivers_every_callback(
         )
 
     await eventually(all_paid)
-    # At most 5 callbacks are held at once, each answered after 0.5 s and only then
+    # At most 2 callbacks are held at once, each answered after 0.5 s and only then
     # recorded: the 7th has just arrived and is in the caller's hands. Kill.
     await eventually(lambda: _at_least(own_receiver, 7), within=10)
     first.proc.kill()  # SIGKILL
