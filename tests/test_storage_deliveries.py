@@ -128,3 +128,15 @@ async def test_parked_rows_are_not_claimable_until_their_time(database: Database
     assert [e.id for e in await outbox.claim_due(database, "v", now, 60, 10)] == [second.id]
     later_on = now + timedelta(seconds=3)
     assert [e.id for e in await outbox.claim_due(database, "v", later_on, 60, 10)] == [first.id]
+
+
+async def test_a_claim_can_leave_out_busy_receivers(database: Database) -> None:
+    (busy,) = await queue_callbacks(database, url="http://a_b:81/cb/1")
+    (lookalike,) = await queue_callbacks(database, url="http://aXb:81/cb/2")  # _ is literal
+    (longer_port,) = await queue_callbacks(database, url="http://a_b:810/cb/3")
+    claimed = await outbox.claim_due(
+        database, "w", later(), 60, 10, skip_prefixes=["http://a_b:81"]
+    )
+    assert sorted(e.id for e in claimed) == sorted([lookalike.id, longer_port.id])
+    rest = await outbox.claim_due(database, "w", later(), 60, 10)
+    assert [e.id for e in rest] == [busy.id]

@@ -23,9 +23,10 @@ As an actor (:meth:`Dispatcher.run`) it wakes at once when the service sends a n
 after committing a terminal status, so a caller hears within milliseconds. Each
 delivery runs as its own task, bounded by the callback timeout, so a slow or dead
 receiver never holds up anyone else's callback; at most :data:`HOST_CONCURRENCY`
-requests go to one receiver (scheme, host and port) at once, and rows beyond
-:data:`HOST_BACKLOG` for a busy receiver are parked (their lease shortened to one
-timeout) so they do not fill the dispatcher's slots while other receivers wait. It also
+requests go to one receiver (scheme, host and port) at once, and a receiver that
+holds :data:`HOST_BACKLOG` rows is left out of further claims until half of them are
+done (rows of its that arrive anyway are parked for :data:`PARK_SECONDS`), so a slow
+receiver's backlog never fills the dispatcher's slots while others wait. It also
 sweeps every ``PAYMENTS_CALLBACK_DISPATCH_INTERVAL_MINUTES`` (or sooner when a retry
 falls due) for retries and for rows other replicas committed. Notices are only
 wake-ups: the database is the source of truth, so a dropped notice costs latency,
@@ -43,6 +44,7 @@ import os
 import random
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -75,6 +77,8 @@ DEFAULT_CONCURRENCY = 16
 # waiting for a turn); more are parked.
 HOST_CONCURRENCY = 16
 HOST_BACKLOG = 2 * HOST_CONCURRENCY
+# How long rows of a busy receiver that a claim brought anyway are set aside.
+PARK_SECONDS = 2.0
 # The actor holds at most PAYMENTS_JOB_BATCH_SIZE rows at once (unless told otherwise);
 # the shared HTTP client allows this many connections in all.
 MAX_CONNECTIONS = 256
@@ -165,6 +169,15 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     if when.tzinfo is None:
         return None
     return max(0.0, (when - now).total_seconds())
+
+
+def url_prefix(url: str) -> str:
+    """``scheme://netloc`` as the URL spells it (what a claim can leave out)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    return url[: len(parts.scheme) + 3 + len(parts.netloc)] if parts.netloc else url
 
 
 def receiver_of(url: str) -> str:
@@ -302,6 +315,8 @@ class Dispatcher:
         self._in_flight = 0
         self._full = False
         self._held: dict[str, int] = {}
+        self._prefixes: dict[str, Counter[str]] = {}  # the URL prefixes of those rows
+        self._saturated: set[str] = set()  # receivers left out of claims
         self._host_limiters: dict[str, trio.CapacityLimiter] = {}
         self._wake = trio.Event()
 
@@ -548,34 +563,47 @@ class Dispatcher:
         return rounds * (self._timeout + RECORD_ALLOWANCE_SECONDS) + LEASE_MARGIN_SECONDS
 
     async def _feed(self, nursery: trio.Nursery, stopping: trio.Event) -> None:
-        """Claim due rows into the free slots and start each; park the rows of a
-        receiver that already holds HOST_BACKLOG. Raises DependencyUnavailable."""
+        """Claim due rows into the free slots and start each. Receivers that hold
+        HOST_BACKLOG rows are left out of the claim; rows of theirs that come anyway
+        (another spelling of the URL, or more in one claim than their share) are
+        parked for PARK_SECONDS. Raises DependencyUnavailable."""
         while not stopping.is_set():
             free = self._in_flight_limit - self._in_flight
             if free <= 0:
                 self._full = True  # a delivery ending below the low-water mark wakes us
                 return
             now = self._clock()
+            busy = [r for r, held in self._held.items() if held >= HOST_BACKLOG]
+            self._saturated.update(busy)
             entries = await outbox.claim_due(
-                self._pool, self.worker_id, now, self._actor_lease_seconds(), free
+                self._pool,
+                self.worker_id,
+                now,
+                self._actor_lease_seconds(),
+                free,
+                skip_prefixes=sorted({p for r in busy for p in self._prefixes[r]}),
             )
             self.stats.passes += 1
             parked: list[OutboxEntry] = []
             for entry in entries:
-                receiver = receiver_of(entry.url)
+                receiver, prefix = receiver_of(entry.url), url_prefix(entry.url)
                 if self._held.get(receiver, 0) >= HOST_BACKLOG:
+                    self._saturated.add(receiver)
                     parked.append(entry)
                     continue
                 self._held[receiver] = self._held.get(receiver, 0) + 1
+                self._prefixes.setdefault(receiver, Counter())[prefix] += 1
                 self._in_flight += 1
-                nursery.start_soon(self._deliver, entry, receiver, stopping)
+                nursery.start_soon(self._deliver, entry, receiver, prefix, stopping)
             if parked:
-                until = now + timedelta(seconds=self._timeout)
+                until = now + timedelta(seconds=min(PARK_SECONDS, self._timeout))
                 await outbox.park(self._pool, parked, self.worker_id, until)
             if len(entries) < free or len(parked) == len(entries):
                 return
 
-    async def _deliver(self, entry: OutboxEntry, receiver: str, stopping: trio.Event) -> None:
+    async def _deliver(
+        self, entry: OutboxEntry, receiver: str, prefix: str, stopping: trio.Event
+    ) -> None:
         """One row, on its own: wait for the receiver's turn, attempt, record."""
         limiter = self._host_limiters.get(receiver)
         if limiter is None:
@@ -587,13 +615,21 @@ class Dispatcher:
         finally:
             self._in_flight -= 1
             self._held[receiver] -= 1
+            self._prefixes[receiver][prefix] -= 1
+            if not self._prefixes[receiver][prefix]:
+                del self._prefixes[receiver][prefix]
             if not self._held[receiver]:
-                del self._held[receiver]
-                del self._host_limiters[receiver]
+                del self._held[receiver], self._host_limiters[receiver], self._prefixes[receiver]
             self.stats.totals = self.stats.totals + PassResult(claimed=1, **{outcome: 1})
             low_water = self._full and self._in_flight <= self._in_flight_limit // 2
-            if outcome == "retried" or low_water:
-                # A retry has a new due time, or slots are free again: look again.
+            drained = (
+                receiver in self._saturated and self._held.get(receiver, 0) <= HOST_BACKLOG // 2
+            )
+            if drained:
+                self._saturated.discard(receiver)
+            if outcome == "retried" or low_water or drained:
+                # A retry has a new due time, or slots (the dispatcher's or a busy
+                # receiver's) are free again: look again.
                 self._full = False
                 self._wake.set()
 
