@@ -229,7 +229,7 @@ class RunningActor:
 
 
 async def start_actor(
-    nursery: trio.Nursery, dispatcher: Dispatcher, notices: trio.MemoryReceiveChannel[int] | None
+    nursery: trio.Nursery, dispatcher: Dispatcher, notices: trio.MemoryReceiveChannel[str] | None
 ) -> RunningActor:
     stopping, started, done = trio.Event(), trio.Event(), trio.Event()
     ctx = ChildContext("dispatcher", restarts=0, stopping=stopping, on_started=started.set)

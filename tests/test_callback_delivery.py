@@ -279,8 +279,8 @@ async def test_one_receiver_gets_a_bounded_number_of_requests_at_once(
     receiver.default = HANG
     other = Receiver()
     await nursery.start(other.serve)
-    flood = await queue_callbacks(db_pool, 60, url=receiver.url())
-    dispatcher = dispatchers(db_pool, callback_http_timeout_seconds=3, job_batch_size=100)
+    flood = await queue_callbacks(db_pool, 100, url=receiver.url())
+    dispatcher = dispatchers(db_pool, callback_http_timeout_seconds=3, job_batch_size=200)
     notifier, notices = open_notice_channel()
     await start_actor(nursery, dispatcher, notices)
     notifier.notify(await payment_of(db_pool, flood[0]))
@@ -291,7 +291,7 @@ async def test_one_receiver_gets_a_bounded_number_of_requests_at_once(
     latency = await fast_latency(db_pool, other, notifier.notify)
     assert latency < 0.5
     # HOST_BACKLOG rows held (sending, or waiting for a turn) under a long lease; the
-    # rest parked for one timeout, so they do not fill the dispatcher's slots.
+    # rest parked or left in the table, so they do not fill the dispatcher's slots.
     now = utcnow()
     leases = [(await fetch(db_pool, e.id)).claimed_until for e in flood]
     held = [u for u in leases if u is not None and u > now + timedelta(seconds=10)]

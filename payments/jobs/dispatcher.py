@@ -24,8 +24,9 @@ after committing a terminal status, so a caller hears within milliseconds. Each
 delivery runs as its own task, bounded by the callback timeout, so a slow or dead
 receiver never holds up anyone else's callback; at most :data:`HOST_CONCURRENCY`
 requests go to one receiver (scheme, host and port) at once, and a receiver that
-holds :data:`HOST_BACKLOG` rows is left out of further claims until half of them are
-done (rows of its that arrive anyway are parked for :data:`PARK_SECONDS`), so a slow
+holds :data:`HOST_BACKLOG` rows is left out of further claims until only the ones
+being sent are left (rows of its that arrive anyway are parked for
+:data:`PARK_SECONDS`), and notices naming only such receivers claim nothing, so a slow
 receiver's backlog never fills the dispatcher's slots while others wait. It also
 sweeps every ``PAYMENTS_CALLBACK_DISPATCH_INTERVAL_MINUTES`` (or sooner when a retry
 falls due) for retries and for rows other replicas committed. Notices are only
@@ -76,7 +77,7 @@ DEFAULT_CONCURRENCY = 16
 # The actor: requests to one receiver at once, and its rows held at once (sending or
 # waiting for a turn); more are parked.
 HOST_CONCURRENCY = 16
-HOST_BACKLOG = 2 * HOST_CONCURRENCY
+HOST_BACKLOG = 4 * HOST_CONCURRENCY
 # How long rows of a busy receiver that a claim brought anyway are set aside.
 PARK_SECONDS = 2.0
 # The actor holds at most PAYMENTS_JOB_BATCH_SIZE rows at once (unless told otherwise);
@@ -231,9 +232,12 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
-class _HasId(Protocol):
+class _Notified(Protocol):
     @property
     def id(self) -> int: ...
+
+    @property
+    def status_callback_url(self) -> str: ...
 
 
 class DispatchNotifier:
@@ -244,14 +248,16 @@ class DispatchNotifier:
     the database and the sweep delivers it.
     """
 
-    def __init__(self, send: trio.MemorySendChannel[int]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[str]) -> None:
         self._send = send
         self.dropped = 0
 
-    def notify(self, payment: _HasId) -> bool:
-        """Tell the dispatcher ``payment`` has a callback due; False if dropped."""
+    def notify(self, payment: _Notified) -> bool:
+        """Tell the dispatcher ``payment`` has a callback due; False if dropped. The
+        notice names the receiver (:func:`receiver_of` its callback URL), so the
+        dispatcher need not claim for a receiver that already has its share."""
         try:
-            self._send.send_nowait(payment.id)
+            self._send.send_nowait(receiver_of(payment.status_callback_url))
         except trio.WouldBlock:
             self.dropped += 1
             log.debug("dispatcher notice dropped: channel full", extra={"payment_id": payment.id})
@@ -267,9 +273,9 @@ class DispatchNotifier:
 
 def open_notice_channel(
     capacity: int = NOTICE_CAPACITY,
-) -> tuple[DispatchNotifier, trio.MemoryReceiveChannel[int]]:
+) -> tuple[DispatchNotifier, trio.MemoryReceiveChannel[str]]:
     """A notifier for the service and the receive end for :meth:`Dispatcher.run`."""
-    send, receive = trio.open_memory_channel[int](capacity)
+    send, receive = trio.open_memory_channel[str](capacity)
     return DispatchNotifier(send), receive
 
 
@@ -515,7 +521,7 @@ class Dispatcher:
     # -- the actor -----------------------------------------------------------------
 
     async def run(
-        self, ctx: ChildContext, notices: trio.MemoryReceiveChannel[int] | None = None
+        self, ctx: ChildContext, notices: trio.MemoryReceiveChannel[str] | None = None
     ) -> None:
         """Run as a supervised child until ``ctx.stopping``.
 
@@ -532,16 +538,25 @@ class Dispatcher:
         log.info("dispatcher running", extra={"worker_id": self.worker_id, "sweep_s": sweep})
         async with trio.open_nursery() as deliveries:
             deliveries.start_soon(self._prune_hourly, ctx.stopping)
+            deadline = trio.current_time()
+            feed = True
             while not ctx.stop_requested:
-                try:
-                    await self._feed(deliveries, ctx.stopping)
-                    wait = await self._until_next_due(sweep)
-                except DependencyUnavailable:
-                    log.warning("dispatcher pass failed: database unavailable; retrying")
-                    wait = min(sweep, DB_RETRY_SECONDS)
+                if feed:
+                    try:
+                        await self._feed(deliveries, ctx.stopping)
+                        wait = await self._until_next_due(sweep)
+                    except DependencyUnavailable:
+                        log.warning("dispatcher pass failed: database unavailable; retrying")
+                        wait = min(sweep, DB_RETRY_SECONDS)
+                    deadline = trio.current_time() + wait
                 if ctx.stop_requested:
                     break
-                notices = await self._wait_for_work(ctx.stopping, notices, wait)
+                remaining = max(0.0, deadline - trio.current_time())
+                notices, noticed = await self._wait_for_work(ctx.stopping, notices, remaining)
+                # Notices only for receivers that already hold their share need no
+                # claim (their rows are left out of it): it would cost a round trip
+                # for nothing, once per notice. Anything else does.
+                feed = noticed is None or not noticed <= self._saturated
         log.info("dispatcher stopped", extra={"worker_id": self.worker_id})
 
     async def _prune_hourly(self, stopping: trio.Event) -> None:
@@ -646,12 +661,16 @@ class Dispatcher:
     async def _wait_for_work(
         self,
         stopping: trio.Event,
-        notices: trio.MemoryReceiveChannel[int] | None,
+        notices: trio.MemoryReceiveChannel[str] | None,
         seconds: float,
-    ) -> trio.MemoryReceiveChannel[int] | None:
-        """Sleep until a notice, ``stopping`` or ``seconds`` pass; swallow queued notices (one
-        drain serves them all). Returns the channel, or None once it has closed."""
+    ) -> tuple[trio.MemoryReceiveChannel[str] | None, set[str] | None]:
+        """Sleep until a notice, a wake-up, ``stopping`` or ``seconds`` pass; swallow
+        queued notices (one claim serves them all). Returns the channel (None once it
+        has closed) and the receivers the notices named, or None when something else
+        (time, a wake-up, stopping) ended the wait."""
         self.stats.waiting = True
+        noticed: set[str] = set()
+        by_notice = False
         try:
             with trio.move_on_after(seconds):
                 async with trio.open_nursery() as nursery:
@@ -660,14 +679,15 @@ class Dispatcher:
                         await stopping.wait()
                         nursery.cancel_scope.cancel()
 
-                    async def watch_notices(channel: trio.MemoryReceiveChannel[int]) -> None:
-                        nonlocal notices
+                    async def watch_notices(channel: trio.MemoryReceiveChannel[str]) -> None:
+                        nonlocal notices, by_notice
                         try:
-                            await channel.receive()
+                            noticed.add(await channel.receive())
                             self.stats.notices += 1
                         except (trio.EndOfChannel, trio.ClosedResourceError):
                             notices = None  # no more notices: sweep only
                             return
+                        by_notice = True
                         nursery.cancel_scope.cancel()
 
                     async def watch_wake() -> None:
@@ -681,13 +701,14 @@ class Dispatcher:
         finally:
             self.stats.waiting = False
             if self._wake.is_set():
+                by_notice = False
                 self._wake = trio.Event()
         while notices is not None:
             try:
-                notices.receive_nowait()
+                noticed.add(notices.receive_nowait())
                 self.stats.notices += 1
             except trio.WouldBlock:
                 break
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 notices = None
-        return notices
+        return notices, (noticed if by_notice else None)
