@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import attrs
 
 from payments.model import (
+    CallbackKind,
     EventKind,
     OutboxEntry,
     OutboxState,
@@ -217,10 +218,14 @@ def new_outbox_entry(
     *,
     now: datetime | None = None,
     resend: int = 0,
+    kind: CallbackKind = CallbackKind.PAYMENT,
+    refund_id: int = 0,
 ) -> OutboxEntry:
     """The callback announcing ``payment``'s (terminal) status, due ``now`` (default:
     when the payment last changed); ``body`` defaults to ``{"payment": ...}``;
-    ``resend`` numbers a caller-requested repeat (a new delivery, a new webhook-id)."""
+    ``resend`` numbers a caller-requested repeat (a new delivery, a new webhook-id);
+    a refund's callback passes ``kind=CallbackKind.REFUND`` and its ``refund_id`` (the
+    outbox's unique announcement is payment, kind, refund, status, resend)."""
     now = now or payment.updated_at
     document = body if body is not None else {"payment": payment_to_json(payment)}
     return OutboxEntry(
@@ -235,4 +240,6 @@ def new_outbox_entry(
         created_at=now,
         updated_at=now,
         resend=resend,
+        kind=kind,
+        refund_id=refund_id,
     )
