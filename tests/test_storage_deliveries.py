@@ -140,3 +140,16 @@ async def test_a_claim_can_leave_out_busy_receivers(database: Database) -> None:
     assert sorted(e.id for e in claimed) == sorted([lookalike.id, longer_port.id])
     rest = await outbox.claim_due(database, "w", later(), 60, 10)
     assert [e.id for e in rest] == [busy.id]
+
+
+async def test_a_refund_callback_is_its_own_announcement(database: Database) -> None:
+    (entry,) = await queue_callbacks(database)
+    payment = make_payment(id=entry.payment_id, status=PaymentStatus.PAID)
+    refund = new_outbox_entry(payment, {"refund": {"id": 5}}, kind=CallbackKind.REFUND, refund_id=5)
+    async with database.transaction() as conn:
+        assert await outbox.insert_entry(conn, refund) > 0  # same payment and status: its own
+        listed = await outbox.entries_for_payment(conn, entry.payment_id)
+    assert [(e.kind, e.refund_id) for e in listed] == [
+        (CallbackKind.PAYMENT, 0),
+        (CallbackKind.REFUND, 5),
+    ]
