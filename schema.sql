@@ -239,3 +239,18 @@ ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS traceparent VARCHAR(55) NOT
 -- create, cancel and the jobs take it, one at a time; a crashed holder's lease lapses.
 ALTER TABLE payments ADD COLUMN IF NOT EXISTS claimed_by VARCHAR(64) NOT NULL DEFAULT '';
 ALTER TABLE payments ADD COLUMN IF NOT EXISTS claimed_until DATETIME(6) NULL DEFAULT NULL;
+
+-- migrate:step 6 callback deliveries: kind, refund, resends, gone, retention
+
+-- A delivery announces a payment's or a refund's status (kind, refund_id 0 for a
+-- payment); resend numbers the caller-requested repeats of one announcement, so an
+-- announcement is written once by the status machine and may be resent at will.
+-- state gains 'gone' (the receiver answered 410). Indexes: the operators' listing
+-- (state, created_at) and the retention cleanup (state, updated_at).
+ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS kind VARCHAR(16) NOT NULL DEFAULT 'payment';
+ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS refund_id BIGINT UNSIGNED NOT NULL DEFAULT 0;
+ALTER TABLE callback_outbox ADD COLUMN IF NOT EXISTS resend INT NOT NULL DEFAULT 0;
+ALTER TABLE callback_outbox ADD UNIQUE KEY IF NOT EXISTS uq_callback_outbox_announcement (payment_id, kind, refund_id, status, resend);
+ALTER TABLE callback_outbox DROP INDEX IF EXISTS uq_callback_outbox_payment_status;
+ALTER TABLE callback_outbox ADD KEY IF NOT EXISTS ix_callback_outbox_state_created (state, created_at);
+ALTER TABLE callback_outbox ADD KEY IF NOT EXISTS ix_callback_outbox_state_updated (state, updated_at);

@@ -186,3 +186,13 @@ ALTER TABLE callback_outbox ADD COLUMN traceparent TEXT NOT NULL DEFAULT '';
 
 ALTER TABLE payments ADD COLUMN claimed_by TEXT NOT NULL DEFAULT '';
 ALTER TABLE payments ADD COLUMN claimed_until DATETIME_TEXT NULL DEFAULT NULL;
+
+-- migrate:step 6 callback deliveries: kind, refund, resends, gone, retention
+
+ALTER TABLE callback_outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'payment';
+ALTER TABLE callback_outbox ADD COLUMN refund_id INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE callback_outbox ADD COLUMN resend INTEGER NOT NULL DEFAULT 0;
+CREATE UNIQUE INDEX IF NOT EXISTS uq_callback_outbox_announcement ON callback_outbox (payment_id, kind, refund_id, status, resend);
+DROP INDEX IF EXISTS uq_callback_outbox_payment_status;
+CREATE INDEX IF NOT EXISTS ix_callback_outbox_state_created ON callback_outbox (state, created_at);
+CREATE INDEX IF NOT EXISTS ix_callback_outbox_state_updated ON callback_outbox (state, updated_at);

@@ -3,6 +3,12 @@
     payments serve [--only PART ...]       run the service under the supervisor
     payments reconcile [--worker]          check stale payments at Stripe
     payments callbacks dispatch [--worker] deliver due status callbacks
+    payments callbacks list [--state S] [--since T] [--caller NAME] [--json]
+                                           show deliveries (a table, or JSON)
+    payments callbacks retry --state failed [--since T] [--caller NAME]
+                                           re-queue failed deliveries (same webhook-id)
+    payments callbacks prune [--older-than-days N]
+                                           delete finished deliveries past retention
     payments expire pending [--worker]     expire payments stuck in pending
     payments migrate                       apply schema.sql to MYSQL_DSN
     payments keys create SERVICE [--access NAME ...] [--file PATH]
@@ -21,12 +27,15 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 from dotenv import dotenv_values
 
-from payments import runtime
+from payments import callback_admin, runtime
 from payments.auth import local_keys
 from payments.buildinfo import build_info
 from payments.config import ConfigError, load_settings
@@ -58,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     callbacks = commands.add_parser("callbacks", help="status callbacks to callers")
     callbacks_commands = callbacks.add_subparsers(dest="action", required=True, metavar="action")
     job(callbacks_commands.add_parser("dispatch", help="deliver due status callbacks"), "dispatch")
+    _callback_admin_commands(callbacks_commands)
     expire = commands.add_parser("expire", help="expire payments")
     expire_commands = expire.add_subparsers(dest="action", required=True, metavar="action")
     job(expire_commands.add_parser("pending", help="expire payments stuck in pending"), "expire")
@@ -81,6 +91,64 @@ def _parser() -> argparse.ArgumentParser:
         "--file", type=Path, metavar="PATH", help="the keys file; default: PAYMENTS_API_KEYS_FILE"
     )
     return parser
+
+
+def _callback_admin_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``callbacks list | retry | prune`` (payments.callback_admin)."""
+
+    def filters(parser: argparse.ArgumentParser, state_required: bool) -> None:
+        parser.add_argument(
+            "--state", required=state_required, metavar="STATE", help="pending, delivered, ..."
+        )
+        parser.add_argument("--since", metavar="RFC3339", help="created at or after this time")
+        parser.add_argument("--caller", metavar="NAME", help="the payments of this caller")
+
+    listing = commands.add_parser("list", help="show callback deliveries, oldest first")
+    filters(listing, False)
+    listing.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    listing.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
+    retry = commands.add_parser(
+        "retry", help="re-queue failed deliveries with their webhook-id; print how many"
+    )
+    filters(retry, True)
+    prune = commands.add_parser("prune", help="delete finished deliveries past the retention")
+    prune.add_argument(
+        "--older-than-days",
+        type=float,
+        default=callback_admin.RETENTION.days,
+        help=f"finished longer ago than this (default {callback_admin.RETENTION.days})",
+    )
+
+
+def _callback_admin(args: argparse.Namespace) -> int:
+    """Run ``callbacks list | retry | prune``; 2 for a bad flag."""
+    settings = load_settings()
+    if args.action == "prune":
+        if args.older_than_days < 0:
+            print("payments: --older-than-days: must be >= 0", file=sys.stderr)
+            return 2
+        retention = timedelta(days=args.older_than_days)
+        removed = trio.run(callback_admin.prune, settings, retention)
+        print(f"pruned {removed} deliveries")
+        return 0
+    try:
+        filters = callback_admin.filters_from(args.state, args.since, args.caller)
+        if args.action == "retry" and args.state != "failed":
+            raise ValueError("--state: only failed deliveries are re-queued")
+    except ValueError as exc:
+        print(f"payments: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "retry":
+        print(f"requeued {trio.run(callback_admin.retry_failed, settings, filters)} deliveries")
+        return 0
+    if args.limit < 1:
+        print("payments: --limit: must be >= 1", file=sys.stderr)
+        return 2
+    filters = attrs.evolve(filters, limit=args.limit)
+    trio.run(
+        partial(callback_admin.list_deliveries, as_json=args.json), settings, filters, sys.stdout
+    )
+    return 0
 
 
 def _environment_value(name: str) -> str:
@@ -124,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "keys":
             return _keys_create(args)
+        if args.command == "callbacks" and args.action != "dispatch":
+            return _callback_admin(args)
         settings = load_settings()
         if args.command == "migrate":
             version = trio.run(runtime.migrate, settings)

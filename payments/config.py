@@ -167,7 +167,7 @@ class Settings:
     stripe_api_base: str = "https://api.stripe.com"
     stripe_max_network_retries: int = 2
     provider_callback_base_url: str = ""
-    callback_max_attempts: int = 10
+    callback_max_attempts: int = 15
     callback_retry_interval_minutes: float = 5
     callback_http_timeout_seconds: float = 10
     callback_signing_secret: str = attrs.field(default="", repr=False)
@@ -323,10 +323,26 @@ def parse_signing_secret(value: str) -> bytes:
     return key
 
 
+def parse_signing_secrets(value: str) -> list[bytes]:
+    """The HMAC keys of a space-separated list of signing secrets (rotation: every
+    callback is signed with each). A bad one is a ConfigError naming its position."""
+    parts = value.split()
+    keys = []
+    for number, part in enumerate(parts, 1):
+        try:
+            keys.append(parse_signing_secret(part))
+        except ConfigError as exc:
+            if len(parts) == 1:
+                raise
+            where = f"{SECRET_VARIABLE} (secret {number} of {len(parts)})"
+            raise ConfigError(str(exc).replace(SECRET_VARIABLE, where, 1)) from None
+    return keys
+
+
 def _signing_secret(value: str, name: str) -> str:
     # Checked here so a bad secret stops the start.
-    parse_signing_secret(value)
-    return value.strip()
+    parse_signing_secrets(value)
+    return " ".join(value.split())
 
 
 # variable -> (Settings field, parser). Port 0 lets tests ask for any free port.

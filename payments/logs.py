@@ -158,7 +158,7 @@ def secrets_of(settings: Settings) -> list[str]:
         settings.app_api_key,
         settings.stripe_secret_key,
         settings.stripe_webhook_secret,
-        settings.callback_signing_secret,
+        *settings.callback_signing_secret.split(),  # one or more, each masked alone
     ]
     if settings.mysql_dsn is not None:
         values.append(settings.mysql_dsn.password)

@@ -248,6 +248,14 @@ class OutboxState(enum.StrEnum):
     PENDING = "pending"  # due at next_attempt_at
     DELIVERED = "delivered"  # the caller answered 2xx
     FAILED = "failed"  # PAYMENTS_CALLBACK_MAX_ATTEMPTS used up
+    GONE = "gone"  # the receiver answered 410 Gone: never tried again by itself
+
+
+class CallbackKind(enum.StrEnum):
+    """What a status callback announces."""
+
+    PAYMENT = "payment"
+    REFUND = "refund"
 
 
 @attrs.define
@@ -272,6 +280,40 @@ class OutboxEntry:
     # W3C traceparent of what caused the callback ('' when none): its trace continues.
     traceparent: str = ""
     id: int = 0
+    kind: CallbackKind = CallbackKind.PAYMENT
+    refund_id: int = 0  # the refund a REFUND callback announces
+    resend: int = 0  # 0: the status change's own delivery; n: the n-th resend of it
+
+
+@attrs.frozen
+class DeliveryAttempt:
+    """One attempt of a delivery as the delivery log shows it (status_code 0: no
+    answer came)."""
+
+    at: datetime
+    status_code: int
+    duration_ms: int
+    error: str
+
+
+@attrs.frozen
+class CallbackDelivery:
+    """A status callback and its attempts, as the owner reads them (CONTRACT.md,
+    "Callback deliveries")."""
+
+    id: int
+    webhook_id: str
+    kind: str
+    refund_id: int
+    state: str
+    next_attempt_at: datetime
+    created_at: datetime
+    attempts: list[DeliveryAttempt] = attrs.field(factory=list)
+
+    @property
+    def attempt_count(self) -> int:
+        """Every attempt made, across bulk retries (the outbox row's counter restarts)."""
+        return len(self.attempts)
 
 
 # --- refunds ------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class Resources:
     service: PaymentService
     inbound: ProviderEvents
     authenticator: Authenticator | None = None
-    notices: trio.MemoryReceiveChannel[int] | None = None
+    notices: trio.MemoryReceiveChannel[str] | None = None
     dispatcher: Dispatcher | None = None
     supervisor: Supervisor | None = None
     # The sandbox's objects outlive a restart of its child.
@@ -173,7 +173,7 @@ async def open_resources(profile: Profile, parts: Iterable[str]) -> AsyncIterato
         stack.push_async_callback(providers.aclose)
         dispatcher: Dispatcher | None = None
         notifier: DispatchNotifier | None = None
-        notices: trio.MemoryReceiveChannel[int] | None = None
+        notices: trio.MemoryReceiveChannel[str] | None = None
         authenticator: Authenticator | None = None
         auth_client: GrpcAuthenticator | None = None
         if "dispatch" in parts:

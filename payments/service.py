@@ -73,6 +73,11 @@ class PaymentService:
         self._providers = providers
         self._callback_base = provider_callback_base_url.rstrip("/")
 
+    @property
+    def unit_of_work(self) -> UnitOfWork:
+        """The write path it uses (the callback operations share it)."""
+        return self._uow
+
     # --- create -------------------------------------------------------------------------
 
     async def create(self, caller: Caller, new: NewPayment) -> Payment:

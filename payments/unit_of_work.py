@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import attrs
 
 from payments.model import (
+    CallbackKind,
     EventKind,
     OutboxEntry,
     OutboxState,
@@ -177,9 +178,15 @@ class Work:
         await subject.apply(self.conn, new_status, change)
         self.moved.append(new_status)
         if subject.is_terminal(new_status):
-            await outbox.insert_entry(self.conn, new_outbox_entry(payment, subject.callback_body()))
-            self.notices.append(payment)
+            await self.announce(payment, new_outbox_entry(payment, subject.callback_body()))
         return True
+
+    async def announce(self, payment: Payment, entry: OutboxEntry) -> int:
+        """Queue ``entry`` (a callback to ``payment``'s caller) and wake the dispatcher
+        for it after the commit; the outbox row's id (0: already queued)."""
+        outbox_id = await outbox.insert_entry(self.conn, entry)
+        self.notices.append(payment)
+        return outbox_id
 
 
 class UnitOfWork:
@@ -210,10 +217,21 @@ class UnitOfWork:
                 log.exception("dispatcher notice failed", extra={"payment_id": payment.id})
 
 
-def new_outbox_entry(payment: Payment, body: Mapping[str, Any] | None = None) -> OutboxEntry:
-    """The callback announcing ``payment``'s (terminal) status, due now; ``body``
-    defaults to ``{"payment": ...}``."""
-    now = payment.updated_at
+def new_outbox_entry(
+    payment: Payment,
+    body: Mapping[str, Any] | None = None,
+    *,
+    now: datetime | None = None,
+    resend: int = 0,
+    kind: CallbackKind = CallbackKind.PAYMENT,
+    refund_id: int = 0,
+) -> OutboxEntry:
+    """The callback announcing ``payment``'s (terminal) status, due ``now`` (default:
+    when the payment last changed); ``body`` defaults to ``{"payment": ...}``;
+    ``resend`` numbers a caller-requested repeat (a new delivery, a new webhook-id);
+    a refund's callback passes ``kind=CallbackKind.REFUND`` and its ``refund_id`` (the
+    outbox's unique announcement is payment, kind, refund, status, resend)."""
+    now = now or payment.updated_at
     document = body if body is not None else {"payment": payment_to_json(payment)}
     return OutboxEntry(
         payment_id=payment.id,
@@ -227,4 +245,7 @@ def new_outbox_entry(payment: Payment, body: Mapping[str, Any] | None = None) ->
         created_at=now,
         updated_at=now,
         traceparent=tracing.current_traceparent(),  # the callback continues this trace
+        resend=resend,
+        kind=kind,
+        refund_id=refund_id,
     )

@@ -191,3 +191,43 @@ async def test_migrate_waits_for_the_lock_and_gives_up(empty_pool: Pool) -> None
     finally:
         await other.aclose()
     assert await migrate(empty_pool, lock_timeout=0.2) == latest_version()  # released
+
+
+async def test_callback_deliveries_step_keeps_existing_callbacks_and_reruns_cleanly(
+    empty_pool: Pool,
+) -> None:
+    """Callback deliveries (step 6) on a database with callbacks from before it; each
+    statement may run again after a crash halfway (DDL commits one at a time)."""
+    steps = load_steps()
+    deliveries = steps[5]  # step 6: callback deliveries
+    before = deliveries.version - 1
+    assert await migrate(empty_pool, steps=steps[:before]) == before
+    async with empty_pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO callback_outbox (payment_id, status, delivery_id, url, request_id,"
+            " payload, state, next_attempt_at, created_at, updated_at) VALUES"
+            " (7, 10, 'msg_old', 'https://x/cb', 'r', '{}', 'failed', UTC_TIMESTAMP(6),"
+            " UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+        )
+    assert await migrate(empty_pool) == latest_version()
+    async with empty_pool.connection() as conn:
+        for statement in deliveries.statements:
+            await conn.execute(statement)
+        row = await conn.fetchone(
+            "SELECT kind, refund_id, resend, state FROM callback_outbox"
+            " WHERE delivery_id = 'msg_old'"
+        )
+        keys = {
+            name
+            for (name,) in await conn.fetchall(
+                "SELECT DISTINCT INDEX_NAME FROM information_schema.STATISTICS"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'callback_outbox'"
+            )
+        }
+    assert row == ("payment", 0, 0, "failed")
+    assert "uq_callback_outbox_payment_status" not in keys
+    assert {
+        "uq_callback_outbox_announcement",
+        "ix_callback_outbox_state_created",
+        "ix_callback_outbox_state_updated",
+    } <= keys

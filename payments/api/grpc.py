@@ -49,6 +49,7 @@ from payments.api.transport import (
 )
 from payments.auth import Authenticator
 from payments.callback_urls import CallbackPolicy
+from payments.callbacks import CallbackOperations
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.gen import payments_pb2 as pb
 from payments.gen.payments_grpc import PaymentsServiceServicer
@@ -100,8 +101,10 @@ class PaymentsServicer(PaymentsServiceServicer):
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         callback_policy: CallbackPolicy = DEFAULT_CALLBACK_POLICY,
+        callbacks: CallbackOperations | None = None,
     ) -> None:
         self._service = service
+        self._callbacks = callbacks or CallbackOperations(service.unit_of_work)
         self._inbound = inbound
         self._callback_policy = callback_policy  # Settings.callback_policy()
         self._authenticator = authenticator
@@ -242,6 +245,28 @@ class PaymentsServicer(PaymentsServiceServicer):
             )
 
         return await self._call(request, "HandleProviderCallback", run)
+
+    async def ListCallbackDeliveries(
+        self, message: pb.ListCallbackDeliveriesRequest, request: RequestReceived
+    ) -> pb.ListCallbackDeliveriesResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.ListCallbackDeliveriesResponse:
+            ctx.payment_id = wire.check_message_payment_id(message.payment_id)
+            found = await self._callbacks.deliveries(caller, ctx.payment_id)
+            return pb.ListCallbackDeliveriesResponse(
+                deliveries=[wire.delivery_to_proto(d) for d in found]
+            )
+
+        return await self._call(request, "ListCallbackDeliveries", run)
+
+    async def ResendCallback(
+        self, message: pb.ResendCallbackRequest, request: RequestReceived
+    ) -> pb.CallbackDeliveryEnvelope:
+        async def run(caller: Caller, ctx: CallContext) -> pb.CallbackDeliveryEnvelope:
+            ctx.payment_id = wire.check_message_payment_id(message.payment_id)
+            delivery = await self._callbacks.resend(caller, ctx.payment_id)
+            return pb.CallbackDeliveryEnvelope(delivery=wire.delivery_to_proto(delivery))
+
+        return await self._call(request, "ResendCallback", run)
 
 
 class PaymentsConnectionHandler(ConnectionHandler):

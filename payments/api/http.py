@@ -56,6 +56,7 @@ from payments.api.transport import (
     request_id,
 )
 from payments.auth import Authenticator
+from payments.callbacks import CallbackOperations
 from payments.config import Settings
 from payments.errors import InvalidArgument, Unauthenticated
 from payments.inbound import ProviderEvents
@@ -113,9 +114,11 @@ def create_http_app(
     settings: Settings,
     health: Callable[[], Mapping[str, Any]] | None = None,
     readiness: Readiness | None = None,
+    callbacks: CallbackOperations | None = None,
 ) -> QuartTrio:
     """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``;
-    ``readiness`` answers ``/readyz`` (default: the service's database only)."""
+    ``readiness`` answers ``/readyz`` (default: the service's database only);
+    ``callbacks`` defaults to the callback operations over the service's unit of work."""
     app = QuartTrio(__name__, static_folder=None)  # no /static/ route: not in the contract
     instrument_http_app(app)  # first, so its hook sees the route before auth can fail
     max_body = settings.max_body_bytes
@@ -311,8 +314,27 @@ def create_http_app(
         )
 
     add_operations_routes(app, readiness or Readiness(service.database))
+    _callback_routes(app, callbacks or CallbackOperations(service.unit_of_work))
     _shield_sends(app)
     return app
+
+
+def _callback_routes(app: QuartTrio, callbacks: CallbackOperations) -> None:
+    """A payment's delivery log and resend (CONTRACT.md "Callback deliveries")."""
+
+    @app.get("/payments/<payment_id>/callbacks")
+    async def list_callback_deliveries(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        found = await callbacks.deliveries(_caller(), number)
+        g.payment_id = number
+        return _json({"deliveries": [wire.delivery_to_json(d) for d in found]})
+
+    @app.post("/payments/<payment_id>/callbacks/resend")
+    async def resend_callback(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        delivery = await callbacks.resend(_caller(), number)
+        g.payment_id = number
+        return _json({"delivery": wire.delivery_to_json(delivery)}, 202)
 
 
 def _shield_sends(app: QuartTrio) -> None:

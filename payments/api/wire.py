@@ -25,7 +25,9 @@ from payments.mapping import format_timestamp as format_timestamp  # re-exported
 from payments.mapping import payment_to_json as payment_to_json  # re-exported
 from payments.mapping import payment_to_proto as payment_to_proto  # re-exported
 from payments.model import (
+    CallbackDelivery,
     CreatePaymentInput,
+    DeliveryAttempt,
     ListFilter,
     PaymentStatus,
     ProviderType,
@@ -193,6 +195,29 @@ class JsonRequest(Generic[_Input]):
 
 
 _CREATE_REQUEST = JsonRequest.of(pb.CreatePaymentRequest.DESCRIPTOR, CreatePaymentInput)
+_ATTEMPT = wire_mapping(DeliveryAttempt, pb.CallbackAttempt)  # first: nested in a delivery
+_DELIVERY: WireMapping[CallbackDelivery, pb.CallbackDelivery] = wire_mapping(
+    CallbackDelivery, pb.CallbackDelivery
+)
+
+
+def delivery_to_json(delivery: CallbackDelivery) -> dict[str, Any]:
+    """A callback delivery and its attempts as JSON (CONTRACT.md "Callback deliveries")."""
+    return _DELIVERY.to_json(delivery)
+
+
+def delivery_to_proto(delivery: CallbackDelivery) -> pb.CallbackDelivery:
+    """The same delivery as its protobuf message."""
+    return _DELIVERY.to_proto(delivery)
+
+
+def check_message_payment_id(number: int) -> int:
+    """A request message's ``payment_id``: 0 is the unset value, hence not an id."""
+    if number <= 0:
+        raise InvalidArgument("payment_id", "must be a positive integer")
+    return number
+
+
 _CREATE_INPUT: WireMapping[CreatePaymentInput, pb.CreatePaymentRequest] = wire_mapping(
     CreatePaymentInput, pb.CreatePaymentRequest
 )

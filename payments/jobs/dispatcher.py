@@ -5,11 +5,15 @@ The outbox row is written in the transaction that ended the payment
 dispatcher claims due rows with a lease (payments.storage.outbox.claim_due, safe with
 many replicas), POSTs each to its URL, and records the attempt:
 
-* 2xx: delivered. Anything else (another status, a timeout, a connection error) is
-  retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 2**(attempt-1)``, jittered
-  by +-20% so callbacks that failed together do not retry in lockstep, capped at
-  :data:`MAX_RETRY_DELAY`; after ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts it is
-  failed.
+* 2xx: delivered. ``410 Gone``: the receiver says it will never want it; the delivery
+  stops (state ``gone``). Anything else (another status, a timeout, a connection error)
+  is retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 2**(attempt-1)``,
+  jittered by +-20% so callbacks that failed together do not retry in lockstep, capped
+  at :data:`MAX_RETRY_DELAY`; a ``429`` or ``503`` with ``Retry-After`` waits that long
+  instead (capped the same). After ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts (the
+  first included) it is failed. The defaults (15 attempts, 5 minutes first) keep trying
+  for 74.6 to 97.5 hours (:func:`retry_schedule`): a receiver down for a weekend still
+  gets its callbacks.
 * Redirects are never followed (a 3xx is a failed attempt): a callback URL must not be
   able to bounce our signed, API-keyed request somewhere else.
 * Only URLs that payments.callback_urls allows, as written and as resolved (no
@@ -17,7 +21,14 @@ many replicas), POSTs each to its URL, and records the attempt:
   says so); any other URL is failed at once, without a request.
 
 As an actor (:meth:`Dispatcher.run`) it wakes at once when the service sends a notice
-after committing a terminal status, so a caller hears within milliseconds; it also
+after committing a terminal status, so a caller hears within milliseconds. Each
+delivery runs as its own task, bounded by the callback timeout, so a slow or dead
+receiver never holds up anyone else's callback; at most :data:`HOST_CONCURRENCY`
+requests go to one receiver (scheme, host and port) at once, and a receiver that
+holds :data:`HOST_BACKLOG` rows is left out of further claims until only the ones
+being sent are left (rows of its that arrive anyway are parked for
+:data:`PARK_SECONDS`), and notices naming only such receivers claim nothing, so a slow
+receiver's backlog never fills the dispatcher's slots while others wait. It also
 sweeps every ``PAYMENTS_CALLBACK_DISPATCH_INTERVAL_MINUTES`` (or sooner when a retry
 falls due) for retries and for rows other replicas committed. Notices are only
 wake-ups: the database is the source of truth, so a dropped notice costs latency,
@@ -37,9 +48,12 @@ import os
 import random
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 import httpx
@@ -51,19 +65,33 @@ from payments.errors import DependencyUnavailable
 from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, utcnow
 from payments.observability import hooks, metrics, tracing
-from payments.storage import outbox
+from payments.storage import deliveries, outbox
 from payments.storage.database import Database
 from payments.storage.outbox import CallbackAttempt
 from supervisor import Backoff, ChildContext
 
 log = logging.getLogger("payments.jobs.dispatcher")
 
-# The longest wait between two attempts, however many failed before.
-MAX_RETRY_DELAY = timedelta(hours=24)
+# The longest wait between two attempts, however many failed before (and the longest a
+# Retry-After is honoured for).
+MAX_RETRY_DELAY = timedelta(hours=12)
 RETRY_JITTER = 0.2
-# Deliveries in flight at once per dispatcher (each also borrows a DB connection
+# Deliveries in flight at once per dispatcher pass (each also borrows a DB connection
 # briefly to record its attempt).
 DEFAULT_CONCURRENCY = 16
+# The actor: requests to one receiver at once, and its rows held at once (sending or
+# waiting for a turn); more are parked.
+HOST_CONCURRENCY = 16
+HOST_BACKLOG = 4 * HOST_CONCURRENCY
+# How long rows of a busy receiver that a claim brought anyway are set aside.
+PARK_SECONDS = 2.0
+# The actor holds at most PAYMENTS_JOB_BATCH_SIZE rows at once (unless told otherwise);
+# the shared HTTP client allows this many connections in all.
+MAX_CONNECTIONS = 256
+# How often the actor deletes deliveries past the retention (storage.deliveries).
+PRUNE_INTERVAL = timedelta(hours=1)
+# Statuses whose Retry-After header sets the next attempt (RFC 9110 15.6.4, 6585 4).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 # Added to a lease beyond the HTTP time it must cover: recording the attempt, clock
 # skew between replicas.
 LEASE_MARGIN_SECONDS = 30.0
@@ -89,6 +117,7 @@ class PassResult:
     retried: int = 0
     failed: int = 0
     skipped: int = 0
+    gone: int = 0
 
     def __add__(self, other: PassResult) -> PassResult:
         return PassResult(
@@ -98,7 +127,7 @@ class PassResult:
     @property
     def progressed(self) -> bool:
         """True when some row moved (was attempted and recorded)."""
-        return self.delivered + self.retried + self.failed > 0
+        return self.delivered + self.retried + self.failed + self.gone > 0
 
 
 @attrs.define
@@ -122,6 +151,48 @@ def retry_delay(attempt: int, interval_minutes: float, rng: Callable[[], float])
         random=rng,
     )
     return timedelta(seconds=backoff.delay(attempt))
+
+
+def retry_schedule(
+    max_attempts: int, interval_minutes: float, rng: Callable[[], float]
+) -> list[timedelta]:
+    """The gaps between ``max_attempts`` attempts of a delivery no one answers."""
+    return [retry_delay(n, interval_minutes, rng) for n in range(1, max_attempts)]
+
+
+def retry_after_seconds(value: str | None, now: datetime) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or
+    None when absent or unreadable."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - now).total_seconds())
+
+
+def url_prefix(url: str) -> str:
+    """``scheme://netloc`` as the URL spells it (what a claim can leave out)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    return url[: len(parts.scheme) + 3 + len(parts.netloc)] if parts.netloc else url
+
+
+def receiver_of(url: str) -> str:
+    """The receiver a URL names, for the per-receiver bound: scheme://host:port."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+    except ValueError:
+        return url
 
 
 def url_problem(url: str, policy: CallbackPolicy) -> str:
@@ -168,14 +239,17 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(settings.callback_http_timeout_seconds),
-        limits=httpx.Limits(max_connections=DEFAULT_CONCURRENCY * 2, max_keepalive_connections=16),
+        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64),
         headers={"User-Agent": "payments-service/callbacks"},
     )
 
 
-class _HasId(Protocol):
+class _Notified(Protocol):
     @property
     def id(self) -> int: ...
+
+    @property
+    def status_callback_url(self) -> str: ...
 
 
 class DispatchNotifier:
@@ -186,14 +260,16 @@ class DispatchNotifier:
     the database and the sweep delivers it.
     """
 
-    def __init__(self, send: trio.MemorySendChannel[int]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[str]) -> None:
         self._send = send
         self.dropped = 0
 
-    def notify(self, payment: _HasId) -> bool:
-        """Tell the dispatcher ``payment`` has a callback due; False if dropped."""
+    def notify(self, payment: _Notified) -> bool:
+        """Tell the dispatcher ``payment`` has a callback due; False if dropped. The
+        notice names the receiver (:func:`receiver_of` its callback URL), so the
+        dispatcher need not claim for a receiver that already has its share."""
         try:
-            self._send.send_nowait(payment.id)
+            self._send.send_nowait(receiver_of(payment.status_callback_url))
         except trio.WouldBlock:
             self.dropped += 1
             log.debug("dispatcher notice dropped: channel full", extra={"payment_id": payment.id})
@@ -209,9 +285,9 @@ class DispatchNotifier:
 
 def open_notice_channel(
     capacity: int = NOTICE_CAPACITY,
-) -> tuple[DispatchNotifier, trio.MemoryReceiveChannel[int]]:
+) -> tuple[DispatchNotifier, trio.MemoryReceiveChannel[str]]:
     """A notifier for the service and the receive end for :meth:`Dispatcher.run`."""
-    send, receive = trio.open_memory_channel[int](capacity)
+    send, receive = trio.open_memory_channel[str](capacity)
     return DispatchNotifier(send), receive
 
 
@@ -234,9 +310,11 @@ class Dispatcher:
         clock: Callable[[], datetime] = utcnow,
         rng: Callable[[], float] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        in_flight: int | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        in_flight = settings.job_batch_size if in_flight is None else in_flight
+        if concurrency < 1 or in_flight < 1:
+            raise ValueError("concurrency and in_flight must be >= 1")
         self._pool = pool
         self._settings = settings
         self._signer = CallbackSigner(settings.app_api_key, settings.callback_signing_secret)
@@ -250,6 +328,15 @@ class Dispatcher:
         self._concurrency = concurrency
         self._timeout = settings.callback_http_timeout_seconds
         self.stats = DispatcherStats()
+        # The actor's rows: in flight in all, and held per receiver with its limiter.
+        self._in_flight_limit = in_flight
+        self._in_flight = 0
+        self._full = False
+        self._held: dict[str, int] = {}
+        self._prefixes: dict[str, Counter[str]] = {}  # the URL prefixes of those rows
+        self._saturated: set[str] = set()  # receivers left out of claims
+        self._host_limiters: dict[str, trio.CapacityLimiter] = {}
+        self._wake = trio.Event()
 
     async def aclose(self) -> None:
         """Close the HTTP client if this dispatcher made it."""
@@ -280,7 +367,13 @@ class Dispatcher:
         entries = await outbox.claim_due(
             self._pool, self.worker_id, self._clock(), self.lease_seconds(limit), limit
         )
-        counts: dict[str, int] = {"delivered": 0, "retried": 0, "failed": 0, "skipped": 0}
+        counts: dict[str, int] = {
+            "delivered": 0,
+            "retried": 0,
+            "failed": 0,
+            "skipped": 0,
+            "gone": 0,
+        }
         if entries:
             limiter = trio.CapacityLimiter(self._concurrency)
 
@@ -344,11 +437,14 @@ class Dispatcher:
             problem = url_problem(entry.url, policy) or await resolved_problem(
                 entry.url, policy, self._timeout
             )
+            retry_after: float | None = None
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:
-                attempt = await hooks.callback_attempt(self._post, entry, attempt_no)
-            state, next_at, outcome = self._decide(attempt, rejected=bool(problem))
+                attempt, retry_after = await hooks.callback_attempt(self._post, entry, attempt_no)
+            state, next_at, outcome = self._decide(
+                attempt, rejected=bool(problem), retry_after=retry_after
+            )
             async with self._pool.transaction() as conn:
                 recorded = await outbox.record_attempt(
                     conn, entry, self.worker_id, attempt, state, next_at
@@ -374,14 +470,18 @@ class Dispatcher:
         log.log(level, f"callback attempt {outcome}", extra=extra)
         return outcome
 
-    async def _post(self, entry: OutboxEntry, attempt_no: int) -> CallbackAttempt:
+    async def _post(
+        self, entry: OutboxEntry, attempt_no: int
+    ) -> tuple[CallbackAttempt, float | None]:
         """One HTTP attempt, bounded as a whole by the callback timeout (httpx's own
-        timeout is per phase, so a receiver trickling bytes could outlast it)."""
+        timeout is per phase, so a receiver trickling bytes could outlast it); with the
+        seconds a Retry-After header asked for."""
         at = self._clock()
         headers = self._signer.headers(entry, at)
         tracing.inject(headers)  # the trace of the request that ended the payment
         started = trio.current_time()
         status: int | None = None
+        retry_after: str | None = None
         error = ""
         with trio.move_on_after(self._timeout) as scope:
             try:
@@ -396,6 +496,7 @@ class Dispatcher:
                     timeout=self._timeout,
                 ) as response:
                     status = response.status_code
+                    retry_after = response.headers.get("retry-after")
             except httpx.TimeoutException:
                 error = f"timed out after {self._timeout:g}s"
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
@@ -412,49 +513,158 @@ class Dispatcher:
             error = f"HTTP {status}" + (
                 " (redirects are not followed)" if 300 <= status < 400 else ""
             )
-        return CallbackAttempt(entry.id, attempt_no, at, status, error, latency_ms)
+        waited = retry_after_seconds(retry_after, at) if status in RETRY_AFTER_STATUSES else None
+        return CallbackAttempt(entry.id, attempt_no, at, status, error, latency_ms), waited
 
     def _decide(
-        self, attempt: CallbackAttempt, *, rejected: bool
+        self, attempt: CallbackAttempt, *, rejected: bool, retry_after: float | None = None
     ) -> tuple[OutboxState, datetime, str]:
-        """(new state, next_attempt_at, outcome) after ``attempt``."""
+        """(new state, next_attempt_at, outcome) after ``attempt``; ``retry_after``
+        (seconds) replaces the schedule's gap, capped at MAX_RETRY_DELAY."""
         now = self._clock()
         if attempt.status_code is not None and 200 <= attempt.status_code < 300:
             return OutboxState.DELIVERED, now, "delivered"
+        if attempt.status_code == 410:
+            return OutboxState.GONE, now, "gone"
         if rejected or attempt.attempt >= self._settings.callback_max_attempts:
             return OutboxState.FAILED, now, "failed"
-        delay = retry_delay(
-            attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
-        )
+        if retry_after is not None:
+            delay = min(timedelta(seconds=retry_after), MAX_RETRY_DELAY)
+        else:
+            delay = retry_delay(
+                attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
+            )
         return OutboxState.PENDING, now + delay, "retried"
 
     # -- the actor -----------------------------------------------------------------
 
     async def run(
-        self, ctx: ChildContext, notices: trio.MemoryReceiveChannel[int] | None = None
+        self, ctx: ChildContext, notices: trio.MemoryReceiveChannel[str] | None = None
     ) -> None:
         """Run as a supervised child until ``ctx.stopping``.
 
-        Drains what is due, then waits for a notice, the next due retry or the sweep
-        interval, whichever comes first, and drains again. On ``ctx.stopping`` the
-        deliveries in flight finish (give the child a grace of at least the callback
-        timeout) and it returns. A database outage is waited out here rather than
-        crashing the child, so it does not eat the supervisor's restart budget.
+        Claims what is due (up to its free slots) and starts each row as its own task,
+        then waits for a notice, a freed slot, the next due retry or the sweep interval,
+        whichever comes first, and claims again; it never waits for a delivery to end.
+        On ``ctx.stopping`` the deliveries in flight finish (give the child a grace of
+        at least the callback timeout), rows still waiting for their turn are released,
+        and it returns. A database outage is waited out here rather than crashing the
+        child, so it does not eat the supervisor's restart budget.
         """
         sweep = self._settings.callback_dispatch_interval_minutes * 60
         ctx.started()
         log.info("dispatcher running", extra={"worker_id": self.worker_id, "sweep_s": sweep})
-        while not ctx.stop_requested:
-            try:
-                await self.drain(stopping=ctx.stopping)
-                wait = await self._until_next_due(sweep)
-            except DependencyUnavailable:
-                log.warning("dispatcher pass failed: database unavailable; retrying")
-                wait = min(sweep, DB_RETRY_SECONDS)
-            if ctx.stop_requested:
-                break
-            notices = await self._wait_for_work(ctx.stopping, notices, wait)
+        async with trio.open_nursery() as deliveries:
+            deliveries.start_soon(self._prune_hourly, ctx.stopping)
+            deadline = trio.current_time()
+            feed = True
+            while not ctx.stop_requested:
+                if feed:
+                    try:
+                        await self._feed(deliveries, ctx.stopping)
+                        wait = await self._until_next_due(sweep)
+                    except DependencyUnavailable:
+                        log.warning("dispatcher pass failed: database unavailable; retrying")
+                        wait = min(sweep, DB_RETRY_SECONDS)
+                    deadline = trio.current_time() + wait
+                if ctx.stop_requested:
+                    break
+                remaining = max(0.0, deadline - trio.current_time())
+                notices, noticed = await self._wait_for_work(ctx.stopping, notices, remaining)
+                # Notices only for receivers that already hold their share need no
+                # claim (their rows are left out of it): it would cost a round trip
+                # for nothing, once per notice. Anything else does.
+                feed = noticed is None or not noticed <= self._saturated
         log.info("dispatcher stopped", extra={"worker_id": self.worker_id})
+
+    async def _prune_hourly(self, stopping: trio.Event) -> None:
+        """Delete deliveries finished longer than RETENTION ago, every PRUNE_INTERVAL
+        (many replicas doing it at once only delete nothing twice)."""
+        while not stopping.is_set():
+            try:
+                removed = await deliveries.prune(self._pool, self._clock() - deliveries.RETENTION)
+                if removed:
+                    log.info("callback deliveries pruned", extra={"removed": removed})
+            except DependencyUnavailable:
+                log.warning("callback pruning skipped: database unavailable")
+            with trio.move_on_after(PRUNE_INTERVAL.total_seconds()):
+                await stopping.wait()
+
+    def _actor_lease_seconds(self) -> float:
+        """A lease covering a row's wait for its receiver's turn and its own attempt."""
+        rounds = math.ceil(HOST_BACKLOG / HOST_CONCURRENCY) + 1
+        return rounds * (self._timeout + RECORD_ALLOWANCE_SECONDS) + LEASE_MARGIN_SECONDS
+
+    async def _feed(self, nursery: trio.Nursery, stopping: trio.Event) -> None:
+        """Claim due rows into the free slots and start each. Receivers that hold
+        HOST_BACKLOG rows are left out of the claim; rows of theirs that come anyway
+        (another spelling of the URL, or more in one claim than their share) are
+        parked for PARK_SECONDS. Raises DependencyUnavailable."""
+        while not stopping.is_set():
+            free = self._in_flight_limit - self._in_flight
+            if free <= 0:
+                self._full = True  # a delivery ending below the low-water mark wakes us
+                return
+            now = self._clock()
+            busy = [r for r, held in self._held.items() if held >= HOST_BACKLOG]
+            self._saturated.update(busy)
+            entries = await outbox.claim_due(
+                self._pool,
+                self.worker_id,
+                now,
+                self._actor_lease_seconds(),
+                free,
+                skip_prefixes=sorted({p for r in busy for p in self._prefixes[r]}),
+            )
+            self.stats.passes += 1
+            parked: list[OutboxEntry] = []
+            for entry in entries:
+                receiver, prefix = receiver_of(entry.url), url_prefix(entry.url)
+                if self._held.get(receiver, 0) >= HOST_BACKLOG:
+                    self._saturated.add(receiver)
+                    parked.append(entry)
+                    continue
+                self._held[receiver] = self._held.get(receiver, 0) + 1
+                self._prefixes.setdefault(receiver, Counter())[prefix] += 1
+                self._in_flight += 1
+                nursery.start_soon(self._deliver, entry, receiver, prefix, stopping)
+            if parked:
+                until = now + timedelta(seconds=min(PARK_SECONDS, self._timeout))
+                await outbox.park(self._pool, parked, self.worker_id, until)
+            if len(entries) < free or len(parked) == len(entries):
+                return
+
+    async def _deliver(
+        self, entry: OutboxEntry, receiver: str, prefix: str, stopping: trio.Event
+    ) -> None:
+        """One row, on its own: wait for the receiver's turn, attempt, record."""
+        limiter = self._host_limiters.get(receiver)
+        if limiter is None:
+            limiter = self._host_limiters[receiver] = trio.CapacityLimiter(HOST_CONCURRENCY)
+        outcome = "skipped"
+        try:
+            async with limiter:
+                outcome = await self._work(entry, stopping)
+        finally:
+            self._in_flight -= 1
+            self._held[receiver] -= 1
+            self._prefixes[receiver][prefix] -= 1
+            if not self._prefixes[receiver][prefix]:
+                del self._prefixes[receiver][prefix]
+            if not self._held[receiver]:
+                del self._held[receiver], self._host_limiters[receiver], self._prefixes[receiver]
+            self.stats.totals = self.stats.totals + PassResult(claimed=1, **{outcome: 1})
+            low_water = self._full and self._in_flight <= self._in_flight_limit // 2
+            drained = (
+                receiver in self._saturated and self._held.get(receiver, 0) <= HOST_BACKLOG // 2
+            )
+            if drained:
+                self._saturated.discard(receiver)
+            if outcome == "retried" or low_water or drained:
+                # A retry has a new due time, or slots (the dispatcher's or a busy
+                # receiver's) are free again: look again.
+                self._full = False
+                self._wake.set()
 
     async def _until_next_due(self, sweep: float) -> float:
         """Seconds until the sweep, or sooner when a retry falls due before it."""
@@ -470,12 +680,16 @@ class Dispatcher:
     async def _wait_for_work(
         self,
         stopping: trio.Event,
-        notices: trio.MemoryReceiveChannel[int] | None,
+        notices: trio.MemoryReceiveChannel[str] | None,
         seconds: float,
-    ) -> trio.MemoryReceiveChannel[int] | None:
-        """Sleep until a notice, ``stopping`` or ``seconds`` pass; swallow queued notices (one
-        drain serves them all). Returns the channel, or None once it has closed."""
+    ) -> tuple[trio.MemoryReceiveChannel[str] | None, set[str] | None]:
+        """Sleep until a notice, a wake-up, ``stopping`` or ``seconds`` pass; swallow
+        queued notices (one claim serves them all). Returns the channel (None once it
+        has closed) and the receivers the notices named, or None when something else
+        (time, a wake-up, stopping) ended the wait."""
         self.stats.waiting = True
+        noticed: set[str] = set()
+        by_notice = False
         try:
             with trio.move_on_after(seconds):
                 async with trio.open_nursery() as nursery:
@@ -484,27 +698,36 @@ class Dispatcher:
                         await stopping.wait()
                         nursery.cancel_scope.cancel()
 
-                    async def watch_notices(channel: trio.MemoryReceiveChannel[int]) -> None:
-                        nonlocal notices
+                    async def watch_notices(channel: trio.MemoryReceiveChannel[str]) -> None:
+                        nonlocal notices, by_notice
                         try:
-                            await channel.receive()
+                            noticed.add(await channel.receive())
                             self.stats.notices += 1
                         except (trio.EndOfChannel, trio.ClosedResourceError):
                             notices = None  # no more notices: sweep only
                             return
+                        by_notice = True
+                        nursery.cancel_scope.cancel()
+
+                    async def watch_wake() -> None:
+                        await self._wake.wait()
                         nursery.cancel_scope.cancel()
 
                     nursery.start_soon(watch_stop)
+                    nursery.start_soon(watch_wake)
                     if notices is not None:
                         nursery.start_soon(watch_notices, notices)
         finally:
             self.stats.waiting = False
+            if self._wake.is_set():
+                by_notice = False
+                self._wake = trio.Event()
         while notices is not None:
             try:
-                notices.receive_nowait()
+                noticed.add(notices.receive_nowait())
                 self.stats.notices += 1
             except trio.WouldBlock:
                 break
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 notices = None
-        return notices
+        return notices, (noticed if by_notice else None)

@@ -8,7 +8,12 @@ retry so the receiver can deduplicate), ``webhook-timestamp`` (unix seconds of t
 attempt) and ``webhook-signature`` (``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``),
 made by the ``standardwebhooks`` library so any Standard Webhooks verifier accepts it.
 
-The secret's rule is a setting's, so it lives in :func:`payments.config.parse_signing_secret`,
+Rotation: the variable may hold several secrets separated by spaces; the signature
+header then carries one ``v1,`` signature per secret, space-separated (the Standard
+Webhooks form), and a receiver holding any one of the secrets verifies the callback.
+So an operator adds the new secret, lets receivers switch, then drops the old one.
+
+The secret's rule is a setting's, so it lives in :func:`payments.config.parse_signing_secrets`,
 which refuses a bad secret at start.
 """
 
@@ -19,7 +24,7 @@ from datetime import UTC, datetime
 
 from standardwebhooks.webhooks import Webhook
 
-from payments.config import parse_signing_secret
+from payments.config import parse_signing_secrets
 from payments.model import OutboxEntry
 
 
@@ -28,11 +33,11 @@ class CallbackSigner:
 
     def __init__(self, api_key: str, signing_secret: str = "") -> None:
         self._api_key = api_key
-        self._webhook = Webhook(parse_signing_secret(signing_secret)) if signing_secret else None
+        self._webhooks = [Webhook(key) for key in parse_signing_secrets(signing_secret)]
 
     @property
     def signs(self) -> bool:
-        return self._webhook is not None
+        return bool(self._webhooks)
 
     def headers(self, entry: OutboxEntry, at: datetime) -> dict[str, str]:
         """The headers of one attempt to deliver ``entry``, made at ``at`` (aware)."""
@@ -47,11 +52,11 @@ class CallbackSigner:
         seconds = math.floor(at.timestamp())
         headers["webhook-id"] = entry.delivery_id
         headers["webhook-timestamp"] = str(seconds)
-        if self._webhook is not None:
+        if self._webhooks:
             # The library formats the time itself from a naive-or-UTC datetime: give it
             # whole UTC seconds so the header and the signed text agree.
             stamp = datetime.fromtimestamp(seconds, UTC)
-            headers["webhook-signature"] = self._webhook.sign(
-                entry.delivery_id, stamp, entry.payload
+            headers["webhook-signature"] = " ".join(
+                webhook.sign(entry.delivery_id, stamp, entry.payload) for webhook in self._webhooks
             )
         return headers

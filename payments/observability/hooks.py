@@ -97,10 +97,10 @@ def _attempt_outcome(attempt: CallbackAttempt) -> str:
 
 
 async def callback_attempt(
-    post: Callable[[OutboxEntry, int], Awaitable[CallbackAttempt]],
+    post: Callable[[OutboxEntry, int], Awaitable[tuple[CallbackAttempt, float | None]]],
     entry: OutboxEntry,
     attempt_no: int,
-) -> CallbackAttempt:
+) -> tuple[CallbackAttempt, float | None]:
     """Run one delivery attempt in a span continuing the trace stored with the row (the
     request or provider event that ended the payment), so ``post`` sends that trace on
     in its ``traceparent`` (see :func:`tracing.inject`); counts the attempt's outcome."""
@@ -115,7 +115,7 @@ async def callback_attempt(
             "payments.attempt": attempt_no,
         },
     ) as span:
-        attempt = await post(entry, attempt_no)
+        attempt, retry_after = await post(entry, attempt_no)
         outcome = _attempt_outcome(attempt)
         span.set_attribute("payments.outcome", outcome)
         if attempt.status_code is not None:
@@ -123,7 +123,7 @@ async def callback_attempt(
         if outcome != "delivered":
             tracing.mark_error(span, attempt.error)
     metrics.CALLBACK_ATTEMPTS.labels(outcome).inc()
-    return attempt
+    return attempt, retry_after
 
 
 async def record_outbox_backlog(conn: Connection, now: datetime) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from payments.model import OutboxEntry, OutboxState, PaymentStatus
+from payments.model import CallbackKind, OutboxEntry, OutboxState, PaymentStatus
 from payments.storage.database import Connection, Database, DuplicateKey
 from payments.storage.dialect import MYSQL, Dialect
 from payments.storage.timestamps import from_db_datetime, to_db_datetime
@@ -56,6 +56,9 @@ OUTBOX_COLUMNS = (
     "updated_at",
     "delivered_at",
     "traceparent",
+    "kind",
+    "refund_id",
+    "resend",
 )
 SELECT_OUTBOX = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM callback_outbox"  # noqa: S608
 
@@ -84,17 +87,22 @@ def entry_from_row(row: Sequence[Any]) -> OutboxEntry:
         updated_at=from_db_datetime(values["updated_at"]),
         delivered_at=_optional_time(values["delivered_at"]),
         traceparent=values["traceparent"],
+        kind=CallbackKind(values["kind"]),
+        refund_id=int(values["refund_id"]),
+        resend=int(values["resend"]),
     )
 
 
 async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
-    """Queue a callback; returns its id. A payment announces each status once, so a
-    second entry for the same (payment, status) is ignored (0 is returned)."""
+    """Queue a callback; returns its id. A payment (or refund) announces each status
+    once, so a second entry for the same announcement and resend number is ignored (0
+    is returned)."""
     try:
         return await conn.insert(
             "INSERT INTO callback_outbox (payment_id, status, delivery_id, url, request_id,"
-            " payload, state, attempts, next_attempt_at, created_at, updated_at, traceparent)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " payload, state, attempts, next_attempt_at, created_at, updated_at, traceparent,"
+            " kind, refund_id, resend)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 entry.payment_id,
                 int(entry.status),
@@ -108,10 +116,13 @@ async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
                 to_db_datetime(entry.created_at),
                 to_db_datetime(entry.updated_at),
                 entry.traceparent,
+                str(entry.kind),
+                entry.refund_id,
+                entry.resend,
             ),
         )
     except DuplicateKey as exc:
-        if exc.key != "uq_callback_outbox_payment_status":
+        if exc.key != "uq_callback_outbox_announcement":
             raise
         return 0
 
@@ -129,29 +140,45 @@ async def get_entry(conn: Connection, outbox_id: int) -> OutboxEntry | None:
 
 
 @cache
-def due_query(dialect: Dialect = MYSQL) -> str:
-    """The due rows, oldest first (without the lock clause).
+def due_query(dialect: Dialect = MYSQL, skipping: int = 0) -> str:
+    """The due rows, oldest first (without the lock clause); ``skipping`` URL prefixes
+    left out (one ``url NOT LIKE`` argument each).
 
     FORCE INDEX on MySQL because this is a locking read: a table scan would lock (and
     make other replicas skip) every row it passed, not just the batch.
     ix_callback_outbox_due is (state, next_attempt_at) and InnoDB (like SQLite) appends
     id, so the range scan already yields ORDER BY next_attempt_at, id without a sort.
     """
+    skip = " AND url NOT LIKE %s ESCAPE '!'" * skipping
     return (
         f"{SELECT_OUTBOX}{dialect.force_index('ix_callback_outbox_due')}"
         " WHERE state = 'pending' AND next_attempt_at <= %s"
-        " AND (claimed_until IS NULL OR claimed_until <= %s)"
+        f" AND (claimed_until IS NULL OR claimed_until <= %s){skip}"
         " ORDER BY next_attempt_at, id LIMIT %s"
     )
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern (ESCAPE '!') matching URLs under ``prefix`` + ``/``."""
+    escaped = prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return escaped + "/%"
 
 
 DUE_QUERY = due_query(MYSQL)
 
 
 async def claim_due(
-    db: Database, worker_id: str, now: datetime, lease_seconds: float, limit: int
+    db: Database,
+    worker_id: str,
+    now: datetime,
+    lease_seconds: float,
+    limit: int,
+    *,
+    skip_prefixes: Sequence[str] = (),
 ) -> list[OutboxEntry]:
-    """Claim up to ``limit`` pending rows due at ``now`` whose lease is free or expired.
+    """Claim up to ``limit`` pending rows due at ``now`` whose lease is free or expired,
+    leaving out URLs under ``skip_prefixes`` (``scheme://host:port``: receivers that
+    have their share in flight already).
 
     One short transaction: lock the rows (skipping rows another replica is claiming
     right now), stamp them with ``worker_id`` and a lease ending ``now +
@@ -166,8 +193,10 @@ async def claim_due(
     db_now = to_db_datetime(now)
     async with db.transaction() as conn:
         dialect = conn.dialect
+        patterns = [like_prefix(prefix) for prefix in skip_prefixes]
         rows = await conn.fetchall(
-            due_query(dialect) + dialect.for_update_skip_locked, (db_now, db_now, limit)
+            due_query(dialect, len(patterns)) + dialect.for_update_skip_locked,
+            (db_now, db_now, *patterns, limit),
         )
         if not rows:
             return []
@@ -289,6 +318,28 @@ async def release(conn: Connection, entry: OutboxEntry, worker_id: str) -> bool:
     lease was no longer ours."""
     matched = await conn.execute(_RELEASE, _lease_guard(entry, worker_id))
     return matched == 1
+
+
+async def park(
+    db: Database, entries: Sequence[OutboxEntry], worker_id: str, until: datetime
+) -> int:
+    """Keep claimed rows unattempted until ``until`` (their lease moved to it): the
+    dispatcher's way to set aside rows of a receiver that already has its share in
+    flight, so they do not fill its slots. ``entries`` must come from one claim (one
+    lease); only rows still held under it move. How many did."""
+    if not entries:
+        return 0
+    claimed_until = entries[0].claimed_until
+    if claimed_until is None or any(e.claimed_until != claimed_until for e in entries):
+        raise ValueError("park entries of one claim")
+    ids = [entry.id for entry in entries]
+    marks = ", ".join(["%s"] * len(ids))
+    async with db.transaction() as conn:
+        return await conn.execute(
+            f"UPDATE callback_outbox SET claimed_until = %s WHERE id IN ({marks})"  # noqa: S608
+            " AND state = 'pending' AND claimed_by = %s AND claimed_until = %s",
+            (to_db_datetime(until), *ids, worker_id, to_db_datetime(claimed_until)),
+        )
 
 
 async def attempts_for(conn: Connection, outbox_id: int) -> list[CallbackAttempt]:
