@@ -29,8 +29,6 @@ NOT_YET_SERVED = frozenset(
         ("post", "/payments/{}/refunds"),
         ("get", "/payments/{}/refunds"),
         ("get", "/refunds/{}"),
-        ("get", "/payments/{}/callbacks"),
-        ("post", "/payments/{}/callbacks/resend"),
         ("post", "/webhooks/providers/stripe"),
     }
 )
