@@ -225,3 +225,15 @@ CREATE TABLE IF NOT EXISTS refund_events (
     KEY ix_refund_events_refund (refund_id, id),
     UNIQUE KEY uq_refund_events_provider_event (provider_event_id, refund_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- migrate:step 4 payments: Stripe PaymentIntent and Charge ids (refunds and their events)
+
+-- The PaymentIntent a refund is made against and the charge it paid, filled when the
+-- service first resolves them (a refund, or the payment becoming PAID); refund events
+-- name both, so each is indexed to route an event to its payment. MariaDB's IF NOT
+-- EXISTS keeps the statements re-runnable (DDL commits one statement at a time).
+ALTER TABLE payments
+    ADD COLUMN IF NOT EXISTS provider_payment_intent_id VARCHAR(255) NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS provider_charge_id VARCHAR(255) NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS ix_payments_payment_intent ON payments (provider_payment_intent_id);
+CREATE INDEX IF NOT EXISTS ix_payments_charge ON payments (provider_charge_id);

@@ -177,3 +177,10 @@ CREATE TABLE IF NOT EXISTS refund_events (
 
 CREATE INDEX IF NOT EXISTS ix_refund_events_refund ON refund_events (refund_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS uq_refund_events_provider_event ON refund_events (provider_event_id, refund_id);
+
+-- migrate:step 4 payments: Stripe PaymentIntent and Charge ids (refunds and their events)
+
+ALTER TABLE payments ADD COLUMN provider_payment_intent_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE payments ADD COLUMN provider_charge_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS ix_payments_payment_intent ON payments (provider_payment_intent_id);
+CREATE INDEX IF NOT EXISTS ix_payments_charge ON payments (provider_charge_id);

@@ -37,6 +37,8 @@ from payments.model import (
 )
 from payments.opening import record_opened
 from payments.providers.registry import ProviderRegistry
+from payments.refund_service import RefundService
+from payments.refunding import load_refund_totals
 from payments.storage import repository as repo
 from payments.storage.database import Deadlock, DuplicateKey
 from payments.unit_of_work import UnitOfWork
@@ -61,6 +63,7 @@ class PaymentService:
         self._pool = uow.database
         self._providers = providers
         self._callback_base = provider_callback_base_url.rstrip("/")
+        self.refunds = RefundService(uow, providers)
 
     # --- create -------------------------------------------------------------------------
 
@@ -79,7 +82,7 @@ class PaymentService:
             raise PermissionDenied("caller_service must be the calling service's own name")
         payment = await self._insert_or_load(new)
         if payment.status != PaymentStatus.CREATED:
-            return payment
+            return await self._with_refund_totals(payment)  # a replay: it may have refunds
         return await self._open_at_provider(payment.id)
 
     async def _insert_or_load(self, new: NewPayment) -> Payment:
@@ -171,8 +174,9 @@ class PaymentService:
         """One payment; another caller's answers NotFound so ids do not leak."""
         async with self._pool.connection() as conn:
             payment = await repo.get_payment(conn, payment_id)
-        if payment is None or not caller.may_act_for(payment.caller_service):
-            raise _not_found()
+            if payment is None or not caller.may_act_for(payment.caller_service):
+                raise _not_found()
+            await load_refund_totals(conn, (payment,))
         return payment
 
     async def list(self, caller: Caller, filters: ListFilter) -> list[Payment]:
@@ -182,7 +186,9 @@ class PaymentService:
                 raise PermissionDenied("caller_service must be the calling service's own name")
             filters = attrs.evolve(filters, caller_service=caller.service_name)
         async with self._pool.connection() as conn:
-            return await repo.list_payments(conn, filters)
+            payments = await repo.list_payments(conn, filters)
+            await load_refund_totals(conn, payments)  # one query for the page
+        return payments
 
     # --- cancel -------------------------------------------------------------------------
 
@@ -235,6 +241,11 @@ class PaymentService:
             )
             raise refused
         log.info("payment canceled", extra={"payment_id": payment.id})
+        return payment
+
+    async def _with_refund_totals(self, payment: Payment) -> Payment:
+        async with self._pool.connection() as conn:
+            await load_refund_totals(conn, (payment,))
         return payment
 
     # --- health -------------------------------------------------------------------------

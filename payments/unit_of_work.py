@@ -174,7 +174,8 @@ class Work:
         await subject.record(self.conn, new_status, change, applied=True)
         await subject.apply(self.conn, new_status, change)
         if subject.is_terminal(new_status):
-            await outbox.insert_entry(self.conn, new_outbox_entry(payment, subject.callback_body()))
+            entry = new_outbox_entry(payment, subject.callback_body(), at=change.at)
+            await outbox.insert_entry(self.conn, entry)
             self.notices.append(payment)
         return True
 
@@ -205,10 +206,13 @@ class UnitOfWork:
                 log.exception("dispatcher notice failed", extra={"payment_id": payment.id})
 
 
-def new_outbox_entry(payment: Payment, body: Mapping[str, Any] | None = None) -> OutboxEntry:
-    """The callback announcing ``payment``'s (terminal) status, due now; ``body``
-    defaults to ``{"payment": ...}``."""
-    now = payment.updated_at
+def new_outbox_entry(
+    payment: Payment, body: Mapping[str, Any] | None = None, *, at: datetime | None = None
+) -> OutboxEntry:
+    """The callback announcing ``payment``'s (terminal) status, due ``at`` (default: the
+    payment's updated_at); ``body`` defaults to ``{"payment": ...}`` (a refund's change
+    passes its own body and time: the payment itself did not move)."""
+    now = at if at is not None else payment.updated_at
     document = body if body is not None else {"payment": payment_to_json(payment)}
     return OutboxEntry(
         payment_id=payment.id,

@@ -14,9 +14,12 @@ from payments.model import (
     DEFAULT_LIST_LIMIT,
     MAX_LIST_LIMIT,
     RECURRING_INTERVALS,
+    REFUND_REASONS,
     CreatePaymentInput,
+    CreateRefundInput,
     ListFilter,
     NewPayment,
+    NewRefund,
     PaymentMethod,
     PaymentStatus,
     PaymentType,
@@ -133,7 +136,9 @@ def validate_create(raw: CreatePaymentInput) -> NewPayment:
 RESERVED_METADATA_KEYS = frozenset({"request_id", "callback_hash"})
 
 
-def _metadata(metadata: object) -> dict[str, str]:
+def _metadata(
+    metadata: object, reserved: frozenset[str] = RESERVED_METADATA_KEYS
+) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise InvalidArgument("metadata", "must be an object of strings")
     if len(metadata) > MAX_METADATA_ENTRIES:
@@ -144,7 +149,7 @@ def _metadata(metadata: object) -> dict[str, str]:
             raise InvalidArgument("metadata", "keys and values must be strings")
         if not key.strip() or len(key) > MAX_METADATA_KEY:
             raise InvalidArgument("metadata", f"keys must be 1..{MAX_METADATA_KEY} characters")
-        if key in RESERVED_METADATA_KEYS:
+        if key in reserved:
             raise InvalidArgument("metadata", f"key {key!r} is reserved")
         if len(value) > MAX_METADATA_VALUE:
             raise InvalidArgument(
@@ -188,4 +193,31 @@ def validate_list(
         provider=provider_value,
         limit=limit,
         offset=offset,
+    )
+
+
+# Metadata keys the service adds to the Stripe refund itself.
+RESERVED_REFUND_METADATA_KEYS = frozenset({"request_id", "refund_id"})
+
+
+def validate_refund(raw: CreateRefundInput, caller_service: str) -> NewRefund:
+    """Check a decoded create-refund request (CONTRACT.md "Refunds"): the refund is the
+    authenticated caller's; ``amount_cents`` 0 means all that is still refundable."""
+    if raw.payment_id <= 0:
+        raise InvalidArgument("payment_id", "must be a positive integer")
+    request_id = _required(raw.request_id, "request_id")
+    if raw.amount_cents < 0:
+        raise InvalidArgument("amount_cents", "must not be negative")
+    if raw.amount_cents > MAX_AMOUNT_CENTS:
+        raise InvalidArgument("amount_cents", f"must be at most {MAX_AMOUNT_CENTS}")
+    reason = raw.reason.strip()
+    if reason and reason not in REFUND_REASONS:
+        raise InvalidArgument("reason", f"must be empty or one of {', '.join(REFUND_REASONS)}")
+    return NewRefund(
+        payment_id=raw.payment_id,
+        request_id=request_id,
+        caller_service=caller_service,
+        amount_cents=raw.amount_cents,
+        reason=reason,
+        metadata=_metadata(raw.metadata, RESERVED_REFUND_METADATA_KEYS),
     )
