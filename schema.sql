@@ -226,7 +226,7 @@ CREATE TABLE IF NOT EXISTS refund_events (
     UNIQUE KEY uq_refund_events_provider_event (provider_event_id, refund_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
--- migrate:step 4 payments: Stripe PaymentIntent and Charge ids (refunds and their events)
+-- migrate:step 4 payments' Stripe PaymentIntent and Charge ids; refund callbacks
 
 -- The PaymentIntent a refund is made against and the charge it paid, filled when the
 -- service first resolves them (a refund, or the payment becoming PAID); refund events
@@ -237,3 +237,11 @@ ALTER TABLE payments
     ADD COLUMN IF NOT EXISTS provider_charge_id VARCHAR(255) NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS ix_payments_payment_intent ON payments (provider_payment_intent_id);
 CREATE INDEX IF NOT EXISTS ix_payments_charge ON payments (provider_charge_id);
+
+-- A refund's callback is a row of its own: (payment, status) no longer names one
+-- callback, (payment, status, refund) does (refund_id 0: the payment's own).
+ALTER TABLE callback_outbox
+    ADD COLUMN IF NOT EXISTS refund_id BIGINT UNSIGNED NOT NULL DEFAULT 0;
+ALTER TABLE callback_outbox
+    ADD UNIQUE KEY IF NOT EXISTS uq_callback_outbox_payment_status_refund (payment_id, status, refund_id);
+ALTER TABLE callback_outbox DROP INDEX IF EXISTS uq_callback_outbox_payment_status;

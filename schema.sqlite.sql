@@ -178,9 +178,13 @@ CREATE TABLE IF NOT EXISTS refund_events (
 CREATE INDEX IF NOT EXISTS ix_refund_events_refund ON refund_events (refund_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS uq_refund_events_provider_event ON refund_events (provider_event_id, refund_id);
 
--- migrate:step 4 payments: Stripe PaymentIntent and Charge ids (refunds and their events)
+-- migrate:step 4 payments' Stripe PaymentIntent and Charge ids; refund callbacks
 
 ALTER TABLE payments ADD COLUMN provider_payment_intent_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE payments ADD COLUMN provider_charge_id TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS ix_payments_payment_intent ON payments (provider_payment_intent_id);
 CREATE INDEX IF NOT EXISTS ix_payments_charge ON payments (provider_charge_id);
+
+ALTER TABLE callback_outbox ADD COLUMN refund_id INTEGER NOT NULL DEFAULT 0;
+CREATE UNIQUE INDEX IF NOT EXISTS uq_callback_outbox_payment_status_refund ON callback_outbox (payment_id, status, refund_id);
+DROP INDEX IF EXISTS uq_callback_outbox_payment_status;

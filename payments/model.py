@@ -291,6 +291,7 @@ class OutboxEntry:
     last_error: str = ""
     delivered_at: datetime | None = None
     id: int = 0
+    refund_id: int = 0  # the refund a refund callback announces; 0: the payment's own
 
 
 # --- refunds ------------------------------------------------------------------------

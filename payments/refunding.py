@@ -58,6 +58,10 @@ class RefundSubject:
     def status(self) -> RefundStatus:
         return self.refund.status
 
+    @property
+    def refund_id(self) -> int:
+        return self.refund.id
+
     def allows(self, new: enum.IntEnum) -> bool:
         return can_refund_transition(self.refund.status, RefundStatus(new))
 

@@ -88,6 +88,11 @@ class Subject(Protocol):
         """The status callback's JSON body, fixed now."""
         ...
 
+    @property
+    def refund_id(self) -> int:
+        """The refund a callback of this subject announces (0: the payment itself)."""
+        ...
+
 
 @attrs.define
 class PaymentSubject:
@@ -98,6 +103,7 @@ class PaymentSubject:
 
     payment: Payment
     kind: EventKind = EventKind.STATUS_CHANGED
+    refund_id: int = 0  # a payment's own callback
 
     @property
     def status(self) -> PaymentStatus:
@@ -175,6 +181,7 @@ class Work:
         await subject.apply(self.conn, new_status, change)
         if subject.is_terminal(new_status):
             entry = new_outbox_entry(payment, subject.callback_body(), at=change.at)
+            entry.refund_id = subject.refund_id
             await outbox.insert_entry(self.conn, entry)
             self.notices.append(payment)
         return True

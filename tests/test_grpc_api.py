@@ -157,9 +157,6 @@ async def test_unknown_method_is_unimplemented(stack: Stack) -> None:
 @pytest.mark.parametrize(
     ("method", "request_message"),
     [
-        ("CreateRefund", pb.CreateRefundRequest(payment_id=1, request_id="r-1")),
-        ("GetRefund", pb.GetRefundRequest(id=1)),
-        ("ListRefunds", pb.ListRefundsRequest(payment_id=1)),
         ("ListCallbackDeliveries", pb.ListCallbackDeliveriesRequest(payment_id=1)),
         ("ResendCallback", pb.ResendCallbackRequest(payment_id=1)),
     ],

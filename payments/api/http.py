@@ -47,7 +47,7 @@ from payments.errors import InvalidArgument, Unauthenticated
 from payments.inbound import ProviderEvents
 from payments.model import Caller
 from payments.service import PaymentService
-from payments.validation import validate_create
+from payments.validation import validate_create, validate_refund
 
 log = logging.getLogger("payments.api.http")
 
@@ -268,8 +268,37 @@ def create_http_app(
             headers={"Content-Security-Policy": "default-src 'none'", "Cache-Control": "no-store"},
         )
 
+    _add_refund_routes(app, service)
     _shield_sends(app)
     return app
+
+
+def _add_refund_routes(app: QuartTrio, service: PaymentService) -> None:
+    """CONTRACT.md "Refunds": create (201, replays too), list a payment's, get one."""
+
+    @app.post("/payments/<payment_id>/refunds")
+    async def create_refund(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        raw = wire.refund_input_from_json(wire.parse_json_object(await _body()), number)
+        if not raw.request_id.strip():
+            raw = attrs.evolve(raw, request_id=g.request_id)
+        caller = _caller()
+        refund = await service.refunds.create(caller, validate_refund(raw, caller.service_name))
+        g.payment_id = refund.payment_id
+        return _json({"refund": wire.refund_to_json(refund)}, 201)
+
+    @app.get("/payments/<payment_id>/refunds")
+    async def list_refunds(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        refunds = await service.refunds.list(_caller(), number)
+        g.payment_id = number
+        return _json({"refunds": [wire.refund_to_json(refund) for refund in refunds]})
+
+    @app.get("/refunds/<refund_id>")
+    async def get_refund(refund_id: str) -> Response:
+        refund = await service.refunds.get(_caller(), wire.parse_payment_id(refund_id))
+        g.payment_id = refund.payment_id
+        return _json({"refund": wire.refund_to_json(refund)})
 
 
 def _shield_sends(app: QuartTrio) -> None:

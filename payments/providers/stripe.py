@@ -414,15 +414,15 @@ class StripeProvider:
     async def find_refund(self, payment: Payment, refund: Refund) -> ProviderRefund | None:
         """The Stripe refund whose metadata names ``refund.id``, among the refunds of the
         payment's PaymentIntent (every page); None when Stripe has none."""
-        wanted = str(refund.id)
         try:
             intent_id = await self._payment_intent(payment)
             params: dict[str, Any] = {"payment_intent": intent_id, "limit": _LIST_PAGE}
             while True:
                 page = await self._client.v1.refunds.list_async(params=params)  # type: ignore[arg-type]
                 for item in page.data:
-                    if (item.metadata or {}).get("refund_id") == wanted:
-                        return provider_refund(item)
+                    found = provider_refund(item)
+                    if found.refund_id == refund.id:
+                        return found
                 if not page.has_more or not page.data:
                     return None
                 params = {**params, "starting_after": page.data[-1].id}
@@ -491,7 +491,8 @@ def refund_metadata(refund: Refund) -> dict[str, str]:
 
 def provider_refund(obj: Any) -> ProviderRefund:
     """A Stripe refund (SDK object or the event's plain dict) as a ProviderRefund."""
-    get = obj.get if isinstance(obj, dict) else (lambda name: getattr(obj, name, None))
+    data: dict[str, Any] = obj if isinstance(obj, dict) else obj.to_dict()
+    get = data.get
     metadata = get("metadata") or {}
     refund_id = str(metadata.get("refund_id") or "")
     return ProviderRefund(

@@ -55,6 +55,7 @@ OUTBOX_COLUMNS = (
     "created_at",
     "updated_at",
     "delivered_at",
+    "refund_id",
 )
 SELECT_OUTBOX = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM callback_outbox"  # noqa: S608
 
@@ -82,17 +83,19 @@ def entry_from_row(row: Sequence[Any]) -> OutboxEntry:
         created_at=from_db_datetime(values["created_at"]),
         updated_at=from_db_datetime(values["updated_at"]),
         delivered_at=_optional_time(values["delivered_at"]),
+        refund_id=int(values["refund_id"]),
     )
 
 
 async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
-    """Queue a callback; returns its id. A payment announces each status once, so a
-    second entry for the same (payment, status) is ignored (0 is returned)."""
+    """Queue a callback; returns its id. A payment (or one of its refunds) announces
+    each status once, so a second entry for the same (payment, status, refund) is
+    ignored (0 is returned)."""
     try:
         return await conn.insert(
             "INSERT INTO callback_outbox (payment_id, status, delivery_id, url, request_id,"
-            " payload, state, attempts, next_attempt_at, created_at, updated_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " payload, state, attempts, next_attempt_at, created_at, updated_at, refund_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 entry.payment_id,
                 int(entry.status),
@@ -105,10 +108,11 @@ async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
                 to_db_datetime(entry.next_attempt_at),
                 to_db_datetime(entry.created_at),
                 to_db_datetime(entry.updated_at),
+                entry.refund_id,
             ),
         )
     except DuplicateKey as exc:
-        if exc.key != "uq_callback_outbox_payment_status":
+        if exc.key != "uq_callback_outbox_payment_status_refund":
             raise
         return 0
 
