@@ -53,7 +53,6 @@ from payments.providers.registry import ProviderRegistry
 from payments.refunding import (
     apply_provider_refund,
     insert_pending,
-    load_refund_totals,
     move_refund,
 )
 from payments.storage import refunds as store
@@ -161,7 +160,7 @@ class RefundService:
     async def _send(self, claim: Refund, *, retry: bool) -> Refund:
         """Steps 2 and 3 for a PENDING claim without a Stripe id."""
         if retry:
-            stamped = await self._stamp_attempt(claim.id)
+            stamped = await self._stamp_attempt(claim)
             if stamped is None:  # settled meanwhile (a concurrent retry, an event)
                 return await self._read_refund(claim.id)
             claim = stamped
@@ -171,16 +170,16 @@ class RefundService:
             found = await self._providers.get(payment.provider).create_refund(payment, claim)
         except ProviderRejected as exc:
             log.info("stripe refused the refund", extra={"refund_id": claim.id})
-            return await self._settle(claim.id, None, exc.message, "refused by Stripe")
+            return await self._settle(claim, None, exc.message, "refused by Stripe")
         except ProviderUnavailable:
             raise DependencyUnavailable(UNAVAILABLE) from None
-        return await self._settle(claim.id, found, "", "answered by Stripe")
+        return await self._settle(claim, found, "", "answered by Stripe")
 
-    async def _stamp_attempt(self, refund_id: int) -> Refund | None:
+    async def _stamp_attempt(self, claim: Refund) -> Refund | None:
         """Mark a retry's Stripe attempt (updated_at) before it starts; None when the
         claim is no longer waiting for one."""
         async with self._uow.begin() as work:
-            _, refund = await self._lock(work.conn, refund_id)
+            _, refund = await self._lock(work.conn, claim)
             if refund.status != RefundStatus.PENDING or refund.provider_refund_id:
                 return None
             refund.updated_at = utcnow()
@@ -188,11 +187,11 @@ class RefundService:
         return refund
 
     async def _settle(
-        self, refund_id: int, found: ProviderRefund | None, refused: str, reason: str
+        self, claim: Refund, found: ProviderRefund | None, refused: str, reason: str
     ) -> Refund:
         """Step 3: Stripe's refund (``found``), or its refusal (FAILED with ``refused``)."""
         async with self._uow.begin() as work:
-            payment, refund = await self._lock(work.conn, refund_id)
+            payment, refund = await self._lock(work.conn, claim)
             if found is None:
                 await move_refund(
                     work,
@@ -231,7 +230,7 @@ class RefundService:
             return None
         found = await self._providers.get(payment.provider).find_refund(payment, refund)
         async with self._uow.begin() as work:
-            payment, refund = await self._lock(work.conn, refund_id)
+            payment, refund = await self._lock(work.conn, refund)
             if refund.status != RefundStatus.PENDING or refund.provider_refund_id:
                 return None
             if found is not None:
@@ -278,24 +277,20 @@ class RefundService:
 
     # --- helpers ------------------------------------------------------------------------
 
-    @classmethod
-    async def _lock(cls, conn: Connection, refund_id: int) -> tuple[Payment, Refund]:
-        """The refund's payment and the refund, locked in that order (the one lock order
-        of every refund change), the payment with its refund totals."""
-        refund = await store.get_refund(conn, refund_id)
-        if refund is None:
-            raise _refund_not_found()
-        payment = await cls._payment_of(conn, refund, locked=True)
-        locked = await store.get_refund(conn, refund_id, for_update=True)
-        if locked is None:
+    @staticmethod
+    async def _lock(conn: Connection, claim: Refund) -> tuple[Payment, Refund]:
+        """The claim's payment and the refund as stored now, locked in that order (the
+        one lock order of every refund change). The payment's totals are not read here:
+        a status change reads them after it writes the refund."""
+        payment = await repo.get_payment(conn, claim.payment_id, for_update=True)
+        locked = await store.get_refund(conn, claim.id, for_update=True)
+        if payment is None or locked is None:
             raise _refund_not_found()
         return payment, locked
 
     @staticmethod
-    async def _payment_of(conn: Connection, refund: Refund, *, locked: bool = False) -> Payment:
-        payment = await repo.get_payment(conn, refund.payment_id, for_update=locked)
+    async def _payment_of(conn: Connection, refund: Refund) -> Payment:
+        payment = await repo.get_payment(conn, refund.payment_id)
         if payment is None:
             raise _payment_not_found()
-        if locked:
-            await load_refund_totals(conn, (payment,))
         return payment
