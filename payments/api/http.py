@@ -279,7 +279,8 @@ def _add_refund_routes(app: QuartTrio, service: PaymentService) -> None:
     @app.post("/payments/<payment_id>/refunds")
     async def create_refund(payment_id: str) -> Response:
         number = wire.parse_payment_id(payment_id)
-        raw = wire.refund_input_from_json(wire.parse_json_object(await _body()), number)
+        body = wire.parse_json_object(await _body(), empty_ok=True)  # every field optional
+        raw = wire.refund_input_from_json(body, number)
         if not raw.request_id.strip():
             raw = attrs.evolve(raw, request_id=g.request_id)
         caller = _caller()
