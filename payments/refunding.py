@@ -32,9 +32,11 @@ from payments.storage import refunds as store
 from payments.storage import repository as repo
 from payments.storage.database import Connection
 from payments.unit_of_work import Change, Work
+from payments.validation import OUTSIDE_REFUND_PREFIX
 
-# The request_id of a refund made outside the service (CONTRACT.md): stripe:<re_id>.
-OUTSIDE_REQUEST_PREFIX = "stripe:"
+# The request_id of a refund made outside the service (CONTRACT.md): stripe:<re_id>;
+# validation refuses it in a caller's request.
+OUTSIDE_REQUEST_PREFIX = OUTSIDE_REFUND_PREFIX
 
 
 async def load_refund_totals(conn: Connection, payments: Iterable[Payment]) -> None:

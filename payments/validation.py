@@ -197,6 +197,7 @@ def validate_list(
 
 
 # Metadata keys the service adds to the Stripe refund itself.
+OUTSIDE_REFUND_PREFIX = "stripe:"
 RESERVED_REFUND_METADATA_KEYS = frozenset({"request_id", "refund_id"})
 
 
@@ -206,6 +207,9 @@ def validate_refund(raw: CreateRefundInput, caller_service: str) -> NewRefund:
     if raw.payment_id <= 0:
         raise InvalidArgument("payment_id", "must be a positive integer")
     request_id = _required(raw.request_id, "request_id")
+    if request_id.startswith(OUTSIDE_REFUND_PREFIX):
+        # The request id of refunds made in Stripe's dashboard (recorded by their events).
+        raise InvalidArgument("request_id", f"must not start with {OUTSIDE_REFUND_PREFIX!r}")
     if raw.amount_cents < 0:
         raise InvalidArgument("amount_cents", "must not be negative")
     if raw.amount_cents > MAX_AMOUNT_CENTS:

@@ -132,6 +132,7 @@ async def test_http_replay_conflict_and_precondition(http: httpx.AsyncClient, st
         ({"metadata": "k=v"}, "metadata"),
         ({"request_id": "x" * 129}, "request_id"),
         ({"request_id": 7}, "request_id"),
+        ({"request_id": "stripe:re_123"}, "request_id"),
     ],
 )
 async def test_http_bad_input_is_400_naming_the_field(
