@@ -93,41 +93,61 @@ class RefundService:
         Raises DependencyUnavailable when Stripe cannot be asked: the claim stays, and
         a retry of the same request completes it.
         """
-        refund, fresh = await self._claim(caller, new)
+        refund, payment, fresh = await self._claim(caller, new)
         if refund.status != RefundStatus.PENDING or refund.provider_refund_id:
             return refund
-        return await self._send(refund, retry=not fresh)
+        if not fresh or payment is None:
+            stamped = await self._stamp_attempt(refund)
+            if stamped is None:  # settled meanwhile (a concurrent retry, an event)
+                return await self._read_refund(refund.id)
+            payment, refund = stamped
+        return await self._send(payment, refund)
 
-    async def _claim(self, caller: Caller, new: NewRefund) -> tuple[Refund, bool]:
+    async def _claim(self, caller: Caller, new: NewRefund) -> tuple[Refund, Payment | None, bool]:
         """The PENDING refund committed for this request (True), or the one it already
-        names (False)."""
+        names (False); with its payment when the claim's transaction read it."""
         fingerprint = new.fingerprint()
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                refund, payment, fresh = await self._insert_claim(caller, new, fingerprint)
+            except DuplicateKey:
+                break  # the same request_id on another payment, committed meanwhile
+            except Deadlock:
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+            else:
+                return self._same_request(refund, fingerprint), payment, fresh
         async with self._pool.connection() as conn:
             existing = await store.get_refund_by_request(conn, new.caller_service, new.request_id)
         if existing is None:
-            for attempt in range(DEADLOCK_RETRIES + 1):
-                try:
-                    return await self._insert_claim(caller, new, fingerprint), True
-                except DuplicateKey:
-                    break  # a concurrent duplicate committed first
-                except Deadlock:
-                    if attempt == DEADLOCK_RETRIES:
-                        raise
-            async with self._pool.connection() as conn:
-                existing = await store.get_refund_by_request(
-                    conn, new.caller_service, new.request_id
-                )
-            if existing is None:
-                raise DependencyUnavailable("could not store the refund, retry the request")
-        if existing.request_fingerprint != fingerprint:
-            raise AlreadyExists("request_id already names a refund with different parameters")
-        return existing, False
+            raise DependencyUnavailable("could not store the refund, retry the request")
+        return self._same_request(existing, fingerprint), None, False
 
-    async def _insert_claim(self, caller: Caller, new: NewRefund, fingerprint: str) -> Refund:
+    @staticmethod
+    def _same_request(refund: Refund, fingerprint: str) -> Refund:
+        if refund.request_fingerprint != fingerprint:
+            raise AlreadyExists("request_id already names a refund with different parameters")
+        return refund
+
+    async def _insert_claim(
+        self, caller: Caller, new: NewRefund, fingerprint: str
+    ) -> tuple[Refund, Payment, bool]:
+        """Step 1 in one transaction: lock the payment, find the refund this request
+        already names, or check the amount rules and insert the PENDING claim.
+
+        Order matters on MySQL (REPEATABLE READ): the locking read of the payment comes
+        before any plain read, so the plain reads after it (the request's refund, the
+        totals) see every refund committed by whoever held the lock before.
+        """
         async with self._uow.begin() as work:
             payment = await repo.get_payment(work.conn, new.payment_id, for_update=True)
             if payment is None or not caller.may_act_for(payment.caller_service):
                 raise _payment_not_found()
+            existing = await store.get_refund_by_request(
+                work.conn, new.caller_service, new.request_id
+            )
+            if existing is not None:
+                return existing, payment, False
             totals = await store.refund_totals(work.conn, payment.id)
             try:
                 amount = refund_amount(
@@ -155,17 +175,10 @@ class RefundService:
             "refund claimed",
             extra={"payment_id": payment.id, "refund_id": refund.id, "amount_cents": amount},
         )
-        return refund
+        return refund, payment, True
 
-    async def _send(self, claim: Refund, *, retry: bool) -> Refund:
+    async def _send(self, payment: Payment, claim: Refund) -> Refund:
         """Steps 2 and 3 for a PENDING claim without a Stripe id."""
-        if retry:
-            stamped = await self._stamp_attempt(claim)
-            if stamped is None:  # settled meanwhile (a concurrent retry, an event)
-                return await self._read_refund(claim.id)
-            claim = stamped
-        async with self._pool.connection() as conn:
-            payment = await self._payment_of(conn, claim)
         try:
             found = await self._providers.get(payment.provider).create_refund(payment, claim)
         except ProviderRejected as exc:
@@ -175,16 +188,16 @@ class RefundService:
             raise DependencyUnavailable(UNAVAILABLE) from None
         return await self._settle(claim, found, "", "answered by Stripe")
 
-    async def _stamp_attempt(self, claim: Refund) -> Refund | None:
+    async def _stamp_attempt(self, claim: Refund) -> tuple[Payment, Refund] | None:
         """Mark a retry's Stripe attempt (updated_at) before it starts; None when the
         claim is no longer waiting for one."""
         async with self._uow.begin() as work:
-            _, refund = await self._lock(work.conn, claim)
+            payment, refund = await self._lock(work.conn, claim)
             if refund.status != RefundStatus.PENDING or refund.provider_refund_id:
                 return None
             refund.updated_at = utcnow()
             await store.update_refund(work.conn, refund)
-        return refund
+        return payment, refund
 
     async def _settle(
         self, claim: Refund, found: ProviderRefund | None, refused: str, reason: str
