@@ -254,3 +254,15 @@ ALTER TABLE callback_outbox ADD UNIQUE KEY IF NOT EXISTS uq_callback_outbox_anno
 ALTER TABLE callback_outbox DROP INDEX IF EXISTS uq_callback_outbox_payment_status;
 ALTER TABLE callback_outbox ADD KEY IF NOT EXISTS ix_callback_outbox_state_created (state, created_at);
 ALTER TABLE callback_outbox ADD KEY IF NOT EXISTS ix_callback_outbox_state_updated (state, updated_at);
+
+-- migrate:step 7 payments' Stripe PaymentIntent and Charge ids
+
+-- The PaymentIntent a refund is made against and the charge it paid, filled when the
+-- service first resolves them (a refund, or the payment becoming PAID); refund events
+-- name both, so each is indexed to route an event to its payment. MariaDB's IF NOT
+-- EXISTS keeps the statements re-runnable (DDL commits one statement at a time).
+ALTER TABLE payments
+    ADD COLUMN IF NOT EXISTS provider_payment_intent_id VARCHAR(255) NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS provider_charge_id VARCHAR(255) NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS ix_payments_payment_intent ON payments (provider_payment_intent_id);
+CREATE INDEX IF NOT EXISTS ix_payments_charge ON payments (provider_charge_id);

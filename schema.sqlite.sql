@@ -196,3 +196,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS uq_callback_outbox_announcement ON callback_ou
 DROP INDEX IF EXISTS uq_callback_outbox_payment_status;
 CREATE INDEX IF NOT EXISTS ix_callback_outbox_state_created ON callback_outbox (state, created_at);
 CREATE INDEX IF NOT EXISTS ix_callback_outbox_state_updated ON callback_outbox (state, updated_at);
+
+-- migrate:step 7 payments' Stripe PaymentIntent and Charge ids
+
+ALTER TABLE payments ADD COLUMN provider_payment_intent_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE payments ADD COLUMN provider_charge_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS ix_payments_payment_intent ON payments (provider_payment_intent_id);
+CREATE INDEX IF NOT EXISTS ix_payments_charge ON payments (provider_charge_id);

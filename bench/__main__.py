@@ -2,7 +2,7 @@
 (bench/results/<date>.json by default; quick-<date>.json with --quick).
 
     --quick                 tiny sizes: the CI smoke test (make bench-quick)
-    --only a,b              just these scenarios (http_get, http_post, grpc_get,
+    --only a,b              just these scenarios (http_get, http_post, http_refund, grpc_get,
                             propagation, dispatch, expiry, reconcile)
     --set NAME=VALUE        an environment setting for payments serve and the job
                             commands (repeatable): experiments, e.g. LOG_LEVEL=warning

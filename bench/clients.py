@@ -22,7 +22,7 @@ PENDING = 2  # PaymentStatus numbers (CONTRACT.md)
 PAID = 10
 
 
-def create_body(request_id: str, callback_url: str) -> dict[str, Any]:
+def create_body(request_id: str, callback_url: str, amount_cents: int = 2500) -> dict[str, Any]:
     """The body wrk's post.lua sends: a one-time hosted-card payment of ``orders``."""
     return {
         "request_id": request_id,
@@ -30,7 +30,7 @@ def create_body(request_id: str, callback_url: str) -> dict[str, Any]:
         "resource_type": "order",
         "resource_id": request_id,
         "customer_ref": "cus-bench",
-        "amount_cents": 2500,
+        "amount_cents": amount_cents,
         "currency": "eur",
         "payment_method": 1,
         "payment_type": 1,
@@ -62,6 +62,7 @@ async def create_payments(
     callback_url: str,
     label: str,
     concurrency: int = 16,
+    amount_cents: int = 2500,
 ) -> list[dict[str, Any]]:
     """Create ``count`` payments through ``POST /payments``; the payments as answered."""
     run = secrets.token_hex(4)
@@ -71,7 +72,7 @@ async def create_payments(
             request_id = f"bench-{label}-{run}-{index}"
             response = await client.post(
                 "/payments",
-                json=create_body(request_id, callback_url),
+                json=create_body(request_id, callback_url, amount_cents),
                 headers={"X-Request-ID": request_id, "X-API-Key": api_key},
             )
             if response.status_code != 201:
@@ -239,3 +240,18 @@ def due_outbox_rows(
 
 async def insert_outbox(dsn: MysqlDsn, rows: Sequence[Row]) -> None:
     await insert_rows(dsn, "callback_outbox", rows)
+
+
+async def wait_paid(base_url: str, api_key: str, payment_ids: Sequence[int], within: float) -> None:
+    """Poll ``GET /payments/{id}`` until every payment is PAID (its event went through)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        with trio.fail_after(within):
+            for payment_id in payment_ids:
+                while True:
+                    response = await client.get(
+                        f"/payments/{payment_id}",
+                        headers={"X-Request-ID": f"bench-wait-{payment_id}", "X-API-Key": api_key},
+                    )
+                    if response.status_code == 200 and response.json()["payment"]["status"] == PAID:
+                        break
+                    await trio.sleep(0.1)

@@ -21,6 +21,9 @@ class Sizes:
     post_seconds: float
     post_connections: int
     seed_payments: int  # payments GET / GetPayment cycle through
+    # HTTP POST /payments/{id}/refunds: 1-cent refunds cycling over this many PAID
+    # payments (refunds of one payment queue on its row lock; spread like real traffic)
+    refund_payments: int
     # status propagation: payments completed at the emulator at ``propagation_rate`` / s
     propagation_payments: int
     propagation_rate: float
@@ -41,6 +44,7 @@ FULL = Sizes(
     post_seconds=10,
     post_connections=16,
     seed_payments=200,
+    refund_payments=50,
     propagation_payments=1000,
     propagation_rate=50,
     dispatch_items=10_000,
@@ -59,6 +63,7 @@ QUICK = Sizes(
     post_seconds=1,
     post_connections=4,
     seed_payments=10,
+    refund_payments=4,
     propagation_payments=30,
     propagation_rate=60,
     dispatch_items=200,

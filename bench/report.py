@@ -56,6 +56,7 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
 
     load_rows("http_get", "HTTP GET /payments/{id}", "trivial route")
     load_rows("http_post", "HTTP POST /payments", "emulator create alone")
+    load_rows("http_refund", "HTTP POST /payments/{id}/refunds", "emulator refund alone")
     load_rows("grpc_get", "gRPC GetPayment", "trivial purerpc method")
     prop = results.get("propagation")
     if prop:
@@ -149,6 +150,7 @@ def cpu_line(results: dict[str, Any]) -> str:
     for key, label, process in (
         ("http_get", "GET", "serve"),
         ("http_post", "POST", "serve"),
+        ("http_refund", "refund", "serve"),
         ("grpc_get", "gRPC", "serve"),
         ("propagation", "propagation", "serve"),
         ("dispatch", "dispatch", "job"),

@@ -48,15 +48,17 @@ from bench.procs import (
     memory,
 )
 from bench.pyspy import Recording
-from bench.stack import CALLER_KEY, STRIPE_KEY, Stack
+from bench.stack import CALLER_KEY, STRIPE_KEY, STRIPE_WEBHOOK_SECRET, Stack
 from bench.tools import ensure_tools
 from payments.gen import payments_pb2 as pb
 from payments.gen import payments_pb2_grpc as pb_grpc
+from tests.fixtures.auth import GATEWAY_KEY
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCENARIOS = (
     "http_get",
     "http_post",
+    "http_refund",
     "grpc_get",
     "propagation",
     "dispatch",
@@ -271,30 +273,86 @@ class Bench:
             )
 
         service(sizes.warmup_seconds)
+        return self._dependency_pair("http_post", "POST /payments", service, ceiling)
+
+    def http_refund(self) -> dict[str, Any]:
+        """1-cent refunds of PAID payments (each a new refund and a Stripe call) against
+        the emulator's own ``POST /v1/refunds`` with the parameters the service sends."""
+        sizes, stack = self.sizes, self.stack
+        # Room for every 1-cent refund of both sides (the ceiling refunds the same charges).
+        payments = trio.run(
+            lambda: clients.create_payments(
+                self.service_url,
+                CALLER_KEY,
+                sizes.refund_payments,
+                f"{stack.receiver_url}/cb/refund",
+                "refund",
+                amount_cents=99_999_999,
+            )
+        )
+        sessions = [str(p["provider_payment_id"]) for p in payments]
+        trio.run(clients.complete_sessions, stack.sandbox_url, STRIPE_KEY, sessions)
+        ids = [int(p["id"]) for p in payments]
+        trio.run(clients.wait_paid, self.service_url, CALLER_KEY, ids, 60.0)
+        objects = stack.sandbox_control("GET", "objects")["checkout_sessions"]
+        intents = ",".join(str(objects[s]["payment_intent"]) for s in sessions)
+
+        def wrk(url: str, key: str, items: str, path: tuple[str, str], seconds: float) -> Any:
+            return loadgen.wrk(
+                url,
+                "refund.lua",
+                [key, items, *path, f"bench-refund-{time.time_ns()}"],
+                seconds=seconds,
+                connections=sizes.post_connections,
+            )
+
+        def service(seconds: float) -> loadgen.Load:
+            ids_text = ",".join(str(i) for i in ids)
+            return wrk(self.service_url, CALLER_KEY, ids_text, ("/payments/", "/refunds"), seconds)
+
+        def ceiling(seconds: float) -> loadgen.Load:
+            # Events of the ceiling's refunds would reach the service (thousands, during
+            # the next measurement): the emulator keeps them while it runs.
+            stack.sandbox_control("DELETE", "webhook")
+            try:
+                key = f"stripe:{STRIPE_KEY}"
+                return wrk(stack.sandbox_url, key, intents, ("/v1/refunds", ""), seconds)
+            finally:
+                webhook = {"url": f"{self.service_url}/webhooks/providers/stripe"}
+                stack.sandbox_control(
+                    "POST",
+                    "webhook",
+                    {**webhook, "secret": STRIPE_WEBHOOK_SECRET, "api_key": GATEWAY_KEY},
+                )
+
+        service(sizes.warmup_seconds)
+        return self._dependency_pair("http_refund", "POST /payments/{id}/refunds", service, ceiling)
+
+    def _dependency_pair(
+        self,
+        name: str,
+        label: str,
+        service: Callable[[float], loadgen.Load],
+        ceiling: Callable[[float], loadgen.Load],
+    ) -> dict[str, Any]:
+        """One run of the emulator's own call (the ceiling), then one of the service."""
+        seconds = self.sizes.post_seconds
         ceiling_load = _checked(
-            self._ceiling_measured(
-                "http_post",
-                self.stack.sandbox.pid,
-                sizes.post_seconds,
-                lambda: ceiling(sizes.post_seconds),
-            ),
-            "Stripe emulator create",
+            self._ceiling_measured(name, self.stack.sandbox.pid, seconds, lambda: ceiling(seconds)),
+            f"Stripe emulator ({label})",
         )
-        say(f"  emulator create alone: {ceiling_load.rps:.0f} req/s")
+        say(f"  emulator alone: {ceiling_load.rps:.0f} req/s")
         service_load = _checked(
-            self._serve_measured(
-                "http_post", sizes.post_seconds, lambda: service(sizes.post_seconds)
-            ),
-            "POST /payments",
+            self._serve_measured(name, seconds, lambda: service(seconds)), label
         )
-        say(f"  POST /payments: {service_load.rps:.0f} req/s, p99 {service_load.p99_ms} ms")
+        say(f"  {label}: {service_load.rps:.0f} req/s, p99 {service_load.p99_ms} ms")
         return {
             "service": service_load.as_dict(),
             "ceiling": ceiling_load.as_dict(),
             "ratio": round(service_load.rps / ceiling_load.rps, 3),
-            "connections": sizes.post_connections,
-            "cpu": {"service": self.cpu["http_post"], "ceiling": self.cpu["http_post_ceiling"]},
-            "database_pool": self.pool["http_post"],
+            "connections": self.sizes.post_connections,
+            "cpu": {"service": self.cpu[name], "ceiling": self.cpu[f"{name}_ceiling"]},
+            "database_pool": self.pool[name],
         }
 
     # --- gRPC ------------------------------------------------------------------------------
@@ -572,7 +630,10 @@ class Bench:
             if "http_post" in only:
                 say("HTTP POST /payments vs the emulator's create")
                 results["http_post"] = self.http_post()
-            if only & {"http_get", "http_post"}:
+            if "http_refund" in only:
+                say("HTTP POST /payments/{id}/refunds vs the emulator's create-refund")
+                results["http_refund"] = self.http_refund()
+            if only & {"http_get", "http_post", "http_refund"}:
                 mem["http_load_peak_mb"] = _mb(memory(pid)["VmHWM"])
                 mem["http_load_sampled_peak_mb"] = _mb(sampler.peak_kb)
             if "grpc_get" in only:

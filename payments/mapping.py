@@ -24,7 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from payments.gen import payments_pb2 as pb
-from payments.model import Payment
+from payments.model import Payment, Refund
 
 E = TypeVar("E")
 M = TypeVar("M", bound=Message)
@@ -138,3 +138,16 @@ def payment_to_json(payment: Payment) -> dict[str, Any]:
 def payment_to_proto(payment: Payment) -> pb.Payment:
     """The protobuf message of a payment (the same values as :func:`payment_to_json`)."""
     return PAYMENT.to_proto(payment)
+
+
+REFUND: WireMapping[Refund, pb.Refund] = wire_mapping(Refund, pb.Refund)
+
+
+def refund_to_json(refund: Refund) -> dict[str, Any]:
+    """The JSON object of a refund: the HTTP responses and the refund callbacks."""
+    return REFUND.to_json(refund)
+
+
+def refund_to_proto(refund: Refund) -> pb.Refund:
+    """The protobuf message of a refund (the same values as :func:`refund_to_json`)."""
+    return REFUND.to_proto(refund)

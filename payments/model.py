@@ -15,6 +15,9 @@ from datetime import UTC, datetime
 
 import attrs
 
+# attrs field metadata key: False on a field that has no database column.
+STORED = "stored"
+
 
 class PaymentStatus(enum.IntEnum):
     UNSPECIFIED = 0
@@ -164,10 +167,28 @@ class Payment:
     checkout_url: str = ""
     refunded_cents: int = 0
     metadata: dict[str, str] = attrs.field(factory=dict)
+    # Stripe's money objects behind the paid checkout: refunds are made against the
+    # PaymentIntent, and refund events are routed to the payment by these two.
+    provider_payment_intent_id: str = ""
+    provider_charge_id: str = ""
+    # Not a column: the PENDING refunds' sum, read from the refunds table with
+    # refunded_cents (see set_refund_totals) so refundable_cents is right on every read.
+    pending_refund_cents: int = attrs.field(default=0, metadata={STORED: False})
+
+    @property
+    def refund_totals(self) -> RefundTotals:
+        return RefundTotals(
+            pending_cents=self.pending_refund_cents, succeeded_cents=self.refunded_cents
+        )
+
+    def set_refund_totals(self, totals: RefundTotals) -> None:
+        """Take ``refunded_cents`` and the pending sum from the refunds table's totals."""
+        self.refunded_cents = refunded_cents(totals)
+        self.pending_refund_cents = totals.pending_cents
 
     @property
     def refundable_cents(self) -> int:
-        return self.amount_cents - self.refunded_cents if self.status == PaymentStatus.PAID else 0
+        return refundable_cents(self.status, self.amount_cents, self.refund_totals)
 
     @property
     def idempotency_key(self) -> str:
@@ -390,6 +411,18 @@ class NewRefund:
         fields["metadata"] = dict(sorted(self.metadata.items()))
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@attrs.frozen
+class CreateRefundInput:
+    """A create-refund request as the transport decoded it: types checked, rules not
+    yet (``payments.validation.validate_refund`` makes a :class:`NewRefund` of it)."""
+
+    payment_id: int = 0
+    request_id: str = ""
+    amount_cents: int = 0
+    reason: str = ""
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.define

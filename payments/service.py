@@ -39,6 +39,8 @@ from payments.model import (
 )
 from payments.opening import record_opened
 from payments.providers.registry import ProviderRegistry
+from payments.refund_service import RefundService
+from payments.refunding import load_refund_totals
 from payments.storage import leases
 from payments.storage import repository as repo
 from payments.storage.database import Database, Deadlock, DuplicateKey
@@ -72,6 +74,7 @@ class PaymentService:
         self._pool = uow.database
         self._providers = providers
         self._callback_base = provider_callback_base_url.rstrip("/")
+        self.refunds = RefundService(uow, providers)
 
     @property
     def unit_of_work(self) -> UnitOfWork:
@@ -98,7 +101,7 @@ class PaymentService:
             raise PermissionDenied("caller_service must be the calling service's own name")
         payment = await self._insert_or_load(new)
         if payment.status != PaymentStatus.CREATED:
-            return payment
+            return await self._with_refund_totals(payment)  # a replay: it may have refunds
         payment, owner = await self._lease_to_open(payment)
         if owner is None:
             return payment
@@ -227,8 +230,9 @@ class PaymentService:
         """One payment; another caller's answers NotFound so ids do not leak."""
         async with self._pool.connection() as conn:
             payment = await repo.get_payment(conn, payment_id)
-        if payment is None or not caller.may_act_for(payment.caller_service):
-            raise _not_found()
+            if payment is None or not caller.may_act_for(payment.caller_service):
+                raise _not_found()
+            await load_refund_totals(conn, (payment,))
         return payment
 
     async def list(self, caller: Caller, filters: ListFilter) -> list[Payment]:
@@ -238,7 +242,9 @@ class PaymentService:
                 raise PermissionDenied("caller_service must be the calling service's own name")
             filters = attrs.evolve(filters, caller_service=caller.service_name)
         async with self._pool.connection() as conn:
-            return await repo.list_payments(conn, filters)
+            payments = await repo.list_payments(conn, filters)
+            await load_refund_totals(conn, payments)  # one query for the page
+        return payments
 
     # --- cancel -------------------------------------------------------------------------
 
@@ -305,6 +311,11 @@ class PaymentService:
             if polling.expired:
                 raise ProviderTimeout("stripe is still working on this payment; retry")
             await polling.pause()
+
+    async def _with_refund_totals(self, payment: Payment) -> Payment:
+        async with self._pool.connection() as conn:
+            await load_refund_totals(conn, (payment,))
+        return payment
 
     # --- health -------------------------------------------------------------------------
 

@@ -90,6 +90,11 @@ class Subject(Protocol):
         """The status callback's JSON body, fixed now."""
         ...
 
+    @property
+    def refund_id(self) -> int:
+        """The refund a callback of this subject announces (0: the payment itself)."""
+        ...
+
 
 @attrs.define
 class PaymentSubject:
@@ -100,6 +105,7 @@ class PaymentSubject:
 
     payment: Payment
     kind: EventKind = EventKind.STATUS_CHANGED
+    refund_id: int = 0  # a payment's own callback
 
     @property
     def status(self) -> PaymentStatus:
@@ -178,7 +184,14 @@ class Work:
         await subject.apply(self.conn, new_status, change)
         self.moved.append(new_status)
         if subject.is_terminal(new_status):
-            await self.announce(payment, new_outbox_entry(payment, subject.callback_body()))
+            entry = new_outbox_entry(
+                payment,
+                subject.callback_body(),
+                now=change.at,
+                kind=CallbackKind.REFUND if subject.refund_id else CallbackKind.PAYMENT,
+                refund_id=subject.refund_id,
+            )
+            await self.announce(payment, entry)
         return True
 
     async def announce(self, payment: Payment, entry: OutboxEntry) -> int:

@@ -15,9 +15,12 @@ from payments.model import (
     DEFAULT_LIST_LIMIT,
     MAX_LIST_LIMIT,
     RECURRING_INTERVALS,
+    REFUND_REASONS,
     CreatePaymentInput,
+    CreateRefundInput,
     ListFilter,
     NewPayment,
+    NewRefund,
     PaymentMethod,
     PaymentStatus,
     PaymentType,
@@ -150,7 +153,9 @@ def validate_create(
 RESERVED_METADATA_KEYS = frozenset({"request_id", "callback_hash"})
 
 
-def _metadata(metadata: object) -> dict[str, str]:
+def _metadata(
+    metadata: object, reserved: frozenset[str] = RESERVED_METADATA_KEYS
+) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise InvalidArgument("metadata", "must be an object of strings")
     if len(metadata) > MAX_METADATA_ENTRIES:
@@ -163,7 +168,7 @@ def _metadata(metadata: object) -> dict[str, str]:
             raise InvalidArgument("metadata", f"keys must be 1..{MAX_METADATA_KEY} characters")
         if _UNSAFE_IDENTIFIER.search(key):
             raise InvalidArgument("metadata", "keys must not contain control or bidi characters")
-        if key in RESERVED_METADATA_KEYS:
+        if key in reserved:
             raise InvalidArgument("metadata", f"key {key!r} is reserved")
         if len(value) > MAX_METADATA_VALUE:
             raise InvalidArgument(
@@ -211,4 +216,35 @@ def validate_list(
         provider=provider_value,
         limit=limit,
         offset=offset,
+    )
+
+
+# Metadata keys the service adds to the Stripe refund itself.
+OUTSIDE_REFUND_PREFIX = "stripe:"
+RESERVED_REFUND_METADATA_KEYS = frozenset({"request_id", "refund_id"})
+
+
+def validate_refund(raw: CreateRefundInput, caller_service: str) -> NewRefund:
+    """Check a decoded create-refund request (CONTRACT.md "Refunds"): the refund is the
+    authenticated caller's; ``amount_cents`` 0 means all that is still refundable."""
+    if raw.payment_id <= 0:
+        raise InvalidArgument("payment_id", "must be a positive integer")
+    request_id = _required(raw.request_id, "request_id")
+    if request_id.startswith(OUTSIDE_REFUND_PREFIX):
+        # The request id of refunds made in Stripe's dashboard (recorded by their events).
+        raise InvalidArgument("request_id", f"must not start with {OUTSIDE_REFUND_PREFIX!r}")
+    if raw.amount_cents < 0:
+        raise InvalidArgument("amount_cents", "must not be negative")
+    if raw.amount_cents > MAX_AMOUNT_CENTS:
+        raise InvalidArgument("amount_cents", f"must be at most {MAX_AMOUNT_CENTS}")
+    reason = raw.reason.strip()
+    if reason and reason not in REFUND_REASONS:
+        raise InvalidArgument("reason", f"must be empty or one of {', '.join(REFUND_REASONS)}")
+    return NewRefund(
+        payment_id=raw.payment_id,
+        request_id=request_id,
+        caller_service=caller_service,
+        amount_cents=raw.amount_cents,
+        reason=reason,
+        metadata=_metadata(raw.metadata, RESERVED_REFUND_METADATA_KEYS),
     )

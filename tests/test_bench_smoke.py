@@ -22,12 +22,13 @@ pytestmark = pytest.mark.timeout(300)
 
 FIGURES = [
     f"{scenario}.{side}.{field}"
-    for scenario in ("http_get", "http_post", "grpc_get")
+    for scenario in ("http_get", "http_post", "http_refund", "grpc_get")
     for side in ("service", "ceiling")
     for field in ("rps", "p50_ms", "p99_ms")
 ] + [
     "http_get.ratio",
     "http_post.ratio",
+    "http_refund.ratio",
     "grpc_get.ratio",
     "propagation.p50_ms",
     "propagation.p99_ms",
@@ -53,6 +54,7 @@ def test_bench_quick_produces_every_figure(mysql_server: MysqlServer, tmp_path: 
     for label in (
         "HTTP GET /payments/{id} req/s",
         "HTTP POST /payments req/s",
+        "HTTP POST /payments/{id}/refunds req/s",
         "gRPC GetPayment req/s",
         "status propagation p50 ms",
         "status propagation p99 ms",

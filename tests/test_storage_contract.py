@@ -341,16 +341,34 @@ async def test_update_payment_writes_the_changing_fields(database: Database) -> 
         provider_payment_id="cs_test_9",
         provider_subscription_id="sub_9",
         checkout_url="https://checkout.stripe.com/c/pay/cs_test_9",
-        refunded_cents=500,
+        provider_payment_intent_id="pi_9",
+        provider_charge_id="ch_9",
         updated_at=payment.updated_at + timedelta(minutes=5, microseconds=3),
-        # Not written by update_payment: these stay as they were.
+        # Not written by update_payment: these stay as they were (refunded_cents is
+        # the refunds table's sum, written only by write_refunded_cents).
+        refunded_cents=500,
         amount_cents=1,
         metadata={"other": "x"},
     )
     async with database.transaction() as conn:
         await repo.update_payment(conn, changed)
         got = await repo.get_payment(conn, payment.id)
-    assert got == attrs.evolve(changed, amount_cents=payment.amount_cents, metadata={"k": "v"})
+    assert got == attrs.evolve(
+        changed,
+        amount_cents=payment.amount_cents,
+        metadata={"k": "v"},
+        refunded_cents=payment.refunded_cents,
+    )
+    async with database.transaction() as conn:
+        await repo.write_refunded_cents(conn, payment.id, 700)
+        refunded = await repo.get_payment(conn, payment.id)
+        by_intent = await repo.get_payment_by_money_ref(conn, "pi_9", for_update=True)
+        by_charge = await repo.get_payment_by_money_ref(conn, "pi_unknown", "ch_9")
+        unknown = await repo.get_payment_by_money_ref(conn, "pi_unknown", "ch_unknown")
+    assert refunded is not None and refunded.refunded_cents == 700
+    assert by_intent is not None and by_intent.id == payment.id
+    assert by_charge is not None and by_charge.id == payment.id
+    assert unknown is None
     # Writing the same values again matches the row: not "no such row".
     async with database.transaction() as conn:
         await repo.update_payment(conn, changed)

@@ -57,7 +57,12 @@ from payments.inbound import ProviderEvents
 from payments.model import Caller
 from payments.observability.transports import observed_method
 from payments.service import PaymentService
-from payments.validation import DEFAULT_CALLBACK_POLICY, MAX_ID_LENGTH, validate_create
+from payments.validation import (
+    DEFAULT_CALLBACK_POLICY,
+    MAX_ID_LENGTH,
+    validate_create,
+    validate_refund,
+)
 
 log = logging.getLogger("payments.api.grpc")
 
@@ -267,6 +272,40 @@ class PaymentsServicer(PaymentsServiceServicer):
             return pb.CallbackDeliveryEnvelope(delivery=wire.delivery_to_proto(delivery))
 
         return await self._call(request, "ResendCallback", run)
+
+    # --- refunds (CONTRACT.md "Refunds"; the HTTP routes' semantics) ----------------
+
+    async def CreateRefund(
+        self, message: pb.CreateRefundRequest, request: RequestReceived
+    ) -> pb.RefundEnvelopeResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.RefundEnvelopeResponse:
+            new = validate_refund(wire.refund_input_from_proto(message), caller.service_name)
+            refund = await self._service.refunds.create(caller, new)
+            ctx.payment_id = refund.payment_id
+            return pb.RefundEnvelopeResponse(refund=wire.refund_to_proto(refund))
+
+        return await self._call(request, "CreateRefund", run)
+
+    async def GetRefund(
+        self, message: pb.GetRefundRequest, request: RequestReceived
+    ) -> pb.RefundEnvelopeResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.RefundEnvelopeResponse:
+            refund = await self._service.refunds.get(caller, wire.check_payment_id(message.id))
+            ctx.payment_id = refund.payment_id
+            return pb.RefundEnvelopeResponse(refund=wire.refund_to_proto(refund))
+
+        return await self._call(request, "GetRefund", run)
+
+    async def ListRefunds(
+        self, message: pb.ListRefundsRequest, request: RequestReceived
+    ) -> pb.ListRefundsResponse:
+        async def run(caller: Caller, ctx: CallContext) -> pb.ListRefundsResponse:
+            payment_id = wire.check_payment_id(message.payment_id, "payment_id")
+            refunds = await self._service.refunds.list(caller, payment_id)
+            ctx.payment_id = payment_id
+            return pb.ListRefundsResponse(refunds=[wire.refund_to_proto(r) for r in refunds])
+
+        return await self._call(request, "ListRefunds", run)
 
 
 class PaymentsConnectionHandler(ConnectionHandler):

@@ -64,7 +64,7 @@ from payments.model import Caller
 from payments.observability.transports import instrument_http_app
 from payments.readiness import Readiness
 from payments.service import PaymentService
-from payments.validation import validate_create
+from payments.validation import validate_create, validate_refund
 
 log = logging.getLogger("payments.api.http")
 
@@ -315,6 +315,7 @@ def create_http_app(
 
     add_operations_routes(app, readiness or Readiness(service.database))
     _callback_routes(app, callbacks or CallbackOperations(service.unit_of_work))
+    _add_refund_routes(app, service)
     _shield_sends(app)
     return app
 
@@ -335,6 +336,35 @@ def _callback_routes(app: QuartTrio, callbacks: CallbackOperations) -> None:
         delivery = await callbacks.resend(_caller(), number)
         g.payment_id = number
         return _json({"delivery": wire.delivery_to_json(delivery)}, 202)
+
+
+def _add_refund_routes(app: QuartTrio, service: PaymentService) -> None:
+    """CONTRACT.md "Refunds": create (201, replays too), list a payment's, get one."""
+
+    @app.post("/payments/<payment_id>/refunds")
+    async def create_refund(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        body = wire.parse_json_object(await _body(), empty_ok=True)  # every field optional
+        raw = wire.refund_input_from_json(body, number)
+        if not raw.request_id.strip():
+            raw = attrs.evolve(raw, request_id=g.request_id)
+        caller = _caller()
+        refund = await service.refunds.create(caller, validate_refund(raw, caller.service_name))
+        g.payment_id = refund.payment_id
+        return _json({"refund": wire.refund_to_json(refund)}, 201)
+
+    @app.get("/payments/<payment_id>/refunds")
+    async def list_refunds(payment_id: str) -> Response:
+        number = wire.parse_payment_id(payment_id)
+        refunds = await service.refunds.list(_caller(), number)
+        g.payment_id = number
+        return _json({"refunds": [wire.refund_to_json(refund) for refund in refunds]})
+
+    @app.get("/refunds/<refund_id>")
+    async def get_refund(refund_id: str) -> Response:
+        refund = await service.refunds.get(_caller(), wire.parse_payment_id(refund_id))
+        g.payment_id = refund.payment_id
+        return _json({"refund": wire.refund_to_json(refund)})
 
 
 def _shield_sends(app: QuartTrio) -> None:

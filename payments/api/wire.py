@@ -24,9 +24,12 @@ from payments.mapping import WireMapping, wire_mapping
 from payments.mapping import format_timestamp as format_timestamp  # re-exported
 from payments.mapping import payment_to_json as payment_to_json  # re-exported
 from payments.mapping import payment_to_proto as payment_to_proto  # re-exported
+from payments.mapping import refund_to_json as refund_to_json  # re-exported
+from payments.mapping import refund_to_proto as refund_to_proto  # re-exported
 from payments.model import (
     CallbackDelivery,
     CreatePaymentInput,
+    CreateRefundInput,
     DeliveryAttempt,
     ListFilter,
     PaymentStatus,
@@ -233,6 +236,23 @@ def create_input_from_proto(message: pb.CreatePaymentRequest) -> CreatePaymentIn
     return _CREATE_INPUT.from_proto(message)
 
 
+_REFUND_REQUEST = JsonRequest.of(pb.CreateRefundRequest.DESCRIPTOR, CreateRefundInput)
+_REFUND_INPUT: WireMapping[CreateRefundInput, pb.CreateRefundRequest] = wire_mapping(
+    CreateRefundInput, pb.CreateRefundRequest
+)
+
+
+def refund_input_from_json(body: Mapping[str, Any], payment_id: int) -> CreateRefundInput:
+    """Type-check a create-refund body as CreateRefundRequest declares it; the payment
+    is the path's (a ``payment_id`` in the body is ignored)."""
+    return attrs.evolve(_REFUND_REQUEST.decode(body), payment_id=payment_id)
+
+
+def refund_input_from_proto(message: pb.CreateRefundRequest) -> CreateRefundInput:
+    """The proto request, already typed by protobuf, as the service's input."""
+    return _REFUND_INPUT.from_proto(message)
+
+
 def cancel_reason_from_json(body: Mapping[str, Any]) -> str:
     """The optional ``reason`` of a cancel body."""
     return _string(body.get("reason"), "reason")
@@ -248,11 +268,11 @@ def parse_payment_id(text: str) -> int:
     return check_payment_id(int(text))
 
 
-def check_payment_id(number: int) -> int:
+def check_payment_id(number: int, field: str = "id") -> int:
     """A proto id: 0 is the unset value, hence not an id. Ids are stored as signed
-    64-bit integers (SQLite has no other), so a larger uint64 names no payment."""
+    64-bit integers (SQLite has no other), so a larger uint64 names nothing."""
     if number <= 0:
-        raise InvalidArgument("id", "must be a positive integer")
+        raise InvalidArgument(field, "must be a positive integer")
     if number > INT64_MAX:
         raise NotFound("payment not found")
     return number

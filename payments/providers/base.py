@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from payments.model import Payment, PaymentStatus
+from payments.model import Payment, PaymentStatus, Refund, RefundStatus
 
 
 @attrs.frozen
@@ -50,6 +50,24 @@ class ProviderState:
     subscription_id: str = ""
 
 
+@attrs.frozen
+class ProviderRefund:
+    """A refund as the provider holds it (made by the service or in its dashboard)."""
+
+    provider_refund_id: str  # re_...
+    status: RefundStatus
+    amount_cents: int
+    currency: str  # upper-case ISO code
+    failure_reason: str = ""
+    reason: str = ""  # Stripe's reason, "" when none
+    payment_intent_id: str = ""
+    charge_id: str = ""
+    # From the refund's metadata when the service made it (refund_id, request_id); 0/""
+    # for a refund made elsewhere.
+    refund_id: int = 0
+    request_id: str = ""
+
+
 @runtime_checkable
 class EventParser(Protocol):
     def parse(self, payload: bytes, signature: str) -> ProviderEvent:
@@ -79,6 +97,25 @@ class Provider(Protocol):
     async def fetch_state(self, payment: Payment) -> ProviderState:
         """Ask the provider where the payment stands (Checkout Session; a payment link's
         sessions; a subscription), for the reconciler."""
+        ...
+
+    async def create_refund(self, payment: Payment, refund: Refund) -> ProviderRefund:
+        """Refund ``refund.amount_cents`` of the paid ``payment`` at the provider.
+
+        Idempotent: the key is ``refund.idempotency_key`` and the parameters are the
+        same on every call for one refund, so a retry after a crash gets the refund the
+        first call made. ProviderRejected when the provider refuses (the refund then
+        FAILED with that reason); ProviderUnavailable when it cannot be asked.
+        """
+        ...
+
+    async def retrieve_refund(self, provider_refund_id: str) -> ProviderRefund:
+        """The provider's refund as it stands now (the reconciler's question)."""
+        ...
+
+    async def find_refund(self, payment: Payment, refund: Refund) -> ProviderRefund | None:
+        """The provider's refund made for ``refund`` (found by the refund_id in its
+        metadata among the payment's refunds), or None when the provider has none."""
         ...
 
     @property

@@ -47,9 +47,16 @@ import trio
 from stripe.params.checkout import SessionListParams
 
 from payments.errors import BadSignature, ProviderRejected, ProviderTimeout, ProviderUnavailable
-from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType
+from payments.model import (
+    Payment,
+    PaymentMethod,
+    PaymentStatus,
+    PaymentType,
+    Refund,
+    RefundStatus,
+)
 from payments.observability.hooks import stripe_operation
-from payments.providers.base import CheckoutResult, ProviderEvent, ProviderState
+from payments.providers.base import CheckoutResult, ProviderEvent, ProviderRefund, ProviderState
 from payments.providers.stripe_events import StripeEventParser
 
 log = logging.getLogger("payments.providers.stripe")
@@ -409,15 +416,141 @@ class StripeProvider:
                 starting_after=page.data[-1].id,
             )
 
+    # --- refunds ----------------------------------------------------------------------
+
+    async def create_refund(self, payment: Payment, refund: Refund) -> ProviderRefund:
+        """``refunds.create`` against the PaymentIntent that paid (see
+        :meth:`_payment_intent`), with the refund's idempotency key. Every parameter is
+        derived from stored values, so a retry sends the same request."""
+        try:
+            intent_id = await self._payment_intent(payment)
+            params: dict[str, Any] = {
+                "payment_intent": intent_id,
+                "amount": refund.amount_cents,
+                "metadata": refund_metadata(refund),
+            }
+            if refund.reason:
+                params["reason"] = refund.reason
+            made = await self._client.v1.refunds.create_async(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": refund.idempotency_key},
+            )
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "create_refund", payment)
+        return provider_refund(made)
+
+    async def retrieve_refund(self, provider_refund_id: str) -> ProviderRefund:
+        try:
+            found = await self._client.v1.refunds.retrieve_async(provider_refund_id)
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "retrieve_refund", None)
+        return provider_refund(found)
+
+    async def find_refund(self, payment: Payment, refund: Refund) -> ProviderRefund | None:
+        """The Stripe refund whose metadata names ``refund.id``, among the refunds of the
+        payment's PaymentIntent (every page); None when Stripe has none."""
+        try:
+            intent_id = await self._payment_intent(payment)
+            params: dict[str, Any] = {"payment_intent": intent_id, "limit": _LIST_PAGE}
+            while True:
+                page = await self._client.v1.refunds.list_async(params=params)  # type: ignore[arg-type]
+                for item in page.data:
+                    found = provider_refund(item)
+                    if found.refund_id == refund.id:
+                        return found
+                if not page.has_more or not page.data:
+                    return None
+                params = {**params, "starting_after": page.data[-1].id}
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "find_refund", payment)
+
+    async def _payment_intent(self, payment: Payment) -> str:
+        """The PaymentIntent that paid ``payment``: stored once known; else the paid
+        Checkout Session's (for a Payment Link, its completed session's); for a
+        subscription, the one that paid the session's first invoice (Stripe's current
+        API names it through ``invoice_payments``, no longer on the invoice)."""
+        if payment.provider_payment_intent_id:
+            return payment.provider_payment_intent_id
+        session = await self._paid_session(payment)
+        intent_id = _object_id(session.payment_intent) if session is not None else ""
+        invoice_id = _object_id(session.invoice) if session is not None else ""
+        if not intent_id and invoice_id:
+            page = await self._client.v1.invoice_payments.list_async(
+                params={"invoice": invoice_id, "limit": _LIST_PAGE}
+            )
+            intent_id = next(
+                (
+                    _object_id(item.payment.payment_intent)
+                    for item in page.data
+                    if item.payment is not None and item.payment.payment_intent
+                ),
+                "",
+            )
+        if not intent_id:
+            raise ProviderRejected("the payment has no PaymentIntent at Stripe to refund")
+        return intent_id
+
+    async def _paid_session(self, payment: Payment) -> Any | None:
+        if not payment.provider_payment_id:
+            return None
+        sessions = self._client.v1.checkout.sessions
+        if payment.payment_method == PaymentMethod.PAYMENT_LINK:
+            completed = await self._link_sessions(payment.provider_payment_id, "complete")
+            paid = [s for s in completed if s.payment_status in _PAID]
+            return (paid or completed or [None])[0]
+        return await sessions.retrieve_async(payment.provider_payment_id)
+
     async def aclose(self) -> None:
         await self._http.close_async()
+
+
+# Stripe's refund statuses; ``requires_action`` waits on the customer: still pending.
+REFUND_STATUS: dict[str, RefundStatus] = {
+    "pending": RefundStatus.PENDING,
+    "requires_action": RefundStatus.PENDING,
+    "succeeded": RefundStatus.SUCCEEDED,
+    "failed": RefundStatus.FAILED,
+    "canceled": RefundStatus.CANCELED,
+}
+
+
+def refund_metadata(refund: Refund) -> dict[str, str]:
+    """The caller's metadata plus ``request_id`` and ``refund_id`` (ours win), sorted so
+    a retry sends byte-identical parameters."""
+    return {
+        **dict(sorted(refund.metadata.items())),
+        "request_id": refund.request_id,
+        "refund_id": str(refund.id),
+    }
+
+
+def provider_refund(obj: Any) -> ProviderRefund:
+    """A Stripe refund (SDK object or the event's plain dict) as a ProviderRefund."""
+    data: dict[str, Any] = obj if isinstance(obj, dict) else obj.to_dict()
+    get = data.get
+    metadata = get("metadata") or {}
+    refund_id = str(metadata.get("refund_id") or "")
+    return ProviderRefund(
+        provider_refund_id=str(get("id") or ""),
+        status=REFUND_STATUS.get(str(get("status") or ""), RefundStatus.PENDING),
+        amount_cents=int(get("amount") or 0),
+        currency=str(get("currency") or "").upper(),
+        failure_reason=str(get("failure_reason") or ""),
+        reason=str(get("reason") or ""),
+        payment_intent_id=_object_id(get("payment_intent")),
+        charge_id=_object_id(get("charge")),
+        refund_id=int(refund_id) if refund_id.isdigit() else 0,
+        request_id=str(metadata.get("request_id") or ""),
+    )
 
 
 def _object_id(value: Any) -> str:
     """The id of a reference Stripe sends as an id string or, when expanded, an object."""
     if not value:
         return ""
-    return value if isinstance(value, str) else str(value.id)
+    if isinstance(value, str):
+        return value
+    return str(value.get("id") or "") if isinstance(value, dict) else str(value.id)
 
 
 def _quiet_sdk_logger() -> None:
@@ -429,11 +562,11 @@ def _quiet_sdk_logger() -> None:
         sdk_logger.setLevel(logging.WARNING)
 
 
-def _raise_mapped(exc: stripe.StripeError, operation: str, payment: Payment) -> NoReturn:
+def _raise_mapped(exc: stripe.StripeError, operation: str, payment: Payment | None) -> NoReturn:
     """Raise the domain error for a Stripe error, logging what is safe to log."""
     extra = {
         "operation": operation,
-        "payment_id": payment.id,
+        "payment_id": payment.id if payment is not None else 0,
         "stripe_error": type(exc).__name__,
         "http_status": exc.http_status,
         "stripe_code": exc.code,

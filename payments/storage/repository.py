@@ -21,6 +21,7 @@ import attrs
 from payments.errors import NotFound
 from payments.model import (
     MAX_LIST_LIMIT,
+    STORED,
     EventKind,
     ListFilter,
     Payment,
@@ -36,7 +37,9 @@ from payments.storage.timestamps import from_db_datetime, to_db_datetime
 # --- mapping ------------------------------------------------------------------------
 
 # Column names are the Payment field names; a field without a column fails loudly.
-PAYMENT_COLUMNS: tuple[str, ...] = tuple(field.name for field in attrs.fields(Payment))
+PAYMENT_COLUMNS: tuple[str, ...] = tuple(
+    field.name for field in attrs.fields(Payment) if field.metadata.get(STORED, True)
+)
 _INSERT_COLUMNS = tuple(column for column in PAYMENT_COLUMNS if column != "id")
 _ENUMS: dict[str, type[Any]] = {
     "status": PaymentStatus,
@@ -251,28 +254,59 @@ async def list_payments(conn: Connection, f: ListFilter) -> list[Payment]:
 
 
 async def update_payment(conn: Connection, payment: Payment) -> None:
-    """Write what changes after creation: status, provider ids, checkout URL, refunds,
+    """Write what changes after creation: status, provider ids, checkout URL,
     updated_at. Raises NotFound when the row is gone (a bug, or a concurrent delete).
 
+    Not ``refunded_cents``: a copy read before a refund moved would write a stale sum
+    back; only :func:`write_refunded_cents` does, from the refunds table.
     The status machine is the unit of work's job (model.can_transition); the caller
     holds the row lock (``for_update``) while it decides.
     """
     matched = await conn.execute(
         "UPDATE payments SET status = %s, provider_payment_id = %s,"
-        " provider_subscription_id = %s, checkout_url = %s, refunded_cents = %s,"
-        " updated_at = %s WHERE id = %s",
+        " provider_subscription_id = %s, checkout_url = %s, provider_payment_intent_id = %s,"
+        " provider_charge_id = %s, updated_at = %s WHERE id = %s",
         (
             int(payment.status),
             payment.provider_payment_id,
             payment.provider_subscription_id,
             payment.checkout_url,
-            payment.refunded_cents,
+            payment.provider_payment_intent_id,
+            payment.provider_charge_id,
             to_db_datetime(payment.updated_at),
             payment.id,
         ),
     )
     if matched == 0:
         raise NotFound("payment not found")
+
+
+async def write_refunded_cents(conn: Connection, payment_id: int, refunded_cents: int) -> None:
+    """Store the SUCCEEDED refunds' sum (a copy of the refunds table's, kept for plain
+    readers of the table); call it under the payment's row lock after a refund moved."""
+    await conn.execute(
+        "UPDATE payments SET refunded_cents = %s WHERE id = %s", (refunded_cents, payment_id)
+    )
+
+
+async def get_payment_by_money_ref(
+    conn: Connection, payment_intent_id: str, charge_id: str = "", *, for_update: bool = False
+) -> Payment | None:
+    """The payment whose Stripe PaymentIntent is ``payment_intent_id`` or, failing that,
+    whose charge is ``charge_id`` (refund events name both); None when neither is known.
+    Indexed lookups (ix_payments_payment_intent, ix_payments_charge)."""
+    for column, value in (
+        ("provider_payment_intent_id", payment_intent_id),
+        ("provider_charge_id", charge_id),
+    ):
+        if value:
+            sql = f"{_SELECT_PAYMENT} WHERE {column} = %s ORDER BY id DESC LIMIT 1" + _lock(
+                conn, for_update
+            )
+            found = await _one_payment(conn, sql, (value,))
+            if found is not None:
+                return found
+    return None
 
 
 async def delete_payment(conn: Connection, payment_id: int) -> None:
