@@ -40,6 +40,11 @@ class ProviderEvent:
     # What the event means for the payment (CONTRACT.md's mapping); None: record only.
     target_status: PaymentStatus | None
     subscription_id: str = ""  # a subscription the event reveals (recurring checkout)
+    # Money the event names (a paid session's PaymentIntent; a charge or refund's intent
+    # and charge): how a refund event, which carries no callback hash, finds its payment.
+    payment_intent: str = ""
+    charge: str = ""
+    refunds: tuple[ProviderRefund, ...] = ()  # the refunds a refund/charge event reports
 
 
 @attrs.frozen

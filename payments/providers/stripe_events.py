@@ -35,8 +35,8 @@ from typing import Any
 import stripe
 
 from payments.errors import BadSignature, InvalidArgument
-from payments.model import PaymentStatus
-from payments.providers.base import ProviderEvent
+from payments.model import PaymentStatus, RefundStatus
+from payments.providers.base import ProviderEvent, ProviderRefund
 
 _PAID_SESSION = frozenset({"paid", "no_payment_required"})
 _FIXED_TARGETS: Mapping[str, PaymentStatus] = {
@@ -48,6 +48,15 @@ _FIXED_TARGETS: Mapping[str, PaymentStatus] = {
     "customer.subscription.deleted": PaymentStatus.CANCELED,
 }
 MAX_ID_LENGTH = 255
+# Stripe's refund statuses; requires_action waits on the customer, so it is still PENDING.
+REFUND_STATUS: Mapping[str, RefundStatus] = {
+    "pending": RefundStatus.PENDING,
+    "requires_action": RefundStatus.PENDING,
+    "succeeded": RefundStatus.SUCCEEDED,
+    "failed": RefundStatus.FAILED,
+    "canceled": RefundStatus.CANCELED,
+}
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed"})
 
 
 class StripeEventParser:
@@ -131,6 +140,7 @@ def read_event(text: str) -> ProviderEvent:
             subscription_id,
         ],
     )
+    payment_intent, charge = _money_of(obj)
     return ProviderEvent(
         event_id=event_id,
         event_type=event_type,
@@ -139,7 +149,70 @@ def read_event(text: str) -> ProviderEvent:
         callback_hash=_callback_hash(obj),
         target_status=target_status(event_type, obj),
         subscription_id=subscription_id,
+        payment_intent=payment_intent,
+        charge=charge,
+        refunds=_refunds_of(event_type, obj),
     )
+
+
+def _money_of(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(PaymentIntent, charge) an object names: a paid session's intent, a charge's
+    intent and itself, a refund's intent and charge."""
+    kind = obj.get("object")
+    if kind == "charge":
+        return _id_of(obj.get("payment_intent")), _id_of(obj.get("id"))
+    if kind == "refund":
+        return _id_of(obj.get("payment_intent")), _id_of(obj.get("charge"))
+    if kind == "payment_intent":
+        return _id_of(obj.get("id")), _id_of(obj.get("latest_charge"))
+    return _id_of(obj.get("payment_intent")), ""
+
+
+def _refunds_of(event_type: str, obj: Mapping[str, Any]) -> tuple[ProviderRefund, ...]:
+    """The refunds an event reports: a refund event's object; for ``charge.refunded``
+    the charge's ``refunds`` list when the payload includes it (Stripe's API versions
+    since 2022-11-15 leave it out unless expanded: the refund events then tell)."""
+    if event_type in REFUND_EVENTS and obj.get("object") == "refund":
+        found = read_refund(obj)
+        return (found,) if found is not None else ()
+    if event_type == "charge.refunded" and obj.get("object") == "charge":
+        listed = _dig(obj, "refunds", "data")
+        if isinstance(listed, list):
+            refunds = (read_refund(item) for item in listed if isinstance(item, dict))
+            return tuple(refund for refund in refunds if refund is not None)
+    return ()
+
+
+def read_refund(obj: Mapping[str, Any]) -> ProviderRefund | None:
+    """A Stripe Refund object -> ProviderRefund; None when it lacks an id or amount, or
+    its status is one the service does not know (the event is then recorded only)."""
+    refund_id, amount = _id_of(obj.get("id")), obj.get("amount")
+    status = REFUND_STATUS.get(str(obj.get("status")))
+    if not refund_id or status is None or not _is_amount(amount):
+        return None
+    metadata = obj.get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    currency = obj.get("currency")
+    return ProviderRefund(
+        provider_refund_id=refund_id,
+        status=status,
+        amount_cents=amount,
+        currency=currency.upper() if isinstance(currency, str) else "",
+        failure_reason=_text(obj.get("failure_reason")),
+        reason=_text(obj.get("reason")),
+        payment_intent_id=_id_of(obj.get("payment_intent")),
+        charge_id=_id_of(obj.get("charge")),
+        refund_id=_number(metadata.get("refund_id")),
+        request_id=_text(metadata.get("request_id")),
+    )
+
+
+def _is_amount(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
 
 
 def target_status(event_type: str, obj: Mapping[str, Any]) -> PaymentStatus | None:
@@ -272,3 +345,10 @@ def _callback_hash(obj: Mapping[str, Any]) -> str:
                 raise _unexpected(f"data.object.{path}.callback_hash")
             return value.strip()
     return ""
+
+
+def _number(value: Any) -> int:
+    """A positive id written as decimal text (our metadata), else 0."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        return int(value)
+    return 0
