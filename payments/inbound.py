@@ -1,6 +1,7 @@
 """Provider events -> status changes: the use case behind
-``/webhooks/providers/{provider}/{callback_hash}`` (HTTP) and HandleProviderCallback
-(gRPC).
+``/webhooks/providers/{provider}/{callback_hash}`` and the hashless
+``/webhooks/providers/{provider}`` (HTTP), and HandleProviderCallback (gRPC; an empty
+callback_hash is the hashless form).
 
 The signature is checked (by the route's provider, which alone knows its scheme)
 before the database is asked anything, so a forger learns nothing, not even whether a
@@ -10,6 +11,15 @@ recorded, never applied), event row, callback-outbox row and the record of this
 callback commit together in one unit of work. A replayed event id hits the unique key
 of the event row: acknowledged, nothing changed, recorded as a duplicate. Every refusal
 is recorded on its own (so it survives) and raised.
+
+Routing: the hashed route names its payment, and the event must then be about it. The
+hashless route (one Stripe endpoint for every event) finds the payment by what the
+event names: ``metadata.callback_hash``, the session, link or subscription id, a refund
+the service knows (its Stripe id, or the refund_id the service put in its metadata),
+then the PaymentIntent or charge stored on the payment. An event naming no known
+payment is recorded and acknowledged (Stripe sends every event of the account there).
+Refund events (payments.inbound_refunds) are recorded on the payment like any event,
+which is what detects their replays, then move the refunds they report.
 """
 
 from __future__ import annotations
@@ -21,12 +31,15 @@ from datetime import datetime
 import attrs
 
 from payments.errors import DependencyUnavailable, InvalidArgument, NotFound, PaymentsError
+from payments.inbound_refunds import apply_refunds
 from payments.model import Payment, PaymentStatus, ProviderType, utcnow
-from payments.providers.base import ProviderEvent
+from payments.providers.base import Provider, ProviderEvent
 from payments.providers.registry import ProviderRegistry
+from payments.refunding import find_own_refund
 from payments.storage import leases, provider_callbacks
+from payments.storage import refunds as refund_store
 from payments.storage import repository as repo
-from payments.storage.database import DuplicateKey
+from payments.storage.database import Connection, DuplicateKey
 from payments.storage.provider_callbacks import CallbackOutcome, ProviderCallback
 from payments.unit_of_work import UnitOfWork, Work
 
@@ -37,10 +50,11 @@ _REPLAYED_EVENT_KEY = "uq_payment_events_provider_event"
 
 @attrs.frozen
 class Received:
-    """What became of an accepted event: the payment as it now stands, and how the
-    event was taken (PROCESSED, or DUPLICATE for a replay)."""
+    """What became of an accepted event: the payment as it now stands (None: a
+    hashless event naming no known payment), and how the event was taken (PROCESSED,
+    or DUPLICATE for a replay)."""
 
-    payment: Payment
+    payment: Payment | None
     outcome: CallbackOutcome
     reason: str
 
@@ -63,34 +77,67 @@ class ProviderEvents:
         an event, or an event about another payment InvalidArgument.
         """
         inbound = _Inbound(provider, callback_hash, payload, request_id, utcnow())
-        found = self._providers.for_events(provider)
+        if not callback_hash.strip():
+            await self._check_route(inbound)
+            raise await self._reject(inbound, InvalidArgument("callback_hash", "is required"))
+        provider_type, event = await self._verified(inbound, signature)
+        return await self._apply_event(inbound, provider_type, event)
+
+    async def receive_unrouted(
+        self, provider: str, payload: bytes, signature: str, request_id: str
+    ) -> Received:
+        """Apply one event posted to the provider's hashless route: the payment is the
+        one the event names (see the module docstring); none known: recorded, and
+        ``Received.payment`` is None. Refusals as :meth:`receive`'s."""
+        inbound = _Inbound(provider, "", payload, request_id, utcnow())
+        provider_type, event = await self._verified(inbound, signature)
+        return await self._apply_event(inbound, provider_type, event)
+
+    async def _check_route(self, inbound: _Inbound) -> tuple[ProviderType, Provider]:
+        found = self._providers.for_events(inbound.provider)
         if found is None:
             raise await self._reject(inbound, NotFound("unknown provider"))
-        if not callback_hash.strip():
-            raise await self._reject(inbound, InvalidArgument("callback_hash", "is required"))
-        if not payload.strip():
+        return found
+
+    async def _verified(
+        self, inbound: _Inbound, signature: str
+    ) -> tuple[ProviderType, ProviderEvent]:
+        provider_type, source = await self._check_route(inbound)
+        if not inbound.payload.strip():
             raise await self._reject(inbound, InvalidArgument("payload", "is required"))
-        provider_type, source = found
         try:
-            event = source.parse_event(payload, signature)
+            event = source.parse_event(inbound.payload, signature)
         except InvalidArgument as exc:
             raise await self._reject(inbound, exc, peek=True) from None
-        return await self._apply_event(inbound, provider_type, event)
+        return provider_type, event
 
     async def _apply_event(
         self, inbound: _Inbound, provider_type: ProviderType, event: ProviderEvent
     ) -> Received:
         rejection: tuple[PaymentsError, str] | None = None
+        after: Payment | None = None
         async with self._uow.begin() as work:
-            payment = await repo.get_payment_by_callback_hash(
-                work.conn, inbound.callback_hash, for_update=True
-            )
-            if payment is None:
+            if inbound.callback_hash:
+                payment = await repo.get_payment_by_callback_hash(
+                    work.conn, inbound.callback_hash, for_update=True
+                )
+            else:
+                payment = await find_payment(work.conn, provider_type, event)
+            if payment is None and inbound.callback_hash:
                 rejection = (NotFound("payment not found"), "unknown callback hash")
-            elif problem := _foreign_event(payment, provider_type, event):
+            elif payment is None:
+                outcome, reason = CallbackOutcome.PROCESSED, "recorded: names no known payment"
+                await provider_callbacks.insert(
+                    work.conn,
+                    inbound.record(outcome, reason, event.event_id, event.event_type, None),
+                )
+            elif problem := await _foreign_event(work.conn, payment, provider_type, event):
                 rejection = (InvalidArgument("payload", "event is not about this payment"), problem)
             else:
                 outcome, reason, after = await _apply(work, payment, event)
+                if outcome is CallbackOutcome.PROCESSED and event.refunds:
+                    notes = await apply_refunds(work, after, event)
+                    reason = "; ".join([reason, *notes])
                 await provider_callbacks.insert(
                     work.conn,
                     inbound.record(outcome, reason, event.event_id, event.event_type, after.id),
@@ -104,7 +151,7 @@ class ProviderEvents:
             "provider event %s",
             outcome,
             extra={
-                "payment_id": after.id,
+                "payment_id": after.id if after else 0,
                 "event_id": event.event_id,
                 "event_type": event.event_type,
                 "reason": reason,
@@ -130,6 +177,14 @@ class ProviderEvents:
         """
         if event is not None:
             event_id, event_type = event.event_id, event.event_type
+        elif not inbound.callback_hash:
+            # The hashless route is open to the provider (no API key): an unverified
+            # body there is logged, never stored, so nobody can fill the table with it.
+            log.info(
+                "provider event refused",
+                extra={"reason": reason or error.message, "request_id": inbound.request_id},
+            )
+            return error
         else:  # unverified, kept only to help whoever reads the record
             event_id, event_type = _peek_event(inbound.payload) if peek else ("", "")
         try:
@@ -198,9 +253,7 @@ async def _apply(
 ) -> tuple[CallbackOutcome, str, Payment]:
     """Apply ``event`` to the locked ``payment``: (outcome, reason, the payment after)."""
     updated = attrs.evolve(payment)
-    revealed = bool(event.subscription_id) and not payment.provider_subscription_id
-    if revealed:  # written with the status change, or on its own below
-        updated.provider_subscription_id = event.subscription_id
+    revealed = _reveal(updated, event)  # written with the status change, or on its own below
     target = event.target_status or payment.status
     # Expiring the checkout is how a cancel closes it: Stripe's "expired" event for that
     # must not beat the cancel to the payment's end (the cancel holds its lease).
@@ -250,12 +303,30 @@ async def _apply(
     return CallbackOutcome.PROCESSED, reason, updated
 
 
-def _foreign_event(payment: Payment, provider_type: ProviderType, event: ProviderEvent) -> str:
+def _reveal(payment: Payment, event: ProviderEvent) -> bool:
+    """Take the provider ids ``event`` tells of that ``payment`` lacks (its subscription;
+    the PaymentIntent and charge, which refunds and their events need); True if any."""
+    revealed = False
+    for field, value in (
+        ("provider_subscription_id", event.subscription_id),
+        ("provider_payment_intent_id", event.payment_intent),
+        ("provider_charge_id", event.charge),
+    ):
+        if value and not getattr(payment, field):
+            setattr(payment, field, value)
+            revealed = True
+    return revealed
+
+
+async def _foreign_event(
+    conn: Connection, payment: Payment, provider_type: ProviderType, event: ProviderEvent
+) -> str:
     """Why ``event`` is not about ``payment`` ("" when it is).
 
     Our ``metadata.callback_hash`` on the provider's object names the payment outright;
-    without it, one of the object ids (session, link, subscription) must be the
-    payment's. The event is signed, so neither can be forged.
+    without it, one of the object ids (session, link, subscription; PaymentIntent or
+    charge once stored) must be the payment's, or a refund the event reports must be
+    one of the payment's. The event is signed, so none of these can be forged.
     """
     if (payment.provider or ProviderType.STRIPE) != provider_type:
         return f"the payment is not a {ProviderRegistry.name_of(provider_type)} payment"
@@ -263,10 +334,49 @@ def _foreign_event(payment: Payment, provider_type: ProviderType, event: Provide
         if event.callback_hash != payment.provider_callback_hash:
             return "metadata.callback_hash names another payment"
         return ""
-    known = {payment.provider_payment_id, payment.provider_subscription_id} - {""}
-    if known.intersection(event.refs):
+    known = {
+        payment.provider_payment_id,
+        payment.provider_subscription_id,
+        payment.provider_payment_intent_id,
+        payment.provider_charge_id,
+    } - {""}
+    if known.intersection((*event.refs, event.payment_intent, event.charge)):
         return ""
+    for report in event.refunds:
+        refund = await find_own_refund(conn, payment, report)
+        if refund is not None and refund.payment_id == payment.id:
+            return ""
     return "the event's objects are not this payment's"
+
+
+async def find_payment(
+    conn: Connection, provider_type: ProviderType, event: ProviderEvent
+) -> Payment | None:
+    """The payment a hashless event is about, locked; None when it names none we know
+    (see the module docstring for the order)."""
+    found = await repo.get_payment_by_callback_hash(conn, event.callback_hash)
+    for ref in event.refs:
+        found = found or await repo.get_payment_by_provider_ref(conn, ref)
+    for report in event.refunds:
+        found = found or await _payment_of_refund(conn, report.provider_refund_id, report.refund_id)
+    if found is None and (event.payment_intent or event.charge):
+        found = await repo.get_payment_by_money_ref(conn, event.payment_intent, event.charge)
+    if found is None or (found.provider or ProviderType.STRIPE) != provider_type:
+        return None
+    return await repo.get_payment(conn, found.id, for_update=True)
+
+
+async def _payment_of_refund(
+    conn: Connection, provider_refund_id: str, refund_id: int
+) -> Payment | None:
+    """The payment of the refund Stripe calls ``provider_refund_id``, or of our refund
+    ``refund_id`` (from the Stripe refund's metadata) while its Stripe id is unknown."""
+    refund = await refund_store.get_refund_by_provider_id(conn, provider_refund_id)
+    if refund is None and refund_id:
+        refund = await refund_store.get_refund(conn, refund_id)
+        if refund is not None and refund.provider_refund_id not in ("", provider_refund_id):
+            refund = None
+    return None if refund is None else await repo.get_payment(conn, refund.payment_id)
 
 
 def _peek_event(payload: bytes) -> tuple[str, str]:

@@ -137,7 +137,7 @@ async def test_a_replay_is_ok_and_changes_nothing(stack: Stack, client: Client) 
         ({"signature": ""}, Code.INVALID_ARGUMENT, "signature: is required", ""),
         ({"payload": ""}, Code.INVALID_ARGUMENT, "payload: is required", ""),
         ({"callback_hash": "nope"}, Code.NOT_FOUND, "payment not found", "unknown callback hash"),
-        ({"callback_hash": ""}, Code.INVALID_ARGUMENT, "callback_hash: is required", ""),
+        ({"callback_hash": "  "}, Code.INVALID_ARGUMENT, "callback_hash: is required", ""),
         ({"provider": ""}, Code.NOT_FOUND, "unknown provider", ""),
         ({"provider": "adyen"}, Code.NOT_FOUND, "unknown provider", ""),
     ],
@@ -154,6 +154,25 @@ async def test_refusals_map_to_grpc_codes_and_are_recorded(
     async with stack.pool.connection() as conn:
         rows = await conn.fetchall("SELECT outcome, reason FROM provider_callbacks")
     assert rows == [("rejected", reason or details)]
+
+
+async def test_an_empty_callback_hash_is_the_hashless_route(stack: Stack, client: Client) -> None:
+    """Routed by the event (here its metadata.callback_hash); one naming no known payment
+    is recorded and answered without a payment."""
+    payment = await stack.create_payment()
+    reply = await client.callback(
+        request(payment, completed_event(stack, payment), callback_hash="")
+    )
+    assert reply.code == Code.OK, reply.details
+    assert reply.response is not None and reply.response.payment.id == payment.id
+    assert reply.response.payment.status == pb.PAYMENT_STATUS_PAID
+    stranger = completed_event(stack, payment, id="cs_unknown", metadata={})
+    reply = await client.callback(request(payment, stranger, callback_hash=""))
+    assert reply.code == Code.OK, reply.details
+    assert reply.response is not None and not reply.response.HasField("payment")
+    async with stack.pool.connection() as conn:
+        rows = await conn.fetchall("SELECT outcome, payment_id FROM provider_callbacks ORDER BY id")
+    assert rows == [("processed", payment.id), ("processed", None)]
 
 
 async def test_an_event_about_another_payment_is_invalid(stack: Stack, client: Client) -> None:

@@ -232,18 +232,27 @@ class PaymentsServicer(PaymentsServiceServicer):
     async def HandleProviderCallback(
         self, message: pb.HandleProviderCallbackRequest, request: RequestReceived
     ) -> pb.MessageResponse:
-        """A provider event forwarded by the gateway: the HTTP route's semantics. The
-        record keeps the message's ``request_id``, or the metadata's when it is blank."""
+        """A provider event forwarded by the gateway: the HTTP routes' semantics (an
+        empty ``callback_hash`` is the hashless route's). The record keeps the
+        message's ``request_id``, or the metadata's when it is blank."""
 
         async def run(caller: Caller, ctx: CallContext) -> pb.MessageResponse:
             received = wire.provider_callback_from_proto(message, self._max_payload_bytes)
-            result = await self._inbound.receive(
-                message.provider,
-                message.callback_hash,
-                received.payload,
-                received.signature,
-                message.request_id.strip() or ctx.request_id,
-            )
+            request_id = message.request_id.strip() or ctx.request_id
+            if message.callback_hash:
+                result = await self._inbound.receive(
+                    message.provider,
+                    message.callback_hash,
+                    received.payload,
+                    received.signature,
+                    request_id,
+                )
+            else:  # the hashless form: routed by the ids the event names
+                result = await self._inbound.receive_unrouted(
+                    message.provider, received.payload, received.signature, request_id
+                )
+            if result.payment is None:
+                return pb.MessageResponse(message=CALLBACK_PROCESSED)
             ctx.payment_id = result.payment.id
             return pb.MessageResponse(
                 message=CALLBACK_PROCESSED, payment=wire.payment_to_proto(result.payment)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
@@ -73,7 +74,9 @@ API_KEY_HEADER = "X-API-Key"
 # Endpoints that need neither header: the orchestrator's probe.
 # ``checkout_return``: the customer's browser, sent back by Stripe after checkout.
 # ``OPERATIONS_ENDPOINTS``: /readyz and /openapi.json (payments.api.operations).
-_OPEN_ENDPOINTS = frozenset({"healthz", "checkout_return"}) | OPERATIONS_ENDPOINTS
+# ``provider_event``: the provider itself (Stripe's one webhook endpoint), which sends
+# neither header; its signature is what authenticates it.
+_OPEN_ENDPOINTS = frozenset({"healthz", "checkout_return", "provider_event"}) | OPERATIONS_ENDPOINTS
 HEALTHZ_DB_TIMEOUT_SECONDS = 2.0
 # Set on the app's config once serve_http's shutdown trigger fires (see finish()).
 DRAINING = "PAYMENTS_DRAINING"
@@ -289,6 +292,23 @@ def create_http_app(
         return _json(
             {"message": CALLBACK_PROCESSED, "payment": wire.payment_to_json(result.payment)}
         )
+
+    @app.post("/webhooks/providers/<provider>")
+    async def provider_event(provider: str) -> Response:
+        """A provider event at the provider's one endpoint (Stripe posts every event of
+        the account there): no callback hash, the payment is the one the event names.
+        Open like a Stripe endpoint must be (the signature authenticates the event); an
+        event naming no known payment is recorded and answered 200 without a payment."""
+        g.request_id = g.request_id or f"evt-{uuid.uuid4().hex}"
+        received = wire.provider_callback_from_http(await _body(), request.headers)
+        result = await inbound.receive_unrouted(
+            provider, received.payload, received.signature, g.request_id
+        )
+        document: dict[str, Any] = {"message": CALLBACK_PROCESSED}
+        if result.payment is not None:
+            g.payment_id = result.payment.id
+            document["payment"] = wire.payment_to_json(result.payment)
+        return _json(document)
 
     @app.get("/webhooks/providers/<provider>/<callback_hash>")
     async def checkout_return(provider: str, callback_hash: str) -> Response:

@@ -20,9 +20,13 @@ the last STATUS_CHANGED event (or a separate ``checked_at`` column in a later st
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
-from payments.jobs.batch import ItemResult, Outcome, PaymentJob
+import trio
+
+from payments.jobs.batch import ItemResult, JobSummary, Outcome, PaymentJob
+from payments.jobs.refund_settling import RefundSettler
 from payments.leasing import give_back
 from payments.model import Payment, utcnow
 from payments.providers.base import ProviderState
@@ -41,6 +45,28 @@ class Reconciler(PaymentJob):
 
     def _cutoff_minutes(self) -> float:
         return self._settings.reconcile_stale_after_minutes
+
+    async def run_pass(
+        self,
+        *,
+        stopping: trio.Event | None = None,
+        on_progress: Callable[[JobSummary], None] | None = None,
+    ) -> JobSummary:
+        """The payments' pass, then the stale PENDING refunds' (same summary)."""
+        summary = await super().run_pass(stopping=stopping, on_progress=on_progress)
+        if not summary.stopped:
+            settler = RefundSettler(
+                self._uow,
+                self._providers,
+                self._provider_call,
+                self._settings.job_batch_size,
+                self._concurrency,
+            )
+            cutoff = utcnow() - timedelta(minutes=self._cutoff_minutes())
+            await settler.run_pass(summary, cutoff, stopping)
+            if on_progress is not None:
+                on_progress(summary)
+        return summary
 
     def _interval_minutes(self) -> float:
         return self._settings.reconcile_interval_minutes
