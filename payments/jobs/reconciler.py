@@ -63,8 +63,9 @@ class Reconciler(PaymentJob):
                 self._concurrency,
             )
             cutoff = utcnow() - timedelta(minutes=self._cutoff_minutes())
+            checked = summary.checked
             await settler.run_pass(summary, cutoff, stopping)
-            if on_progress is not None:
+            if on_progress is not None and summary.checked > checked:
                 on_progress(summary)
         return summary
 

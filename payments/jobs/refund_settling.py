@@ -66,7 +66,10 @@ class RefundSettler:
         """Work every PENDING refund untouched since ``cutoff``, in keyset batches."""
         after: refund_claims.RefundCandidate | None = None
         slots = trio.Semaphore(self._concurrency)
-        while not (stopping is not None and stopping.is_set()):
+        while True:
+            if stopping is not None and stopping.is_set():
+                summary.stopped = True
+                return
             async with self._uow.database.connection() as conn:
                 batch = await refund_claims.stale_pending(conn, cutoff, after, self._batch_size)
             if not batch:
