@@ -80,8 +80,10 @@ class ProviderEvents:
         if not callback_hash.strip():
             await self._check_route(inbound)
             raise await self._reject(inbound, InvalidArgument("callback_hash", "is required"))
-        provider_type, event = await self._verified(inbound, signature)
-        return await self._apply_event(inbound, provider_type, event)
+        provider_type, provider, event = await self._verified(inbound, signature)
+        if event.refunds or event.charge:
+            await self._learn_intent_of(callback_hash, provider)
+        return await self._apply_event(inbound, provider_type, provider, event)
 
     async def receive_unrouted(
         self, provider: str, payload: bytes, signature: str, request_id: str
@@ -90,8 +92,8 @@ class ProviderEvents:
         one the event names (see the module docstring); none known: recorded, and
         ``Received.payment`` is None. Refusals as :meth:`receive`'s."""
         inbound = _Inbound(provider, "", payload, request_id, utcnow())
-        provider_type, event = await self._verified(inbound, signature)
-        return await self._apply_event(inbound, provider_type, event)
+        provider_type, source, event = await self._verified(inbound, signature)
+        return await self._apply_event(inbound, provider_type, source, event)
 
     async def _check_route(self, inbound: _Inbound) -> tuple[ProviderType, Provider]:
         found = self._providers.for_events(inbound.provider)
@@ -101,7 +103,7 @@ class ProviderEvents:
 
     async def _verified(
         self, inbound: _Inbound, signature: str
-    ) -> tuple[ProviderType, ProviderEvent]:
+    ) -> tuple[ProviderType, Provider, ProviderEvent]:
         provider_type, source = await self._check_route(inbound)
         if not inbound.payload.strip():
             raise await self._reject(inbound, InvalidArgument("payload", "is required"))
@@ -109,10 +111,39 @@ class ProviderEvents:
             event = source.parse_event(inbound.payload, signature)
         except InvalidArgument as exc:
             raise await self._reject(inbound, exc, peek=True) from None
-        return provider_type, event
+        return provider_type, source, event
+
+    async def _learn_intent_of(self, callback_hash: str, provider: Provider) -> None:
+        """Before a money event is checked against the hashed route's PAID payment:
+        when the payment does not know its PaymentIntent yet (a recurring payment's
+        events never tell it), ask the provider, outside any transaction. The provider
+        being down is raised (503: the provider sends the event again)."""
+        async with self._pool.connection() as conn:
+            known = await repo.get_payment_by_callback_hash(conn, callback_hash)
+        if known is not None and known.status == PaymentStatus.PAID:
+            await self._learn_intent(provider, known)
+
+    async def _learn_intent(self, provider: Provider, payment: Payment) -> None:
+        """Store the PaymentIntent that paid ``payment`` if it is not stored yet: refund
+        events, which carry no callback hash, are routed by it."""
+        if payment.provider_payment_intent_id:
+            return
+        intent = await provider.payment_intent_of(payment)
+        if not intent:
+            return
+        async with self._pool.transaction() as conn:
+            locked = await repo.get_payment(conn, payment.id, for_update=True)
+            if locked is not None and not locked.provider_payment_intent_id:
+                locked.provider_payment_intent_id = intent
+                await repo.update_payment(conn, locked)
+        payment.provider_payment_intent_id = intent
 
     async def _apply_event(
-        self, inbound: _Inbound, provider_type: ProviderType, event: ProviderEvent
+        self,
+        inbound: _Inbound,
+        provider_type: ProviderType,
+        provider: Provider,
+        event: ProviderEvent,
     ) -> Received:
         rejection: tuple[PaymentsError, str] | None = None
         after: Payment | None = None
@@ -147,6 +178,13 @@ class ProviderEvents:
             raise await self._reject(
                 inbound, error, reason, event=event, payment_id=payment.id if payment else None
             )
+        if after is not None and payment is not None and _became_paid(payment, after):
+            try:  # the commit stands; a later refund event or refund learns it otherwise
+                await self._learn_intent(provider, after)
+            except PaymentsError as exc:
+                log.warning(
+                    "PaymentIntent not learnt: %s", exc.message, extra={"payment_id": after.id}
+                )
         log.info(
             "provider event %s",
             outcome,
@@ -301,6 +339,10 @@ async def _apply(
                 extra={"payment_id": payment.id, "event_id": event.event_id},
             )
     return CallbackOutcome.PROCESSED, reason, updated
+
+
+def _became_paid(before: Payment, after: Payment) -> bool:
+    return after.status == PaymentStatus.PAID and before.status != PaymentStatus.PAID
 
 
 def _reveal(payment: Payment, event: ProviderEvent) -> bool:

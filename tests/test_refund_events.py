@@ -31,6 +31,7 @@ from payments.model import (
     OutboxEntry,
     Payment,
     PaymentStatus,
+    PaymentType,
     Refund,
     RefundEvent,
     RefundStatus,
@@ -71,9 +72,14 @@ async def paid_payment(stack: Stack, **changes: Any) -> Payment:
 
 
 def charge_of(stack: Stack, payment: Payment) -> dict[str, Any]:
-    session = stack.sandbox.state.sessions[payment.provider_payment_id]
-    intent = stack.sandbox.state.payment_intents[session["payment_intent"]]
-    return stack.sandbox.state.charges[intent["latest_charge"]]
+    """The charge that paid ``payment`` (its session's, or its first invoice's)."""
+    state = stack.sandbox.state
+    session = state.sessions[payment.provider_payment_id]
+    intent_id = session["payment_intent"]
+    if intent_id is None:  # a subscription: the PaymentIntent is the invoice payment's
+        [paid] = [p for p in state.invoice_payments.values() if p["invoice"] == session["invoice"]]
+        intent_id = paid["payment"]["payment_intent"]
+    return state.charges[state.payment_intents[intent_id]["latest_charge"]]
 
 
 def dashboard_refund(stack: Stack, payment: Payment, amount: int | None = None) -> dict[str, Any]:
@@ -288,6 +294,33 @@ async def test_a_refund_of_another_payment_is_refused_on_this_payments_route(
     assert response.json() == {"error": "payload: event is not about this payment"}
     assert await refunds_of(stack, mine) == []
     assert len(await refunds_of(stack, other)) == 1
+
+
+async def test_a_dashboard_refund_of_a_recurring_payment_is_routed_by_its_intent(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """A subscription's events never name its PaymentIntent: the service asks Stripe
+    once the payment is PAID, so the refund's events (no metadata, no callback hash)
+    still find it, on the payment's route and on the hashless one."""
+    payment = await paid_payment(stack, payment_type=PaymentType.RECURRING, amount_cents=1200)
+    charge = charge_of(stack, payment)
+    assert (await stack.payment(payment.id)).provider_payment_intent_id == charge["payment_intent"]
+    made = dashboard_refund(stack, payment, amount=200)
+    await stack.events_delivered()
+    [refund] = await refunds_of(stack, payment)
+    assert (refund.request_id, refund.status) == (f"stripe:{made['id']}", R.SUCCEEDED)
+    assert len(await refund_callbacks(stack, payment)) == 1
+
+    stack.sandbox.state.webhook = None
+    second = dashboard_refund(stack, payment, amount=300)
+    [created] = [
+        e for e in emitted(stack, "refund.created") if e["data"]["object"]["id"] == second["id"]
+    ]
+    body, headers = signed(created)
+    response = await http.post("/webhooks/providers/stripe", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["payment"]["refunded_cents"] == 500
+    assert len(await refunds_of(stack, payment)) == 2
 
 
 # --- the hashless route (Stripe's one endpoint) ------------------------------------------

@@ -123,6 +123,11 @@ class Provider(Protocol):
         metadata among the payment's refunds), or None when the provider has none."""
         ...
 
+    async def payment_intent_of(self, payment: Payment) -> str:
+        """The provider's PaymentIntent that paid ``payment`` ("" when it has none): a
+        refund event names it, and a recurring payment's events do not tell it."""
+        ...
+
     @property
     def receives_events(self) -> bool:
         """True when the provider can check its events (its webhook secret is set)."""

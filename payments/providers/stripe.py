@@ -464,6 +464,15 @@ class StripeProvider:
         except stripe.StripeError as exc:
             _raise_mapped(exc, "find_refund", payment)
 
+    async def payment_intent_of(self, payment: Payment) -> str:
+        """:meth:`_payment_intent` for the event side ("" when the payment has none)."""
+        try:
+            return await self._payment_intent(payment)
+        except ProviderRejected:
+            return ""
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "payment_intent_of", payment)
+
     async def _payment_intent(self, payment: Payment) -> str:
         """The PaymentIntent that paid ``payment``: stored once known; else the paid
         Checkout Session's (for a Payment Link, its completed session's); for a
