@@ -5,8 +5,9 @@ lock held (every refund write happens under it: one lock order everywhere), afte
 event was recorded on the payment, so a replayed event never gets here. Each refund
 the event reports goes through payments.refunding.record_provider_refund: matched to
 the stored refund by its Stripe id, else by the ``refund_id`` the service put in its
-metadata (an event that outran the commit of the create), so an event about a refund
-the service made never makes a second record; a refund made outside the service
+metadata (an event that outran the commit of the create), else by the metadata's
+``request_id`` among the payment's refunds Stripe's id is not stored for, so an event
+about a refund the service made never makes a second record; a refund made outside the service
 (Stripe's dashboard) is recorded as ``stripe:<re_id>`` of the payment's caller and
 moved like any other, so its caller hears of it too. Moves are forward only, through
 the unit of work: a late ``refund.failed`` after ``succeeded`` is recorded on the
@@ -15,9 +16,13 @@ refund's history and changes nothing.
 
 from __future__ import annotations
 
+import attrs
+
 from payments.model import Payment
-from payments.providers.base import ProviderEvent
-from payments.refunding import record_provider_refund
+from payments.providers.base import ProviderEvent, ProviderRefund
+from payments.refunding import find_own_refund, record_provider_refund
+from payments.storage import refunds as refund_store
+from payments.storage.database import Connection
 from payments.unit_of_work import Work
 
 
@@ -28,10 +33,23 @@ async def apply_refunds(work: Work, payment: Payment, event: ProviderEvent) -> l
         refund = await record_provider_refund(
             work,
             payment,
-            report,
+            await _by_request_id(work.conn, payment, report),
             reason=f"provider event {event.event_type}",
             provider_event_id=event.event_id,
             provider_event_type=event.event_type,
         )
         notes.append(f"refund {refund.id} {refund.status.name}")
     return notes
+
+
+async def _by_request_id(
+    conn: Connection, payment: Payment, report: ProviderRefund
+) -> ProviderRefund:
+    """``report`` naming the payment's unbound refund whose request_id its metadata
+    carries, when neither its Stripe id nor a refund_id finds a stored refund."""
+    if not report.request_id or await find_own_refund(conn, payment, report) is not None:
+        return report
+    for refund in await refund_store.list_refunds(conn, payment.id):
+        if refund.request_id == report.request_id and not refund.provider_refund_id:
+            return attrs.evolve(report, refund_id=refund.id)
+    return report

@@ -221,6 +221,27 @@ async def test_an_event_that_outruns_the_create_binds_to_the_claim_by_metadata(
     assert settled["metadata"]["refund_id"] == str(claim.id)
 
 
+async def test_an_event_without_our_refund_id_binds_to_the_claim_by_request_id(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    payment = await paid_payment(stack, amount_cents=2500)
+    stack.sandbox.state.webhook = None
+    claim = await service_refund(stack, payment, 400, request_id="refund-by-request-id")
+    async with stack.pool.transaction() as conn:  # Stripe's id never stored
+        stored = await refund_store.get_refund(conn, claim.id)
+        assert stored is not None
+        re_id, stored.provider_refund_id = stored.provider_refund_id, ""
+        await refund_store.update_refund(conn, stored)
+    made = dict(stack.sandbox.state.refunds[re_id])
+    made["metadata"] = {"request_id": "refund-by-request-id"}
+    response = await post_to_payment_route(
+        http, stack, payment, forged_event("refund.updated", made)
+    )
+    assert response.status_code == 200, response.text
+    [refund] = await refunds_of(stack, payment)
+    assert (refund.id, refund.provider_refund_id, refund.status) == (claim.id, re_id, R.SUCCEEDED)
+
+
 async def test_a_pending_refund_that_fails_later_gives_the_amount_back(stack: Stack) -> None:
     payment = await paid_payment(stack, amount_cents=2500)
     stack.sandbox.state.refund_hold = True
