@@ -351,10 +351,12 @@ OPERATIONS: tuple[Operation, ...] = (
         errors=(404, 409),
     ),
     Operation(
-        "post", "/webhooks/providers/stripe", "stripeEvents",
-        "Any Stripe event, one endpoint for all (signature checked; an event naming no "
-        "known payment is recorded and answered 200)", 200, "MessageResponse",
-        body="ProviderEvent", errors=(404, 409), key_optional=True,
+        "post", "/webhooks/providers/{provider}", "stripeEvents",
+        "Any event of the provider, one endpoint for all (e.g. /webhooks/providers/stripe; "
+        "signature checked; an event naming no known payment is recorded and answered "
+        "200)", 200, "MessageResponse", body="ProviderEvent",
+        params=(Param("provider", "path", {"type": "string", "enum": ["stripe"]}, "stripe"),),
+        errors=(404, 409), key_optional=True,
     ),
     Operation(
         "get", "/webhooks/providers/{provider}/{callback_hash}", "checkoutReturn",

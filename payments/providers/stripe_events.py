@@ -155,17 +155,23 @@ def read_event(text: str) -> ProviderEvent:
     )
 
 
+def _ids(obj: Mapping[str, Any], intent: str, charge: str) -> tuple[str, str]:
+    return _id_of(obj.get(intent), f"data.object.{intent}"), _id_of(
+        obj.get(charge), f"data.object.{charge}"
+    )
+
+
 def _money_of(obj: Mapping[str, Any]) -> tuple[str, str]:
     """(PaymentIntent, charge) an object names: a paid session's intent, a charge's
     intent and itself, a refund's intent and charge."""
     kind = obj.get("object")
     if kind == "charge":
-        return _id_of(obj.get("payment_intent")), _id_of(obj.get("id"))
+        return _ids(obj, "payment_intent", "id")
     if kind == "refund":
-        return _id_of(obj.get("payment_intent")), _id_of(obj.get("charge"))
+        return _ids(obj, "payment_intent", "charge")
     if kind == "payment_intent":
-        return _id_of(obj.get("id")), _id_of(obj.get("latest_charge"))
-    return _id_of(obj.get("payment_intent")), ""
+        return _ids(obj, "id", "latest_charge")
+    return _id_of(obj.get("payment_intent"), "data.object.payment_intent"), ""
 
 
 def _refunds_of(event_type: str, obj: Mapping[str, Any]) -> tuple[ProviderRefund, ...]:
@@ -173,20 +179,25 @@ def _refunds_of(event_type: str, obj: Mapping[str, Any]) -> tuple[ProviderRefund
     the charge's ``refunds`` list when the payload includes it (Stripe's API versions
     since 2022-11-15 leave it out unless expanded: the refund events then tell)."""
     if event_type in REFUND_EVENTS and obj.get("object") == "refund":
-        found = read_refund(obj)
+        found = read_refund(obj, "data.object")
         return (found,) if found is not None else ()
     if event_type == "charge.refunded" and obj.get("object") == "charge":
         listed = _dig(obj, "refunds", "data")
         if isinstance(listed, list):
-            refunds = (read_refund(item) for item in listed if isinstance(item, dict))
+            refunds = (
+                read_refund(item, f"data.object.refunds.data[{i}]")
+                for i, item in enumerate(listed)
+                if isinstance(item, dict)
+            )
             return tuple(refund for refund in refunds if refund is not None)
     return ()
 
 
-def read_refund(obj: Mapping[str, Any]) -> ProviderRefund | None:
+def read_refund(obj: Mapping[str, Any], path: str = "data.object") -> ProviderRefund | None:
     """A Stripe Refund object -> ProviderRefund; None when it lacks an id or amount, or
-    its status is one the service does not know (the event is then recorded only)."""
-    refund_id, amount = _id_of(obj.get("id")), obj.get("amount")
+    its status is one the service does not know (the event is then recorded only); an id
+    of the wrong type at ``path`` refuses the event, like every other field."""
+    refund_id, amount = _id_of(obj.get("id"), f"{path}.id"), obj.get("amount")
     status = REFUND_STATUS.get(str(obj.get("status")))
     if not refund_id or status is None or not _is_amount(amount):
         return None
@@ -200,8 +211,8 @@ def read_refund(obj: Mapping[str, Any]) -> ProviderRefund | None:
         currency=currency.upper() if isinstance(currency, str) else "",
         failure_reason=_text(obj.get("failure_reason")),
         reason=_text(obj.get("reason")),
-        payment_intent_id=_id_of(obj.get("payment_intent")),
-        charge_id=_id_of(obj.get("charge")),
+        payment_intent_id=_id_of(obj.get("payment_intent"), f"{path}.payment_intent"),
+        charge_id=_id_of(obj.get("charge"), f"{path}.charge"),
         refund_id=_number(metadata.get("refund_id")),
         request_id=_text(metadata.get("request_id")),
     )
