@@ -30,6 +30,7 @@ from payments.errors import DependencyUnavailable, PaymentsError
 from payments.model import PaymentStatus, utcnow
 from payments.providers.registry import ProviderRegistry
 from payments.storage import claims
+from payments.storage.database import Deadlock
 from payments.unit_of_work import UnitOfWork
 from supervisor import ChildContext
 
@@ -41,6 +42,9 @@ DEFAULT_RATE_PER_SECOND = 20.0
 # Items of one batch in flight at once; each holds a database session while it waits on
 # the provider, so keep (jobs x concurrency) well under MYSQL_MAX_OPEN_CONNS.
 DEFAULT_CONCURRENCY = 4
+# A deadlock victim's transaction was rolled back whole: its item runs again (up to this
+# many times) rather than failing the pass, as service.py does for creates.
+DEADLOCK_RETRIES = 3
 
 
 class Outcome(enum.Enum):
@@ -181,7 +185,24 @@ class PaymentJob:
     async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
         raise NotImplementedError
 
+    async def _work_batch(
+        self, batch: list[claims.Candidate], cutoff: datetime, summary: JobSummary
+    ) -> list[claims.Candidate]:
+        """Conclude what can be concluded for the whole batch at once (recorded in
+        ``summary``); return the candidates left for ``_work`` one by one."""
+        return batch
+
     # --- helpers for subclasses ---------------------------------------------------------
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` (one whole transaction) again when InnoDB picked it as a
+        deadlock victim: it was rolled back, so running it again is safe."""
+        for tries in range(DEADLOCK_RETRIES):
+            try:
+                return await attempt()
+            except Deadlock:
+                self._log.info("%s retried after a deadlock (%d)", self.selection.job, tries + 1)
+        return await attempt()
 
     async def _provider_call(self, call: Callable[[], Awaitable[T]]) -> T:
         """One provider operation, after the rate limit lets it through."""
@@ -215,7 +236,7 @@ class PaymentJob:
 
         async def work_one(candidate: claims.Candidate) -> None:
             try:
-                result = await self._work(candidate, cutoff)
+                result = await self._retrying(lambda: self._work(candidate, cutoff))
                 summary.record(result)
                 if result.outcome is Outcome.CHANGED and result.status is not None:
                     self._log.info(
@@ -240,8 +261,9 @@ class PaymentJob:
             if not batch:
                 break
             summary.batches += 1
+            left = await self._work_batch(batch, cutoff, summary)
             async with trio.open_nursery() as nursery:
-                for candidate in batch:
+                for candidate in left:
                     await slots.acquire()
                     if stop_requested():
                         slots.release()

@@ -10,6 +10,7 @@ fault (auth, rate limits, timeouts, network, 5xx), with a generic message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -79,6 +80,11 @@ class Provider(Protocol):
     async def fetch_state(self, payment: Payment) -> ProviderState:
         """Ask the provider where the payment stands (Checkout Session; a payment link's
         sessions; a subscription), for the reconciler."""
+        ...
+
+    async def expired_checkouts(self, payments: Sequence[Payment]) -> set[str]:
+        """The provider payment ids among ``payments`` whose checkout the provider itself
+        closed unpaid (it expired), asked in bulk; a payment not named is undecided."""
         ...
 
     @property

@@ -33,7 +33,8 @@ WARNING (unless configured otherwise).
 from __future__ import annotations
 
 import logging
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import stripe
@@ -49,6 +50,28 @@ log = logging.getLogger("payments.providers.stripe")
 UNAVAILABLE_MESSAGE = "payment provider unavailable"
 _REJECTED = (stripe.InvalidRequestError, stripe.CardError, stripe.IdempotencyError)
 _LIST_PAGE = 100  # Stripe's largest page
+
+# Stripe takes a Checkout Session's ``expires_at`` 30 minutes to 24 hours after the
+# session is made. The service fixes it from the payment's ``created_at`` (so a retried
+# create sends byte-identical parameters), which leaves the create a slack to reach
+# Stripe: a pending timeout under 30 min + the slack keeps today's path (the expirer
+# closes the session itself).
+SESSION_LIFETIME_MIN_S = 30 * 60
+SESSION_LIFETIME_MAX_S = 24 * 60 * 60
+CREATE_SLACK_S = 5 * 60
+# How far a session's ``created`` (Stripe's clock, once the create got there) may lie
+# from the payment's ``created_at`` (ours) and still be found by the bulk listing.
+_CREATED_WINDOW_S = 10 * 60
+
+
+def session_lifetime(pending_timeout_minutes: float) -> int | None:
+    """Seconds from a payment's creation to its session's ``expires_at``, or None when
+    the pending timeout lies outside what Stripe accepts (keep closing it ourselves)."""
+    seconds = pending_timeout_minutes * 60
+    if SESSION_LIFETIME_MIN_S + CREATE_SLACK_S <= seconds <= SESSION_LIFETIME_MAX_S:
+        return int(seconds)
+    return None
+
 
 # What a subscription's status says of the payment that started it. The payment stands
 # for the first charge, so every status Stripe only reaches after that charge succeeded
@@ -105,6 +128,7 @@ class StripeProvider:
         *,
         webhook_secret: str = "",
         signature_tolerance_seconds: int = 300,
+        session_lifetime_seconds: int | None = None,
     ) -> None:
         if not secret_key:
             raise ValueError("StripeProvider needs a secret key")
@@ -119,6 +143,8 @@ class StripeProvider:
         self._api_base = api_base
         self._timeout = timeout_seconds
         self._retries = max_network_retries
+        # Set: sessions carry expires_at = created_at + this, and Stripe closes them.
+        self._session_lifetime = session_lifetime_seconds
         # Without a webhook secret no event can be checked: the route answers 404.
         self._events = (
             StripeEventParser(webhook_secret, signature_tolerance_seconds)
@@ -197,6 +223,8 @@ class StripeProvider:
             "cancel_url": payment.cancel_url or with_state(payment.provider_callback_url, "cancel"),
             **self._follow_up_metadata(payment, metadata),
         }
+        if self._session_lifetime is not None:
+            params["expires_at"] = int(payment.created_at.timestamp()) + self._session_lifetime
         session = await self._client.v1.checkout.sessions.create_async(
             params=params,
             options={"idempotency_key": f"{payment.idempotency_key}:session"},
@@ -357,6 +385,40 @@ class StripeProvider:
         return ProviderState(
             SUBSCRIPTION_STATUS.get(subscription.status), subscription_id=subscription.id
         )
+
+    async def expired_checkouts(self, payments: Sequence[Payment]) -> set[str]:
+        """The ids among ``payments``' Checkout Sessions that Stripe lists as expired.
+
+        One listing (100 sessions a page) of the expired sessions created around the
+        payments' creation, instead of one retrieve per payment. Only hosted-card
+        payments without a subscription are looked for; an expired session was never
+        paid (Stripe expires only open sessions), so each one found may be concluded
+        EXPIRED. A payment not found is left to the per-payment path.
+        """
+        wanted = {
+            p.provider_payment_id
+            for p in payments
+            if p.payment_method == PaymentMethod.HOSTED_CARD
+            and p.provider_payment_id
+            and not p.provider_subscription_id
+        }
+        if not wanted:
+            return set()
+        created = [int(p.created_at.timestamp()) for p in payments]
+        window = {"gte": min(created) - _CREATED_WINDOW_S, "lte": max(created) + _CREATED_WINDOW_S}
+        found: set[str] = set()
+        params: dict[str, Any] = {"status": "expired", "created": window, "limit": _LIST_PAGE}
+        try:
+            while True:
+                page = await self._client.v1.checkout.sessions.list_async(
+                    params=cast(SessionListParams, params)
+                )
+                found.update(s.id for s in page.data if s.id in wanted)
+                if not page.has_more or not page.data:
+                    return found
+                params = {**params, "starting_after": page.data[-1].id}
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "expired_checkouts", payments[0])
 
     async def _link_sessions(self, link_id: str, status: str) -> list[Any]:
         """Every session of a payment link in ``status``, newest first (all pages)."""

@@ -196,6 +196,7 @@ SESSION_CREATE = {
     "expand": P.EXPAND,
 }
 SESSION_LIST = {
+    "created": {"gt": P.integer, "gte": P.integer, "lt": P.integer, "lte": P.integer},
     "payment_link": P.string,
     "status": P.one_of("open", "complete", "expired"),
     "subscription": P.string,
@@ -825,6 +826,8 @@ class StripeApi:
         for field in ("payment_link", "status", "subscription", "customer", "payment_intent"):
             if field in p:
                 sessions = [s for s in sessions if s[field] == p[field]]
+        if p.get("created"):
+            sessions = [s for s in sessions if _created_within(s["created"], p["created"])]
         has_more = len(sessions) > limit
         if "starting_after" in p or "ending_before" in p:
             cursor_param = "starting_after" if "starting_after" in p else "ending_before"
@@ -876,3 +879,18 @@ class StripeApi:
     @staticmethod
     def _list(url: str, data: list[Json], *, has_more: bool = False) -> Json:
         return {"object": "list", "data": data, "has_more": has_more, "url": url}
+
+
+_CREATED_BOUNDS = {
+    "gt": lambda at, bound: at > bound,
+    "gte": lambda at, bound: at >= bound,
+    "lt": lambda at, bound: at < bound,
+    "lte": lambda at, bound: at <= bound,
+}
+
+
+def _created_within(created: int, bounds: Json) -> bool:
+    """Stripe's ``created[gt|gte|lt|lte]`` list filter."""
+    return all(
+        _CREATED_BOUNDS[name](created, bound) for name, bound in bounds.items() if bound is not None
+    )

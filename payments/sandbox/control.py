@@ -24,6 +24,7 @@ here but in payments.sandbox.pages (HTML for a browser).
     POST   /_sandbox/faults     {"kind": "delay|error|drop", "path": "/v1/", "method": null,
                                  "times": 1, "seconds": 0, "after": false, "status": 500}
     DELETE /_sandbox/faults                                   clear faults
+    POST   /_sandbox/clock      {"offset_seconds": N}          shift the account's clock
     POST   /_sandbox/reset                                    forget everything
 """
 
@@ -182,6 +183,10 @@ class ControlApi:
             case ("DELETE", ["faults"]):
                 state.faults.clear()
                 return _answer(200, {"cleared": True})
+            case ("POST", ["clock"]):
+                spec = _body(body)
+                state.clock_offset = float(spec.get("offset_seconds", 0))
+                return _answer(200, {"offset_seconds": state.clock_offset, "now": state.now()})
             case ("POST", ["reset"]):
                 state.reset()
                 return _answer(200, {"reset": True})

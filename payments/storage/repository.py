@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -130,6 +131,9 @@ def _event_from_row(row: Sequence[Any]) -> PaymentEvent:
 
 
 _SELECT_PAYMENT = f"SELECT {', '.join(PAYMENT_COLUMNS)} FROM payments"  # noqa: S608 - fixed names
+# For other storage modules that read whole payments (claims.claim_many).
+SELECT_PAYMENT = _SELECT_PAYMENT
+payment_from_row = _payment_from_row
 _SELECT_EVENT = f"SELECT {', '.join(EVENT_COLUMNS)} FROM payment_events"  # noqa: S608
 _SELECT_BY_PROVIDER_REF = (
     f"SELECT * FROM ({_SELECT_PAYMENT} WHERE provider_payment_id = %s"  # noqa: S608
@@ -275,6 +279,20 @@ async def update_payment(conn: Connection, payment: Payment) -> None:
         raise NotFound("payment not found")
 
 
+async def set_statuses(
+    conn: Connection, payment_ids: Sequence[int], status: PaymentStatus, at: datetime
+) -> int:
+    """One UPDATE moving many payments (already locked, already checked against the
+    status machine by the unit of work) to ``status`` at ``at``; returns rows matched."""
+    if not payment_ids:
+        return 0
+    placeholders = ", ".join(["%s"] * len(payment_ids))
+    return await conn.execute(
+        f"UPDATE payments SET status = %s, updated_at = %s WHERE id IN ({placeholders})",  # noqa: S608
+        (int(status), to_db_datetime(at), *payment_ids),
+    )
+
+
 async def delete_payment(conn: Connection, payment_id: int) -> None:
     """Remove a payment and its events (create undoes a row the provider refused)."""
     await conn.execute("DELETE FROM payment_events WHERE payment_id = %s", (payment_id,))
@@ -290,6 +308,23 @@ async def insert_event(conn: Connection, event: PaymentEvent) -> int:
     replayed event, to acknowledge and ignore."""
     row = _event_to_row(event)
     return await conn.insert(_INSERT_EVENT, [row[column] for column in EVENT_COLUMNS[1:]])
+
+
+async def insert_events(conn: Connection, events: Sequence[PaymentEvent]) -> None:
+    """Record many history rows in one multi-row INSERT (a bulk status change)."""
+    if not events:
+        return
+    columns = EVENT_COLUMNS[1:]
+    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    args: list[Any] = []
+    for event in events:
+        values = _event_to_row(event)
+        args += [values[column] for column in columns]
+    await conn.execute(
+        f"INSERT INTO payment_events ({', '.join(columns)}) VALUES "  # noqa: S608
+        + ", ".join([row] * len(events)),
+        args,
+    )
 
 
 async def list_events(conn: Connection, payment_id: int) -> list[PaymentEvent]:
