@@ -32,8 +32,8 @@ from datetime import datetime
 from payments.closing import close_at_provider
 from payments.errors import PaymentsError
 from payments.jobs.batch import ItemResult, JobSummary, Outcome, PaymentJob
-from payments.model import Payment, PaymentStatus
-from payments.providers.base import Provider
+from payments.model import Payment, PaymentStatus, ProviderType
+from payments.providers.base import ExpiredListing, Provider
 from payments.storage import claims
 from payments.storage import repository as repo
 
@@ -45,6 +45,8 @@ class Expirer(PaymentJob):
     ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
 
     selection = claims.STUCK
+    # This pass's listings of expired checkouts, per provider (reset when a pass starts).
+    _listings: dict[ProviderType, ExpiredListing]
 
     def _cutoff_minutes(self) -> float:
         return self._settings.pending_timeout_minutes
@@ -71,6 +73,8 @@ class Expirer(PaymentJob):
     async def _work_batch(
         self, batch: list[claims.Candidate], cutoff: datetime, summary: JobSummary
     ) -> list[claims.Candidate]:
+        if summary.batches == 1:  # a new pass: what Stripe expires from now on is new
+            self._listings = {}
         claimed, moved = await self._retrying(lambda: self._expire_in_bulk(batch, cutoff))
         summary.checked += len(batch) - len(claimed) + len(moved)
         summary.skipped += len(batch) - len(claimed)  # another process holds them, or done
@@ -96,18 +100,22 @@ class Expirer(PaymentJob):
             expired: list[Payment] = []
             for provider_type in {p.provider for p in payments}:
                 group = [p for p in payments if p.provider == provider_type]
-                refs = await self._expired_checkouts(self._providers.get(provider_type), group)
+                listing = self._listings.setdefault(provider_type, ExpiredListing())
+                provider = self._providers.get(provider_type)
+                refs = await self._expired_checkouts(provider, group, listing)
                 expired += [p for p in group if p.provider_payment_id in refs]
             moved = await work.change_statuses(
                 expired, PaymentStatus.EXPIRED, reason=self._reason()
             )
         return {p.id for p in payments}, {p.id for p in moved}
 
-    async def _expired_checkouts(self, provider: Provider, payments: list[Payment]) -> set[str]:
+    async def _expired_checkouts(
+        self, provider: Provider, payments: list[Payment], listing: ExpiredListing
+    ) -> set[str]:
         """The provider's bulk answer; none (all left to the per-payment path) when it
         cannot give one now."""
         try:
-            return await self._provider_call(lambda: provider.expired_checkouts(payments))
+            return await self._provider_call(lambda: provider.expired_checkouts(payments, listing))
         except PaymentsError as exc:
             self._log.warning("expire could not list expired checkouts: %s", exc.message)
             return set()

@@ -51,6 +51,20 @@ class ProviderState:
     subscription_id: str = ""
 
 
+@attrs.define
+class ExpiredListing:
+    """What one expiry pass learned from the provider's listings of expired checkouts:
+    their ids, and the creation-time span (unix seconds, inclusive) listed in full.
+
+    Expired is final, so an id here never goes stale; a checkout that expired after its
+    span was listed is simply not here (it takes the per-payment path). Kept for one
+    pass, so consecutive batches, whose creation times overlap, list each checkout once.
+    """
+
+    ids: set[str] = attrs.field(factory=set)
+    span: tuple[int, int] | None = None
+
+
 @runtime_checkable
 class EventParser(Protocol):
     def parse(self, payload: bytes, signature: str) -> ProviderEvent:
@@ -82,9 +96,12 @@ class Provider(Protocol):
         sessions; a subscription), for the reconciler."""
         ...
 
-    async def expired_checkouts(self, payments: Sequence[Payment]) -> set[str]:
+    async def expired_checkouts(
+        self, payments: Sequence[Payment], listing: ExpiredListing
+    ) -> set[str]:
         """The provider payment ids among ``payments`` whose checkout the provider itself
-        closed unpaid (it expired), asked in bulk; a payment not named is undecided."""
+        closed unpaid (it expired), asked in bulk and added to ``listing``; a payment not
+        named is undecided."""
         ...
 
     @property

@@ -42,7 +42,12 @@ from stripe.params.checkout import SessionListParams
 
 from payments.errors import BadSignature, ProviderRejected, ProviderUnavailable
 from payments.model import Payment, PaymentMethod, PaymentStatus, PaymentType
-from payments.providers.base import CheckoutResult, ProviderEvent, ProviderState
+from payments.providers.base import (
+    CheckoutResult,
+    ExpiredListing,
+    ProviderEvent,
+    ProviderState,
+)
 from payments.providers.stripe_events import StripeEventParser
 
 log = logging.getLogger("payments.providers.stripe")
@@ -386,14 +391,16 @@ class StripeProvider:
             SUBSCRIPTION_STATUS.get(subscription.status), subscription_id=subscription.id
         )
 
-    async def expired_checkouts(self, payments: Sequence[Payment]) -> set[str]:
+    async def expired_checkouts(
+        self, payments: Sequence[Payment], listing: ExpiredListing
+    ) -> set[str]:
         """The ids among ``payments``' Checkout Sessions that Stripe lists as expired.
 
-        One listing (100 sessions a page) of the expired sessions created around the
-        payments' creation, instead of one retrieve per payment. Only hosted-card
-        payments without a subscription are looked for; an expired session was never
-        paid (Stripe expires only open sessions), so each one found may be concluded
-        EXPIRED. A payment not found is left to the per-payment path.
+        Listings (100 sessions a page) of the expired sessions created around the
+        payments' creation, instead of one retrieve per payment; only the part of that
+        span ``listing`` has not listed yet this pass. Only hosted-card payments without
+        a subscription are looked for; an expired session was never paid (Stripe
+        expires only open sessions), so each one found may be concluded EXPIRED.
         """
         wanted = {
             p.provider_payment_id
@@ -405,20 +412,38 @@ class StripeProvider:
         if not wanted:
             return set()
         created = [int(p.created_at.timestamp()) for p in payments]
-        window = {"gte": min(created) - _CREATED_WINDOW_S, "lte": max(created) + _CREATED_WINDOW_S}
-        found: set[str] = set()
-        params: dict[str, Any] = {"status": "expired", "created": window, "limit": _LIST_PAGE}
+        low, high = min(created) - _CREATED_WINDOW_S, max(created) + _CREATED_WINDOW_S
         try:
-            while True:
-                page = await self._client.v1.checkout.sessions.list_async(
-                    params=cast(SessionListParams, params)
-                )
-                found.update(s.id for s in page.data if s.id in wanted)
-                if not page.has_more or not page.data:
-                    return found
-                params = {**params, "starting_after": page.data[-1].id}
+            if listing.span is None:
+                listing.ids |= await self._expired_between(low, high)
+                listing.span = (low, high)
+            else:
+                done_low, done_high = listing.span
+                if low < done_low:
+                    listing.ids |= await self._expired_between(low, done_low - 1)
+                if high > done_high:
+                    listing.ids |= await self._expired_between(done_high + 1, high)
+                listing.span = (min(low, done_low), max(high, done_high))
         except stripe.StripeError as exc:
             _raise_mapped(exc, "expired_checkouts", payments[0])
+        return wanted & listing.ids
+
+    async def _expired_between(self, low: int, high: int) -> set[str]:
+        """Every expired session created in [low, high] (unix seconds), all pages."""
+        params: dict[str, Any] = {
+            "status": "expired",
+            "created": {"gte": low, "lte": high},
+            "limit": _LIST_PAGE,
+        }
+        found: set[str] = set()
+        while True:
+            page = await self._client.v1.checkout.sessions.list_async(
+                params=cast(SessionListParams, params)
+            )
+            found.update(session.id for session in page.data)
+            if not page.has_more or not page.data:
+                return found
+            params = {**params, "starting_after": page.data[-1].id}
 
     async def _link_sessions(self, link_id: str, status: str) -> list[Any]:
         """Every session of a payment link in ``status``, newest first (all pages)."""
