@@ -136,8 +136,11 @@ async def test_a_backlog_expires_in_bulk_and_a_paid_session_is_never_expired(
     assert stripe_sandbox.state.count(SESSION_EXPIRE) == 3
     assert stripe_sandbox.state.count(SESSION_GET) <= 6
     # The 147 expired sessions are listed once in the pass (two pages), though both
-    # batches' creation spans cover all of them.
-    assert stripe_sandbox.state.count(SESSION_LIST) == 2
+    # batches' creation spans cover all of them; the second batch lists only the part of
+    # its span (a second or so more, if the creates crossed one) not listed yet.
+    lists = stripe_sandbox.state.requests_to(SESSION_LIST)
+    assert 2 <= len(lists) <= 3
+    assert len(lists) == 2 or "starting_after" not in lists[2].params
     assert sorted(p.id for p in notified) == [p.id for p in payments]
     assert await count_rows(db_pool, "SELECT COUNT(*) FROM payments WHERE status = 40") == 147
     events = "FROM payment_events WHERE kind = 'status_changed' AND to_status = 40"

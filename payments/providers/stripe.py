@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import stripe
@@ -429,7 +429,11 @@ class StripeProvider:
         return wanted & listing.ids
 
     async def _expired_between(self, low: int, high: int) -> set[str]:
-        """Every expired session created in [low, high] (unix seconds), all pages."""
+        """Every expired session created in [low, high] (unix seconds), all pages.
+
+        Through the SDK's raw request (its auth, retries and errors) without its object
+        layer: only the ids are wanted, and building 100 StripeObjects a page was most of
+        the expirer's CPU (py-spy, bench expiry)."""
         params: dict[str, Any] = {
             "status": "expired",
             "created": {"gte": low, "lte": high},
@@ -437,13 +441,15 @@ class StripeProvider:
         }
         found: set[str] = set()
         while True:
-            page = await self._client.v1.checkout.sessions.list_async(
-                params=cast(SessionListParams, params)
+            response = await self._client.raw_request_async(
+                "get", "/v1/checkout/sessions", **params
             )
-            found.update(session.id for session in page.data)
-            if not page.has_more or not page.data:
+            page = response.data
+            sessions = page.get("data") or []
+            found.update(str(session["id"]) for session in sessions)
+            if not page.get("has_more") or not sessions:
                 return found
-            params = {**params, "starting_after": page.data[-1].id}
+            params = {**params, "starting_after": sessions[-1]["id"]}
 
     async def _link_sessions(self, link_id: str, status: str) -> list[Any]:
         """Every session of a payment link in ``status``, newest first (all pages)."""
