@@ -45,6 +45,9 @@ DEFAULT_CONCURRENCY = 4
 # A deadlock victim's transaction was rolled back whole: its item runs again (up to this
 # many times) rather than failing the pass, as service.py does for creates.
 DEADLOCK_RETRIES = 3
+# Batches of one pass worked at once (each holds a database session while its bulk step
+# runs): enough to overlap one batch's round trips with the next one's.
+BATCHES_IN_FLIGHT = 2
 
 
 class Outcome(enum.Enum):
@@ -185,6 +188,9 @@ class PaymentJob:
     async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
         raise NotImplementedError
 
+    def _begin_pass(self) -> None:
+        """A pass starts (before its first batch)."""
+
     async def _work_batch(
         self, batch: list[claims.Candidate], cutoff: datetime, summary: JobSummary
     ) -> list[claims.Candidate]:
@@ -255,26 +261,39 @@ class PaymentJob:
             finally:
                 slots.release()
 
-        while not stop_requested():
-            async with self._pool.connection() as conn:
-                batch = await claims.candidates(conn, self.selection, cutoff, after, batch_size)
-            if not batch:
-                break
-            summary.batches += 1
-            left = await self._work_batch(batch, cutoff, summary)
-            async with trio.open_nursery() as nursery:
-                for candidate in left:
-                    await slots.acquire()
-                    if stop_requested():
-                        slots.release()
-                        break
-                    summary.checked += 1
-                    nursery.start_soon(work_one, candidate)
-            if on_progress is not None:
-                on_progress(summary)
-            if len(batch) < batch_size:
-                break
-            after = batch[-1]
+        async def work_batch(batch: list[claims.Candidate]) -> None:
+            try:
+                left = await self._work_batch(batch, cutoff, summary)
+                async with trio.open_nursery() as nursery:
+                    for candidate in left:
+                        await slots.acquire()
+                        if stop_requested():
+                            slots.release()
+                            break
+                        summary.checked += 1
+                        nursery.start_soon(work_one, candidate)
+                if on_progress is not None:
+                    on_progress(summary)
+            finally:
+                batch_slots.release()
+
+        self._begin_pass()
+        # The next batch is read and started while the last one waits on the database
+        # or the provider (a bulk batch is mostly round trips); items share ``slots``.
+        batch_slots = trio.Semaphore(BATCHES_IN_FLIGHT)
+        async with trio.open_nursery() as batches:
+            while not stop_requested():
+                await batch_slots.acquire()
+                async with self._pool.connection() as conn:
+                    batch = await claims.candidates(conn, self.selection, cutoff, after, batch_size)
+                if not batch:
+                    batch_slots.release()
+                    break
+                summary.batches += 1
+                batches.start_soon(work_batch, batch)
+                if len(batch) < batch_size:
+                    break
+                after = batch[-1]
         self.passes += 1
         self.last_summary = summary
         return summary

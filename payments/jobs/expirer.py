@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import trio
+
 from payments.closing import close_at_provider
 from payments.errors import PaymentsError
 from payments.jobs.batch import ItemResult, JobSummary, Outcome, PaymentJob
@@ -47,6 +49,7 @@ class Expirer(PaymentJob):
     selection = claims.STUCK
     # This pass's listings of expired checkouts, per provider (reset when a pass starts).
     _listings: dict[ProviderType, ExpiredListing]
+    _listing_lock: trio.Lock
 
     def _cutoff_minutes(self) -> float:
         return self._settings.pending_timeout_minutes
@@ -70,11 +73,14 @@ class Expirer(PaymentJob):
                 result = ItemResult(Outcome.UNCHANGED)
         return result
 
+    def _begin_pass(self) -> None:
+        self._listings = {}  # what Stripe expires from now on is news to this pass
+        # One listing at a time: two batches in flight would list the same span twice.
+        self._listing_lock = trio.Lock()
+
     async def _work_batch(
         self, batch: list[claims.Candidate], cutoff: datetime, summary: JobSummary
     ) -> list[claims.Candidate]:
-        if summary.batches == 1:  # a new pass: what Stripe expires from now on is new
-            self._listings = {}
         claimed, moved = await self._retrying(lambda: self._expire_in_bulk(batch, cutoff))
         summary.checked += len(batch) - len(claimed) + len(moved)
         summary.skipped += len(batch) - len(claimed)  # another process holds them, or done
@@ -115,7 +121,10 @@ class Expirer(PaymentJob):
         """The provider's bulk answer; none (all left to the per-payment path) when it
         cannot give one now."""
         try:
-            return await self._provider_call(lambda: provider.expired_checkouts(payments, listing))
+            async with self._listing_lock:
+                return await self._provider_call(
+                    lambda: provider.expired_checkouts(payments, listing)
+                )
         except PaymentsError as exc:
             self._log.warning("expire could not list expired checkouts: %s", exc.message)
             return set()

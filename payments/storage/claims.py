@@ -159,8 +159,12 @@ def _claim_many_sql(selection: Selection, count: int, dialect: Dialect = MYSQL) 
     ids = ", ".join(["%s"] * count)
     statuses = ", ".join(["%s"] * len(selection.statuses))
     provider = " AND provider_payment_id <> ''" if selection.needs_provider_id else ""
+    # By primary key, forced: a plan scanning an index range (the optimizer's pick for
+    # a long IN list on a small table) would lock rows of another batch, and so deadlock
+    # with it (seen between two batches: InnoDB's LATEST DETECTED DEADLOCK).
     return (
-        f"{repo.SELECT_PAYMENT} WHERE id IN ({ids}) AND status IN ({statuses})"
+        f"{repo.SELECT_PAYMENT}{dialect.force_index('PRIMARY')}"
+        f" WHERE id IN ({ids}) AND status IN ({statuses})"
         f" AND {selection.age_column} < %s{provider} ORDER BY id{dialect.for_update_skip_locked}"
     )
 

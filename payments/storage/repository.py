@@ -293,8 +293,12 @@ async def set_statuses(
     if not payment_ids:
         return 0
     placeholders = ", ".join(["%s"] * len(payment_ids))
+    # By primary key, forced: UPDATE locks every row its plan scans, and a scan beyond
+    # these ids deadlocked two concurrent batches (InnoDB's deadlock report).
+    hint = conn.dialect.force_index("PRIMARY")
     return await conn.execute(
-        f"UPDATE payments SET status = %s, updated_at = %s WHERE id IN ({placeholders})",  # noqa: S608
+        f"UPDATE payments{hint} SET status = %s, updated_at = %s"  # noqa: S608
+        f" WHERE id IN ({placeholders})",
         (int(status), to_db_datetime(at), *payment_ids),
     )
 
