@@ -45,9 +45,6 @@ DEFAULT_CONCURRENCY = 4
 # A deadlock victim's transaction was rolled back whole: its item runs again (up to this
 # many times) rather than failing the pass, as service.py does for creates.
 DEADLOCK_RETRIES = 3
-# Batches of one pass worked at once (each holds a database session while its bulk step
-# runs): enough to overlap one batch's round trips with the next one's.
-BATCHES_IN_FLIGHT = 2
 
 
 class Outcome(enum.Enum):
@@ -156,6 +153,9 @@ class PaymentJob:
     """
 
     selection: ClassVar[claims.Selection]
+    # Batches of one pass worked at once. A job whose batches have a bulk step (mostly
+    # database round trips) overlaps two; each holds a database session meanwhile.
+    batches_in_flight: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -263,7 +263,14 @@ class PaymentJob:
 
         async def work_batch(batch: list[claims.Candidate]) -> None:
             try:
-                left = await self._work_batch(batch, cutoff, summary)
+                try:
+                    left = await self._work_batch(batch, cutoff, summary)
+                except Exception as exc:
+                    # The bulk step failed whole (rolled back): each item on its own,
+                    # where a failure is counted and logged per payment.
+                    message = exc.message if isinstance(exc, PaymentsError) else repr(exc)
+                    self._log.warning("%s batch step failed: %s", self.selection.job, message)
+                    left = batch
                 async with trio.open_nursery() as nursery:
                     for candidate in left:
                         await slots.acquire()
@@ -280,12 +287,18 @@ class PaymentJob:
         self._begin_pass()
         # The next batch is read and started while the last one waits on the database
         # or the provider (a bulk batch is mostly round trips); items share ``slots``.
-        batch_slots = trio.Semaphore(BATCHES_IN_FLIGHT)
+        batch_slots = trio.Semaphore(self.batches_in_flight)
+        unreadable: DependencyUnavailable | None = None
         async with trio.open_nursery() as batches:
             while not stop_requested():
                 await batch_slots.acquire()
-                async with self._pool.connection() as conn:
-                    batch = await claims.candidates(conn, self.selection, cutoff, after, batch_size)
+                try:
+                    async with self._pool.connection() as conn:
+                        batch = await claims.candidates(
+                            conn, self.selection, cutoff, after, batch_size
+                        )
+                except DependencyUnavailable as exc:
+                    unreadable, batch = exc, []
                 if not batch:
                     batch_slots.release()
                     break
@@ -294,6 +307,8 @@ class PaymentJob:
                 if len(batch) < batch_size:
                     break
                 after = batch[-1]
+        if unreadable is not None:  # raised here, not as a group out of the nursery
+            raise unreadable
         self.passes += 1
         self.last_summary = summary
         return summary

@@ -47,6 +47,7 @@ class Expirer(PaymentJob):
     ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
 
     selection = claims.STUCK
+    batches_in_flight = 2
     # This pass's listings of expired checkouts, per provider (reset when a pass starts).
     _listings: dict[ProviderType, ExpiredListing]
     _listing_lock: trio.Lock
