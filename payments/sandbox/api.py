@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import base64
 import hmac
+import itertools
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -822,12 +823,27 @@ class StripeApi:
         limit = p.get("limit", 10)
         if not 1 <= limit <= 100:
             raise invalid("This value must be between 1 and 100.", "limit")
-        sessions = list(reversed(self.state.sessions.values()))  # newest first
-        for field in ("payment_link", "status", "subscription", "customer", "payment_intent"):
-            if field in p:
-                sessions = [s for s in sessions if s[field] == p[field]]
-        if p.get("created"):
-            sessions = [s for s in sessions if _created_within(s["created"], p["created"])]
+        equal = [
+            (field, p[field])
+            for field in ("payment_link", "status", "subscription", "customer", "payment_intent")
+            if field in p
+        ]
+        created = p.get("created")
+
+        def matches(session: Json) -> bool:
+            return all(session[field] == value for field, value in equal) and (
+                not created or _created_within(session["created"], created)
+            )
+
+        newest_first = reversed(self.state.sessions.values())
+        if "starting_after" in p and "ending_before" not in p:
+            # Walk from the newest and stop a page past the cursor: paging through a
+            # large account (the expirer's listings) costs a page, not the account.
+            page = _page_after(newest_first, matches, p["starting_after"], limit)
+            if page is None:
+                raise no_such("checkout.session", p["starting_after"], "starting_after")
+            return self._list("/v1/checkout/sessions", page[:limit], has_more=len(page) > limit)
+        sessions = [s for s in newest_first if matches(s)]
         has_more = len(sessions) > limit
         if "starting_after" in p or "ending_before" in p:
             cursor_param = "starting_after" if "starting_after" in p else "ending_before"
@@ -887,6 +903,19 @@ _CREATED_BOUNDS = {
     "lt": lambda at, bound: at < bound,
     "lte": lambda at, bound: at <= bound,
 }
+
+
+def _page_after(
+    sessions: Iterator[Json], matches: Callable[[Json], bool], cursor: str, limit: int
+) -> list[Json] | None:
+    """Up to ``limit + 1`` matching sessions after the one with id ``cursor`` (None when
+    no matching session has that id)."""
+    for session in sessions:
+        if session["id"] == cursor:
+            if not matches(session):
+                return None
+            return list(itertools.islice(filter(matches, sessions), limit + 1))
+    return None
 
 
 def _created_within(created: int, bounds: Json) -> bool:
