@@ -182,3 +182,48 @@ async def test_two_expirers_share_a_backlog_fairly(
     events = "FROM payment_events WHERE kind = 'status_changed'"
     assert await count_rows(db_pool, f"SELECT COUNT(*) {events}") == 400
     assert await count_rows(db_pool, "SELECT COUNT(*) FROM callback_outbox") == 400
+
+
+async def test_a_deadlock_victim_is_run_again_not_failed(
+    db_pool: Pool,
+    second_pool: Pool,
+    lifetime_service: PaymentService,
+    lifetime_registry: ProviderRegistry,
+) -> None:
+    """A real InnoDB deadlock: the job's transaction locks row a then wants b, while
+    another (heavier: it changed rows, so InnoDB rolls back the job's) holds b and wants
+    a. The job's attempt is run again and succeeds."""
+    a, b, *others = await create_many(lifetime_service, 4)
+    job = Expirer(job_uow(db_pool), lifetime_registry, job_settings(), rate_per_second=None)
+    lock = "SELECT id FROM payments WHERE id = %s FOR UPDATE"
+    job_holds_a, other_holds_b = trio.Event(), trio.Event()
+    attempts = 0
+
+    async def attempt() -> int:
+        nonlocal attempts
+        attempts += 1
+        async with db_pool.transaction() as conn:
+            await conn.fetchone(lock, (a.id,))
+            if attempts == 1:
+                job_holds_a.set()
+                await other_holds_b.wait()
+                await conn.fetchone(lock, (b.id,))  # waits for the other: the cycle
+        return attempts
+
+    async def other() -> None:
+        async with second_pool.transaction() as conn:
+            for payment in (b, *others):  # undo entries make it the heavier one
+                await conn.execute(
+                    "UPDATE payments SET updated_at = updated_at + INTERVAL 1 SECOND"
+                    " WHERE id = %s",
+                    (payment.id,),
+                )
+            other_holds_b.set()
+            await job_holds_a.wait()
+            await trio.sleep(0.3)  # the job now waits for b
+            await conn.fetchone(lock, (a.id,))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        assert await job._retrying(attempt) == 2
+    assert attempts == 2
