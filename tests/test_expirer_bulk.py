@@ -214,8 +214,7 @@ async def test_a_deadlock_victim_is_run_again_not_failed(
         async with second_pool.transaction() as conn:
             for payment in (b, *others):  # undo entries make it the heavier one
                 await conn.execute(
-                    "UPDATE payments SET updated_at = updated_at + INTERVAL 1 SECOND"
-                    " WHERE id = %s",
+                    "UPDATE payments SET updated_at = updated_at + INTERVAL 1 SECOND WHERE id = %s",
                     (payment.id,),
                 )
             other_holds_b.set()
