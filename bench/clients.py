@@ -82,8 +82,10 @@ async def create_payments(
         return await _limited(count, concurrency, one)
 
 
-def _session_form(key: str) -> dict[str, str]:
+def _session_form(key: str, expires_at: int | None = None) -> dict[str, str]:
+    extra = {} if expires_at is None else {"expires_at": str(expires_at)}
     return {
+        **extra,
         "mode": "payment",
         "line_items[0][price_data][currency]": "eur",
         "line_items[0][price_data][unit_amount]": "2500",
@@ -97,16 +99,21 @@ def _session_form(key: str) -> dict[str, str]:
 
 
 async def create_sessions(
-    sandbox_url: str, secret_key: str, count: int, concurrency: int = 32
+    sandbox_url: str,
+    secret_key: str,
+    count: int,
+    concurrency: int = 32,
+    expires_at: int | None = None,
 ) -> list[str]:
-    """Open ``count`` Checkout Sessions at the emulator; their ids."""
+    """Open ``count`` Checkout Sessions at the emulator (with ``expires_at`` if given,
+    as the service makes them); their ids."""
     run = secrets.token_hex(4)
     headers = {"Authorization": f"Bearer {secret_key}"}
     async with httpx.AsyncClient(base_url=sandbox_url, timeout=30, headers=headers) as client:
 
         async def one(index: int) -> str:
             response = await client.post(
-                "/v1/checkout/sessions", data=_session_form(f"bench-{run}-{index}")
+                "/v1/checkout/sessions", data=_session_form(f"bench-{run}-{index}", expires_at)
             )
             if response.status_code != 200:
                 raise RuntimeError(f"session create failed: {response.text}")

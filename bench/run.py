@@ -560,10 +560,42 @@ class Bench:
             raise BenchError(f"dispatch: {summary!r}; the receiver got {received} of {count}")
         return self._job_result("dispatch", count, wall, startup, summary)
 
+    def _expired_sessions(self, count: int, age: timedelta) -> list[str]:
+        """``count`` sessions made ``age`` ago with the service's ``expires_at`` (created +
+        the 60 min pending timeout), which the emulator then closes on its own clock, as
+        Stripe does: the emulator's clock is moved back while they are made."""
+        stack = self.stack
+        made_at = stack.sandbox_control("POST", "clock", {"offset_seconds": -age.total_seconds()})
+        try:
+            sessions = trio.run(
+                lambda: clients.create_sessions(
+                    stack.sandbox_url, STRIPE_KEY, count, expires_at=made_at["now"] + 3600
+                )
+            )
+        finally:
+            stack.sandbox_control("POST", "clock", {"offset_seconds": 0})
+        deadline, wanted = time.monotonic() + 60, set(sessions)
+
+        def closed() -> int:
+            events = stack.sandbox_control("GET", "events")["data"]
+            return sum(
+                1
+                for e in events
+                if e["type"] == "checkout.session.expired" and e["data"]["object"]["id"] in wanted
+            )
+
+        while closed() < count:
+            if time.monotonic() > deadline:
+                raise BenchError("expiry: the emulator did not close the sessions")
+            time.sleep(0.5)
+        return sessions
+
     def expiry(self) -> dict[str, Any]:
+        """Stale PENDING payments whose sessions Stripe already closed (expires_at), their
+        events lost (webhooks off): the expirer concludes them in bulk."""
         stack, count = self.stack, self.sizes.expiry_items
         startup, _ = self._timed_cli(["expire", "pending"])
-        sessions = trio.run(clients.create_sessions, stack.sandbox_url, STRIPE_KEY, count)
+        sessions = self._expired_sessions(count, timedelta(hours=2))
         rows = clients.stale_payment_rows(
             "expiry",
             sessions,

@@ -10,6 +10,8 @@ import subprocess
 
 # executable -> Debian package
 TOOLS = {"wrk": "wrk", "h2load": "nghttp2-client"}
+# Seconds apt-get waits for the dpkg lock held by another apt process.
+APT_LOCK_TIMEOUT_S = 300
 
 
 class ToolError(RuntimeError):
@@ -20,8 +22,14 @@ def missing_tools() -> list[str]:
     return [name for name in TOOLS if shutil.which(name) is None]
 
 
+def apt_command(args: list[str]) -> list[str]:
+    """apt-get with ``args``, waiting for the dpkg lock: another process on a shared
+    machine may be installing something, and that is no reason to fail."""
+    return ["apt-get", "-o", f"DPkg::Lock::Timeout={APT_LOCK_TIMEOUT_S}", *args]
+
+
 def _apt(args: list[str]) -> subprocess.CompletedProcess[str]:
-    command = ["apt-get", *args]
+    command = apt_command(args)
     if os.geteuid() != 0:
         if shutil.which("sudo") is None:
             raise ToolError(

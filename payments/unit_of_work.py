@@ -1,7 +1,8 @@
 """The one write path: a transaction, the status changes made in it, and what happens
 after its commit.
 
-Every status change goes through :meth:`Work.change_status`, inside the transaction
+Every status change goes through :meth:`Work.change_status` (or its bulk form
+:meth:`Work.change_statuses`), inside the transaction
 that holds the row lock: it asks the status machine, writes the event row (first, so a
 replayed provider event fails before anything changes), the row itself and, for a
 terminal status, the callback-outbox row, and keeps a notice. Only after the commit
@@ -18,7 +19,7 @@ import enum
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Protocol
@@ -200,6 +201,40 @@ class Work:
         outbox_id = await outbox.insert_entry(self.conn, entry)
         self.notices.append(payment)
         return outbox_id
+
+    async def change_statuses(
+        self, payments: Sequence[Payment], new_status: PaymentStatus, *, reason: str
+    ) -> list[Payment]:
+        """The bulk form of :meth:`change_status` for many payments (each read
+        ``for_update`` on this transaction) moving to one status for one reason: the
+        same machine check, event rows, row updates and outbox rows, written as one
+        multi-row INSERT each and one UPDATE. Returns the payments that moved."""
+        at = utcnow()
+        moved = [p for p in payments if can_transition(p.status, new_status)]
+        if not moved:
+            return []
+        await repo.insert_events(
+            self.conn,
+            [
+                PaymentEvent(
+                    payment_id=p.id,
+                    kind=EventKind.STATUS_CHANGED,
+                    from_status=p.status,
+                    to_status=new_status,
+                    created_at=at,
+                    reason=reason,
+                )
+                for p in moved
+            ],
+        )
+        await repo.set_statuses(self.conn, [p.id for p in moved], new_status, at)
+        for payment in moved:
+            payment.status = new_status
+            payment.updated_at = at
+        if new_status.is_terminal:
+            await outbox.insert_entries(self.conn, [new_outbox_entry(p) for p in moved])
+            self.notices.extend(moved)
+        return moved
 
 
 class UnitOfWork:

@@ -111,6 +111,29 @@ def test_a_record_reaching_the_formatter_unfiltered_is_still_masked() -> None:
     assert STRIPE_KEY not in line and "s3cr3t-value" not in line
 
 
+def test_a_filtered_record_is_masked_in_one_pass_and_a_quoted_secret_too() -> None:
+    quoted = 'quo"ted\\secret-1234'  # JSON escapes it: only the field pass can see it
+    redactor = logs.Redactor([quoted])
+    passes: list[str] = []
+
+    class Counting(logs.Redactor):
+        def text(self, value: str) -> str:
+            passes.append(value)
+            return redactor.text(value)
+
+    counting = Counting([quoted])
+    formatter = logs.JsonFormatter(counting)
+    record = logging.LogRecord("x", logging.INFO, "x", 1, "key %s", (quoted,), None)
+    record.extra_field = quoted
+    logs.RedactingFilter(counting).filter(record)
+    line = formatter.format(record)
+
+    assert quoted not in json.loads(line)["message"] and quoted not in line
+    assert json.loads(line)["extra_field"] == logs.MASK
+    assert "_payments_redacted_by" not in line
+    assert len(passes) == 2  # the message and the one extra; never the whole line again
+
+
 def test_access_log_line(captured: io.StringIO) -> None:
     logs.access_log(
         transport="http",

@@ -653,3 +653,26 @@ async def test_module_entry_point_serves_until_terminated() -> None:
         process.terminate()
         with trio.fail_after(10):
             assert await process.wait() == 0
+
+
+async def test_list_sessions_by_creation_time_pages_after_the_cursor(
+    stripe_sandbox: Sandbox, stripe_client: stripe.StripeClient
+) -> None:
+    sessions = stripe_client.v1.checkout.sessions
+    made = [await sessions.create_async(params=_session_params()) for _ in range(5)]
+    for at, session in enumerate(made, start=100):  # created 100 .. 104
+        stripe_sandbox.state.sessions[session.id]["created"] = at
+    window = {"gte": 101, "lte": 103}
+
+    first = await sessions.list_async(params={"created": window, "limit": 2})
+    rest = await sessions.list_async(
+        params={"created": window, "limit": 2, "starting_after": first.data[-1].id}
+    )
+
+    assert [s.id for s in first.data] == [made[3].id, made[2].id] and first.has_more
+    assert [s.id for s in rest.data] == [made[1].id] and not rest.has_more
+    outside = made[4].id  # not in the window: no cursor for this listing
+    with pytest.raises(stripe.InvalidRequestError):
+        await sessions.list_async(params={"created": window, "starting_after": outside})
+    with pytest.raises(stripe.InvalidRequestError):
+        await sessions.list_async(params={"created": {"gte": "soon"}})

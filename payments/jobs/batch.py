@@ -34,6 +34,7 @@ from payments.model import PaymentStatus, utcnow
 from payments.observability import metrics
 from payments.providers.registry import ProviderRegistry
 from payments.storage import claims
+from payments.storage.database import Deadlock
 from payments.unit_of_work import UnitOfWork
 from supervisor import ChildContext
 
@@ -45,6 +46,9 @@ DEFAULT_RATE_PER_SECOND = 20.0
 # Items of one batch in flight at once, each bound by the provider's latency (the
 # reconciler holds no session while it waits on the provider).
 DEFAULT_CONCURRENCY = 4
+# A deadlock victim's transaction was rolled back whole: its item runs again (up to this
+# many times) rather than failing the pass, as service.py does for creates.
+DEADLOCK_RETRIES = 3
 
 
 class Outcome(enum.Enum):
@@ -154,6 +158,9 @@ class PaymentJob:
     """
 
     selection: ClassVar[claims.Selection]
+    # Batches of one pass worked at once. A job whose batches have a bulk step (mostly
+    # database round trips) overlaps two; each holds a database session meanwhile.
+    batches_in_flight: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -187,7 +194,27 @@ class PaymentJob:
     async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
         raise NotImplementedError
 
+    def _begin_pass(self) -> None:
+        """A pass starts (before its first batch)."""
+
+    async def _work_batch(
+        self, batch: list[claims.Candidate], cutoff: datetime, summary: JobSummary
+    ) -> list[claims.Candidate]:
+        """Conclude what can be concluded for the whole batch at once (recorded in
+        ``summary``); return the candidates left for ``_work`` one by one."""
+        return batch
+
     # --- helpers for subclasses ---------------------------------------------------------
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` (one whole transaction) again when InnoDB picked it as a
+        deadlock victim: it was rolled back, so running it again is safe."""
+        for tries in range(DEADLOCK_RETRIES):
+            try:
+                return await attempt()
+            except Deadlock:
+                self._log.info("%s retried after a deadlock (%d)", self.selection.job, tries + 1)
+        return await attempt()
 
     async def _provider_call(self, call: Callable[[], Awaitable[T]]) -> T:
         """One provider operation, after the rate limit lets it through."""
@@ -221,7 +248,7 @@ class PaymentJob:
 
         async def work_one(candidate: claims.Candidate) -> None:
             try:
-                result = await self._work(candidate, cutoff)
+                result = await self._retrying(lambda: self._work(candidate, cutoff))
                 summary.record(result)
                 if result.outcome is Outcome.CHANGED and result.status is not None:
                     self._log.info(
@@ -241,25 +268,54 @@ class PaymentJob:
             finally:
                 slots.release()
 
-        while not stop_requested():
-            async with self._pool.connection() as conn:
-                batch = await claims.candidates(conn, self.selection, cutoff, after, batch_size)
-            if not batch:
-                break
-            summary.batches += 1
-            async with trio.open_nursery() as nursery:
-                for candidate in batch:
-                    await slots.acquire()
-                    if stop_requested():
-                        slots.release()
-                        break
-                    summary.checked += 1
-                    nursery.start_soon(work_one, candidate)
-            if on_progress is not None:
-                on_progress(summary)
-            if len(batch) < batch_size:
-                break
-            after = batch[-1]
+        async def work_batch(batch: list[claims.Candidate]) -> None:
+            try:
+                try:
+                    left = await self._work_batch(batch, cutoff, summary)
+                except Exception as exc:
+                    # The bulk step failed whole (rolled back): each item on its own,
+                    # where a failure is counted and logged per payment.
+                    message = exc.message if isinstance(exc, PaymentsError) else repr(exc)
+                    self._log.warning("%s batch step failed: %s", self.selection.job, message)
+                    left = batch
+                async with trio.open_nursery() as nursery:
+                    for candidate in left:
+                        await slots.acquire()
+                        if stop_requested():
+                            slots.release()
+                            break
+                        summary.checked += 1
+                        nursery.start_soon(work_one, candidate)
+                if on_progress is not None:
+                    on_progress(summary)
+            finally:
+                batch_slots.release()
+
+        self._begin_pass()
+        # The next batch is read and started while the last one waits on the database
+        # or the provider (a bulk batch is mostly round trips); items share ``slots``.
+        batch_slots = trio.Semaphore(self.batches_in_flight)
+        unreadable: DependencyUnavailable | None = None
+        async with trio.open_nursery() as batches:
+            while not stop_requested():
+                await batch_slots.acquire()
+                try:
+                    async with self._pool.connection() as conn:
+                        batch = await claims.candidates(
+                            conn, self.selection, cutoff, after, batch_size
+                        )
+                except DependencyUnavailable as exc:
+                    unreadable, batch = exc, []
+                if not batch:
+                    batch_slots.release()
+                    break
+                summary.batches += 1
+                batches.start_soon(work_batch, batch)
+                if len(batch) < batch_size:
+                    break
+                after = batch[-1]
+        if unreadable is not None:  # raised here, not as a group out of the nursery
+            raise unreadable
         self.passes += 1
         self.last_summary = summary
         return summary

@@ -15,16 +15,27 @@ after a Stripe account change) leaves it untouched and counted as an error each 
 expiring it could hide a checkout still payable elsewhere, so an operator should look.
 A PROCESSING payment whose delayed payment is still on its way stays PROCESSING: the
 provider's success or failure event (or the reconciler) settles it.
+
+In bulk first: Checkout Sessions are made with ``expires_at`` (payments/providers/
+stripe.py), so Stripe closes them itself. Each batch is claimed in one query (row locks
+by primary key, SKIP LOCKED: two processes take disjoint batches); the provider is asked
+once (a listing) which of their checkouts it expired, and those, never paid, move to
+EXPIRED with multi-row writes in one commit (Work.change_statuses). What is left (a
+checkout still open, a payment link, a subscription, a CREATED row, the provider not
+answering) goes through the per-payment path above, after that commit.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import trio
+
 from payments.closing import close_at_provider
-from payments.jobs.batch import ItemResult, Outcome, PaymentJob
-from payments.model import Payment, PaymentStatus
-from payments.providers.base import Provider
+from payments.errors import PaymentsError
+from payments.jobs.batch import ItemResult, JobSummary, Outcome, PaymentJob
+from payments.model import Payment, PaymentStatus, ProviderType
+from payments.providers.base import ExpiredListing, Provider
 from payments.storage import claims
 from payments.storage import repository as repo
 
@@ -36,6 +47,10 @@ class Expirer(PaymentJob):
     ``await run_pass()`` for one pass, ``run(ctx)`` as a child."""
 
     selection = claims.STUCK
+    batches_in_flight = 2
+    # This pass's listings of expired checkouts, per provider (reset when a pass starts).
+    _listings: dict[ProviderType, ExpiredListing]
+    _listing_lock: trio.Lock
 
     def _cutoff_minutes(self) -> float:
         return self._settings.pending_timeout_minutes
@@ -58,6 +73,62 @@ class Expirer(PaymentJob):
                     await repo.update_payment(work.conn, payment)
                 result = ItemResult(Outcome.UNCHANGED)
         return result
+
+    def _begin_pass(self) -> None:
+        self._listings = {}  # what Stripe expires from now on is news to this pass
+        # One listing at a time: two batches in flight would list the same span twice.
+        self._listing_lock = trio.Lock()
+
+    async def _work_batch(
+        self, batch: list[claims.Candidate], cutoff: datetime, summary: JobSummary
+    ) -> list[claims.Candidate]:
+        claimed, moved = await self._retrying(lambda: self._expire_in_bulk(batch, cutoff))
+        summary.checked += len(batch) - len(claimed) + len(moved)
+        summary.skipped += len(batch) - len(claimed)  # another process holds them, or done
+        for _ in moved:
+            summary.record(ItemResult(Outcome.CHANGED, PaymentStatus.EXPIRED))
+        if moved:
+            self._log.info(
+                "expire moved %d payments to EXPIRED",
+                len(moved),
+                extra={"payment_ids": sorted(moved), "status": PaymentStatus.EXPIRED.name},
+            )
+        return [c for c in batch if c.id in claimed and c.id not in moved]
+
+    async def _expire_in_bulk(
+        self, batch: list[claims.Candidate], cutoff: datetime
+    ) -> tuple[set[int], set[int]]:
+        """One transaction: claim the batch, ask each provider which checkouts it
+        expired, move those payments; (ids claimed, ids moved)."""
+        async with self._uow.begin() as work:
+            payments = await claims.claim_many(
+                work.conn, self.selection, [c.id for c in batch], cutoff
+            )
+            expired: list[Payment] = []
+            for provider_type in {p.provider for p in payments}:
+                group = [p for p in payments if p.provider == provider_type]
+                listing = self._listings.setdefault(provider_type, ExpiredListing())
+                provider = self._providers.get(provider_type)
+                refs = await self._expired_checkouts(provider, group, listing)
+                expired += [p for p in group if p.provider_payment_id in refs]
+            moved = await work.change_statuses(
+                expired, PaymentStatus.EXPIRED, reason=self._reason()
+            )
+        return {p.id for p in payments}, {p.id for p in moved}
+
+    async def _expired_checkouts(
+        self, provider: Provider, payments: list[Payment], listing: ExpiredListing
+    ) -> set[str]:
+        """The provider's bulk answer; none (all left to the per-payment path) when it
+        cannot give one now."""
+        try:
+            async with self._listing_lock:
+                return await self._provider_call(
+                    lambda: provider.expired_checkouts(payments, listing)
+                )
+        except PaymentsError as exc:
+            self._log.warning("expire could not list expired checkouts: %s", exc.message)
+            return set()
 
     async def _settle(
         self, provider: Provider, payment: Payment

@@ -10,6 +10,7 @@ fault (auth, rate limits, timeouts, network, 5xx), with a generic message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -73,6 +74,20 @@ class ProviderRefund:
     request_id: str = ""
 
 
+@attrs.define
+class ExpiredListing:
+    """What one expiry pass learned from the provider's listings of expired checkouts:
+    their ids, and the creation-time span (unix seconds, inclusive) listed in full.
+
+    Expired is final, so an id here never goes stale; a checkout that expired after its
+    span was listed is simply not here (it takes the per-payment path). Kept for one
+    pass, so consecutive batches, whose creation times overlap, list each checkout once.
+    """
+
+    ids: set[str] = attrs.field(factory=set)
+    span: tuple[int, int] | None = None
+
+
 @runtime_checkable
 class EventParser(Protocol):
     def parse(self, payload: bytes, signature: str) -> ProviderEvent:
@@ -126,6 +141,14 @@ class Provider(Protocol):
     async def payment_intent_of(self, payment: Payment) -> str:
         """The provider's PaymentIntent that paid ``payment`` ("" when it has none): a
         refund event names it, and a recurring payment's events do not tell it."""
+        ...
+
+    async def expired_checkouts(
+        self, payments: Sequence[Payment], listing: ExpiredListing
+    ) -> set[str]:
+        """The provider payment ids among ``payments`` whose checkout the provider itself
+        closed unpaid (it expired), asked in bulk and added to ``listing``; a payment not
+        named is undecided."""
         ...
 
     @property

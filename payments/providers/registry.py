@@ -24,7 +24,7 @@ class ProviderRegistry:
     @classmethod
     def from_settings(cls, settings: Settings) -> ProviderRegistry:
         """The registry ``serve`` uses: Stripe with the configured key, base and limits."""
-        from payments.providers.stripe import StripeProvider
+        from payments.providers.stripe import StripeProvider, session_lifetime
 
         return cls(
             {
@@ -35,6 +35,7 @@ class ProviderRegistry:
                     max_network_retries=settings.stripe_max_network_retries,
                     webhook_secret=settings.stripe_webhook_secret,
                     signature_tolerance_seconds=settings.stripe_signature_tolerance_seconds,
+                    session_lifetime_seconds=session_lifetime(settings.pending_timeout_minutes),
                 )
             }
         )

@@ -37,7 +37,7 @@ WARNING (unless configured otherwise).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -56,7 +56,13 @@ from payments.model import (
     RefundStatus,
 )
 from payments.observability.hooks import stripe_operation
-from payments.providers.base import CheckoutResult, ProviderEvent, ProviderRefund, ProviderState
+from payments.providers.base import (
+    CheckoutResult,
+    ExpiredListing,
+    ProviderEvent,
+    ProviderRefund,
+    ProviderState,
+)
 from payments.providers.stripe_events import StripeEventParser
 
 log = logging.getLogger("payments.providers.stripe")
@@ -64,6 +70,28 @@ log = logging.getLogger("payments.providers.stripe")
 UNAVAILABLE_MESSAGE = "payment provider unavailable"
 _REJECTED = (stripe.InvalidRequestError, stripe.CardError, stripe.IdempotencyError)
 _LIST_PAGE = 100  # Stripe's largest page
+
+# Stripe takes a Checkout Session's ``expires_at`` 30 minutes to 24 hours after the
+# session is made. The service fixes it from the payment's ``created_at`` (so a retried
+# create sends byte-identical parameters), which leaves the create a slack to reach
+# Stripe: a pending timeout under 30 min + the slack keeps today's path (the expirer
+# closes the session itself).
+SESSION_LIFETIME_MIN_S = 30 * 60
+SESSION_LIFETIME_MAX_S = 24 * 60 * 60
+CREATE_SLACK_S = 5 * 60
+# How far a session's ``created`` (Stripe's clock, once the create got there) may lie
+# from the payment's ``created_at`` (ours) and still be found by the bulk listing.
+_CREATED_WINDOW_S = 10 * 60
+
+
+def session_lifetime(pending_timeout_minutes: float) -> int | None:
+    """Seconds from a payment's creation to its session's ``expires_at``, or None when
+    the pending timeout lies outside what Stripe accepts (keep closing it ourselves)."""
+    seconds = pending_timeout_minutes * 60
+    if SESSION_LIFETIME_MIN_S + CREATE_SLACK_S <= seconds <= SESSION_LIFETIME_MAX_S:
+        return int(seconds)
+    return None
+
 
 # What a subscription's status says of the payment that started it. The payment stands
 # for the first charge, so every status Stripe only reaches after that charge succeeded
@@ -120,6 +148,7 @@ class StripeProvider:
         *,
         webhook_secret: str = "",
         signature_tolerance_seconds: int = 300,
+        session_lifetime_seconds: int | None = None,
     ) -> None:
         if not secret_key:
             raise ValueError("StripeProvider needs a secret key")
@@ -134,6 +163,8 @@ class StripeProvider:
         self._api_base = api_base
         self._timeout = timeout_seconds
         self._retries = max_network_retries
+        # Set: sessions carry expires_at = created_at + this, and Stripe closes them.
+        self._session_lifetime = session_lifetime_seconds
         # Without a webhook secret no event can be checked: the route answers 404.
         self._events = (
             StripeEventParser(webhook_secret, signature_tolerance_seconds)
@@ -229,6 +260,8 @@ class StripeProvider:
             "cancel_url": payment.cancel_url or with_state(payment.provider_callback_url, "cancel"),
             **self._follow_up_metadata(payment, metadata),
         }
+        if self._session_lifetime is not None:
+            params["expires_at"] = int(payment.created_at.timestamp()) + self._session_lifetime
         session = await self._client.v1.checkout.sessions.create_async(
             params=params,
             options={"idempotency_key": f"{payment.idempotency_key}:session"},
@@ -399,6 +432,66 @@ class StripeProvider:
         return ProviderState(
             SUBSCRIPTION_STATUS.get(subscription.status), subscription_id=subscription.id
         )
+
+    async def expired_checkouts(
+        self, payments: Sequence[Payment], listing: ExpiredListing
+    ) -> set[str]:
+        """The ids among ``payments``' Checkout Sessions that Stripe lists as expired.
+
+        Listings (100 sessions a page) of the expired sessions created around the
+        payments' creation, instead of one retrieve per payment; only the part of that
+        span ``listing`` has not listed yet this pass. Only hosted-card payments without
+        a subscription are looked for; an expired session was never paid (Stripe
+        expires only open sessions), so each one found may be concluded EXPIRED.
+        """
+        wanted = {
+            p.provider_payment_id
+            for p in payments
+            if p.payment_method == PaymentMethod.HOSTED_CARD
+            and p.provider_payment_id
+            and not p.provider_subscription_id
+        }
+        if not wanted:
+            return set()
+        created = [int(p.created_at.timestamp()) for p in payments]
+        low, high = min(created) - _CREATED_WINDOW_S, max(created) + _CREATED_WINDOW_S
+        try:
+            if listing.span is None:
+                listing.ids |= await self._expired_between(low, high)
+                listing.span = (low, high)
+            else:
+                done_low, done_high = listing.span
+                if low < done_low:
+                    listing.ids |= await self._expired_between(low, done_low - 1)
+                if high > done_high:
+                    listing.ids |= await self._expired_between(done_high + 1, high)
+                listing.span = (min(low, done_low), max(high, done_high))
+        except stripe.StripeError as exc:
+            _raise_mapped(exc, "expired_checkouts", payments[0])
+        return wanted & listing.ids
+
+    async def _expired_between(self, low: int, high: int) -> set[str]:
+        """Every expired session created in [low, high] (unix seconds), all pages.
+
+        Through the SDK's raw request (its auth, retries and errors) without its object
+        layer: only the ids are wanted, and building 100 StripeObjects a page was most of
+        the expirer's CPU (py-spy, bench expiry)."""
+        params: dict[str, Any] = {
+            "status": "expired",
+            "created": {"gte": low, "lte": high},
+            "limit": _LIST_PAGE,
+        }
+        found: set[str] = set()
+        while True:
+            response = await self._client.raw_request_async(
+                "get", "/v1/checkout/sessions", **params
+            )
+            page = response.data
+            sessions = page.get("data") or []
+            found.update(str(session["id"]) for session in sessions)
+            if not page.get("has_more") or not sessions:
+                return found
+            params = {**params, "starting_after": sessions[-1]["id"]}
 
     async def _link_sessions(self, link_id: str, status: str) -> list[Any]:
         """Every session of a payment link in ``status``, newest first (all pages)."""

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import base64
 import hmac
+import itertools
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -196,6 +197,7 @@ SESSION_CREATE = {
     "expand": P.EXPAND,
 }
 SESSION_LIST = {
+    "created": {"gt": P.integer, "gte": P.integer, "lt": P.integer, "lte": P.integer},
     "payment_link": P.string,
     "status": P.one_of("open", "complete", "expired"),
     "subscription": P.string,
@@ -843,10 +845,27 @@ class StripeApi:
     def list_sessions(self, params: Json, _: str) -> Json:
         p = P.coerce(params, SESSION_LIST, "")
         limit = self._limit(p)
-        sessions = list(reversed(self.state.sessions.values()))  # newest first
-        for field in ("payment_link", "status", "subscription", "customer", "payment_intent"):
-            if field in p:
-                sessions = [s for s in sessions if s[field] == p[field]]
+        equal = [
+            (field, p[field])
+            for field in ("payment_link", "status", "subscription", "customer", "payment_intent")
+            if field in p
+        ]
+        created = p.get("created")
+
+        def matches(session: Json) -> bool:
+            return all(session[field] == value for field, value in equal) and (
+                not created or _created_within(session["created"], created)
+            )
+
+        newest_first = reversed(self.state.sessions.values())
+        if "starting_after" in p and "ending_before" not in p:
+            # Walk from the newest and stop a page past the cursor: paging through a
+            # large account (the expirer's listings) costs a page, not the account.
+            page = _page_after(newest_first, matches, p["starting_after"], limit)
+            if page is None:
+                raise no_such("checkout.session", p["starting_after"], "starting_after")
+            return self._list("/v1/checkout/sessions", page[:limit], has_more=len(page) > limit)
+        sessions = [s for s in newest_first if matches(s)]
         has_more = len(sessions) > limit
         if "starting_after" in p or "ending_before" in p:
             cursor_param = "starting_after" if "starting_after" in p else "ending_before"
@@ -962,3 +981,31 @@ class StripeApi:
     @staticmethod
     def _list(url: str, data: list[Json], *, has_more: bool = False) -> Json:
         return {"object": "list", "data": data, "has_more": has_more, "url": url}
+
+
+_CREATED_BOUNDS = {
+    "gt": lambda at, bound: at > bound,
+    "gte": lambda at, bound: at >= bound,
+    "lt": lambda at, bound: at < bound,
+    "lte": lambda at, bound: at <= bound,
+}
+
+
+def _page_after(
+    sessions: Iterator[Json], matches: Callable[[Json], bool], cursor: str, limit: int
+) -> list[Json] | None:
+    """Up to ``limit + 1`` matching sessions after the one with id ``cursor`` (None when
+    no matching session has that id)."""
+    for session in sessions:
+        if session["id"] == cursor:
+            if not matches(session):
+                return None
+            return list(itertools.islice(filter(matches, sessions), limit + 1))
+    return None
+
+
+def _created_within(created: int, bounds: Json) -> bool:
+    """Stripe's ``created[gt|gte|lt|lte]`` list filter."""
+    return all(
+        _CREATED_BOUNDS[name](created, bound) for name, bound in bounds.items() if bound is not None
+    )

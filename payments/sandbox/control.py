@@ -25,6 +25,7 @@ here but in payments.sandbox.pages (HTML for a browser).
                                  "times": 1, "seconds": 0, "after": false, "status": 500}
                                  (hang: held unanswered until the faults are cleared)
     DELETE /_sandbox/faults                                   clear faults (releases hangs)
+    POST   /_sandbox/clock      {"offset_seconds": N}          shift the account's clock
     POST   /_sandbox/reset                                    forget everything
     POST   /_sandbox/refunds    {"payment_intent" | "charge": ..., "amount": null,
                                  "reason": null}   a refund made in Stripe's dashboard
@@ -228,6 +229,10 @@ class ControlApi:
             case ("DELETE", ["faults"]):
                 state.faults.clear()
                 return _answer(200, {"cleared": True})
+            case ("POST", ["clock"]):
+                spec = _body(body)
+                state.clock_offset = float(spec.get("offset_seconds", 0))
+                return _answer(200, {"offset_seconds": state.clock_offset, "now": state.now()})
             case ("POST", ["reset"]):
                 state.reset()
                 return _answer(200, {"reset": True})

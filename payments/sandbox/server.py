@@ -44,6 +44,7 @@ DEFAULT_SECRET_KEY = "sk_test_sandbox"  # noqa: S105  (the emulator's well-known
 MAX_BODY_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 _READ_CHUNK = 65536
+EXPIRY_TICK_SECONDS = 1.0  # how often open sessions past their expires_at are closed
 
 
 @attrs.define
@@ -220,6 +221,14 @@ class _Server:
         await stream.send_all(out)
 
 
+async def _expire_due_sessions(state: StripeState) -> None:
+    """Stripe closes an open Checkout Session at its ``expires_at`` by itself and sends
+    ``checkout.session.expired``: so does the emulator, within a second of it."""
+    while True:
+        state.expire_due_sessions()
+        await trio.sleep(EXPIRY_TICK_SECONDS)
+
+
 def _json(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -291,6 +300,7 @@ async def serve_sandbox(
         await nursery.start(sandbox.webhooks.run)
         log.info("stripe sandbox listening", extra={"url": url})
         nursery.start_soon(trio.serve_listeners, server.handle_connection, listeners)
+        nursery.start_soon(_expire_due_sessions, sandbox.state)
         task_status.started(sandbox)
         if shutdown_trigger is not None:
             await shutdown_trigger()

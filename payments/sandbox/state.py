@@ -302,6 +302,9 @@ class StripeState:
         self.secret_key = secret_key
         self.base_url = base_url.rstrip("/")
         self.clock = clock
+        # Seconds added to ``clock`` (control API ``POST /clock``): objects made in the
+        # past, sessions past their expires_at, without waiting. Kept across reset().
+        self.clock_offset = 0.0
         self.faults = Faults()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.webhook: WebhookEndpoint | None = None  # kept across reset()
@@ -427,7 +430,7 @@ class StripeState:
         return len(rows) + len(events)
 
     def now(self) -> int:
-        return int(self.clock())
+        return int(self.clock() + self.clock_offset)
 
     def requests_to(self, endpoint: str) -> list[RequestRecord]:
         """Requests to one route, e.g. ``"POST /v1/checkout/sessions"``."""

@@ -156,3 +156,35 @@ async def claim(
         return None
     # Already ours: this locking read returns at once, with the latest committed row.
     return await repo.get_payment(conn, payment_id, for_update=True)
+
+
+@cache
+def _claim_many_sql(selection: Selection, count: int, dialect: Dialect = MYSQL) -> str:
+    ids = ", ".join(["%s"] * count)
+    statuses = ", ".join(["%s"] * len(selection.statuses))
+    provider = " AND provider_payment_id <> ''" if selection.needs_provider_id else ""
+    # By primary key, forced: a plan scanning an index range (the optimizer's pick for
+    # a long IN list on a small table) would lock rows of another batch, and so deadlock
+    # with it (seen between two batches: InnoDB's LATEST DETECTED DEADLOCK).
+    return (
+        f"{repo.SELECT_PAYMENT}{dialect.force_index('PRIMARY')}"
+        f" WHERE id IN ({ids}) AND status IN ({statuses})"
+        f" AND {selection.age_column} < %s{provider} ORDER BY id{dialect.for_update_skip_locked}"
+    )
+
+
+async def claim_many(
+    conn: Connection, selection: Selection, payment_ids: Sequence[int], cutoff: datetime
+) -> list[Payment]:
+    """Lock, in one query, those of ``payment_ids`` that are free and still candidates;
+    the others (held by another process, or worked meanwhile) are left out. By primary
+    key, so only those rows are locked (no range, no gap). Call inside a transaction."""
+    if not payment_ids:
+        return []
+    args: Sequence[Any] = (
+        *payment_ids,
+        *(int(status) for status in selection.statuses),
+        to_db_datetime(cutoff),
+    )
+    sql = _claim_many_sql(selection, len(payment_ids), conn.dialect)
+    return [repo.payment_from_row(row) for row in await conn.fetchall(sql, args)]

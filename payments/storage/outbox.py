@@ -93,38 +93,75 @@ def entry_from_row(row: Sequence[Any]) -> OutboxEntry:
     )
 
 
+_ENTRY_COLUMNS = (
+    "payment_id",
+    "status",
+    "delivery_id",
+    "url",
+    "request_id",
+    "payload",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+    "traceparent",
+    "kind",
+    "refund_id",
+    "resend",
+)
+_INSERT_ENTRY = (
+    f"INSERT INTO callback_outbox ({', '.join(_ENTRY_COLUMNS)})"  # noqa: S608
+    f" VALUES ({', '.join(['%s'] * len(_ENTRY_COLUMNS))})"
+)
+
+
+def _entry_values(entry: OutboxEntry) -> list[Any]:
+    return [
+        entry.payment_id,
+        int(entry.status),
+        entry.delivery_id,
+        entry.url,
+        entry.request_id,
+        entry.payload,
+        str(entry.state),
+        entry.attempts,
+        to_db_datetime(entry.next_attempt_at),
+        to_db_datetime(entry.created_at),
+        to_db_datetime(entry.updated_at),
+        entry.traceparent,
+        str(entry.kind),
+        entry.refund_id,
+        entry.resend,
+    ]
+
+
 async def insert_entry(conn: Connection, entry: OutboxEntry) -> int:
     """Queue a callback; returns its id. A payment (or refund) announces each status
     once, so a second entry for the same announcement and resend number is ignored (0
     is returned)."""
     try:
-        return await conn.insert(
-            "INSERT INTO callback_outbox (payment_id, status, delivery_id, url, request_id,"
-            " payload, state, attempts, next_attempt_at, created_at, updated_at, traceparent,"
-            " kind, refund_id, resend)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                entry.payment_id,
-                int(entry.status),
-                entry.delivery_id,
-                entry.url,
-                entry.request_id,
-                entry.payload,
-                str(entry.state),
-                entry.attempts,
-                to_db_datetime(entry.next_attempt_at),
-                to_db_datetime(entry.created_at),
-                to_db_datetime(entry.updated_at),
-                entry.traceparent,
-                str(entry.kind),
-                entry.refund_id,
-                entry.resend,
-            ),
-        )
+        return await conn.insert(_INSERT_ENTRY, _entry_values(entry))
     except DuplicateKey as exc:
         if exc.key != "uq_callback_outbox_announcement":
             raise
         return 0
+
+
+async def insert_entries(conn: Connection, entries: Sequence[OutboxEntry]) -> None:
+    """Queue many callbacks in one multi-row INSERT (a bulk status change: each payment
+    reaches a terminal status once, so none of them has an entry for it yet)."""
+    if not entries:
+        return
+    row = "(" + ", ".join(["%s"] * len(_ENTRY_COLUMNS)) + ")"
+    args: list[Any] = []
+    for entry in entries:
+        args += _entry_values(entry)
+    await conn.execute(
+        f"INSERT INTO callback_outbox ({', '.join(_ENTRY_COLUMNS)}) VALUES "  # noqa: S608
+        + ", ".join([row] * len(entries)),
+        args,
+    )
 
 
 async def entries_for_payment(conn: Connection, payment_id: int) -> list[OutboxEntry]:
