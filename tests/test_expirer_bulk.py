@@ -17,6 +17,7 @@ from payments.providers.registry import ProviderRegistry
 from payments.providers.stripe import StripeProvider, session_lifetime
 from payments.sandbox import Sandbox
 from payments.service import PaymentService
+from payments.storage import leases
 from payments.storage.pool import Pool
 from payments.unit_of_work import UnitOfWork
 from tests.fixtures.sandbox import CALLBACK_BASE_URL
@@ -226,3 +227,27 @@ async def test_a_deadlock_victim_is_run_again_not_failed(
         nursery.start_soon(other)
         assert await job._retrying(attempt) == 2
     assert attempts == 2
+
+
+async def test_a_payment_leased_by_a_cancel_is_left_out_of_the_bulk_claim(
+    db_pool: Pool,
+    lifetime_service: PaymentService,
+    lifetime_registry: ProviderRegistry,
+    stripe_sandbox: Sandbox,
+) -> None:
+    # Stripe expired both sessions; one payment is leased by a cancel at Stripe about it
+    # (its own expire call may be what closed the session): the bulk claim skips it as
+    # the single claim does, and the other one expires in bulk.
+    payments = await create_many(lifetime_service, 2)
+    await age_everywhere(db_pool, stripe_sandbox, payments)
+    await until_stripe_expired(stripe_sandbox, 2)
+    leased, free = payments
+    async with db_pool.connection() as conn:
+        assert await leases.take(conn, leased.id, "cancel:elsewhere", 30, [leased.status])
+    job = Expirer(job_uow(db_pool), lifetime_registry, job_settings(), rate_per_second=None)
+
+    summary = await job.run_pass()
+
+    assert summary.expired == 1
+    assert (await load(db_pool, leased)).status == PaymentStatus.PENDING
+    assert (await load(db_pool, free)).status == PaymentStatus.EXPIRED

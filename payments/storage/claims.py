@@ -169,7 +169,9 @@ def _claim_many_sql(selection: Selection, count: int, dialect: Dialect = MYSQL) 
     return (
         f"{repo.SELECT_PAYMENT}{dialect.force_index('PRIMARY')}"
         f" WHERE id IN ({ids}) AND status IN ({statuses})"
-        f" AND {selection.age_column} < %s{provider} ORDER BY id{dialect.for_update_skip_locked}"
+        f" AND {selection.age_column} < %s{provider}"
+        " AND (claimed_until IS NULL OR claimed_until < %s)"
+        f" ORDER BY id{dialect.for_update_skip_locked}"
     )
 
 
@@ -177,14 +179,16 @@ async def claim_many(
     conn: Connection, selection: Selection, payment_ids: Sequence[int], cutoff: datetime
 ) -> list[Payment]:
     """Lock, in one query, those of ``payment_ids`` that are free and still candidates;
-    the others (held by another process, or worked meanwhile) are left out. By primary
-    key, so only those rows are locked (no range, no gap). Call inside a transaction."""
+    the others (held by another process, leased by a create, cancel or job at the
+    provider, or worked meanwhile) are left out. By primary key, so only those rows are
+    locked (no range, no gap). Call inside a transaction."""
     if not payment_ids:
         return []
     args: Sequence[Any] = (
         *payment_ids,
         *(int(status) for status in selection.statuses),
         to_db_datetime(cutoff),
+        to_db_datetime(utcnow()),
     )
     sql = _claim_many_sql(selection, len(payment_ids), conn.dialect)
     return [repo.payment_from_row(row) for row in await conn.fetchall(sql, args)]
