@@ -363,12 +363,21 @@ async def test_concurrent_requeues_in_process_never_count_a_row_twice(
 async def test_callbacks_prune_deletes_finished_deliveries_past_the_retention(
     db_pool: Pool, receiver: Receiver, test_db_url: str, tmp_path: Path
 ) -> None:
-    old_done, old_failed, recent = await queue_callbacks(db_pool, 3, url=receiver.url())
-    # One at a time, in id order: delivered, failed (one attempt allowed), delivered.
-    receiver.script = [Answer(200), Answer(500), Answer(200)]
+    # Delivered, failed (one attempt allowed), delivered: one pass each, so which row
+    # meets which answer does not hang on the order the deliveries' tasks run in.
     dispatcher = Dispatcher(db_pool, settings(callback_max_attempts=1), concurrency=1)
-    assert await dispatcher.run_pass() == PassResult(claimed=3, delivered=2, failed=1)
+    finished = []
+    for answer, result in (
+        (Answer(200), PassResult(claimed=1, delivered=1)),
+        (Answer(500), PassResult(claimed=1, failed=1)),
+        (Answer(200), PassResult(claimed=1, delivered=1)),
+    ):
+        (entry,) = await queue_callbacks(db_pool, 1, url=receiver.url())
+        receiver.script = [answer]
+        assert await dispatcher.run_pass() == result
+        finished.append(entry)
     await dispatcher.aclose()
+    old_done, old_failed, recent = finished
     (old_pending,) = await queue_callbacks(db_pool, 1, url=receiver.url())
     ids = [e.id for e in (old_done, old_failed, old_pending)]
     async with db_pool.connection() as conn:
