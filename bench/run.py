@@ -556,7 +556,9 @@ class Bench:
         stack.receiver_reset()
         wall, summary = self._timed_cli(["callbacks", "dispatch"], "dispatch")
         received = stack.receiver_count()
-        if _summary_number(summary, "delivered") != count or received < count:
+        # At least ``count``: callbacks other phases left due (refunds' own, say) go out
+        # in the same run; the rate below counts only the backlog's, so it errs low.
+        if _summary_number(summary, "delivered") < count or received < count:
             raise BenchError(f"dispatch: {summary!r}; the receiver got {received} of {count}")
         return self._job_result("dispatch", count, wall, startup, summary)
 
