@@ -52,6 +52,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -434,6 +435,9 @@ class Dispatcher:
                 return "skipped"
             attempt_no = entry.attempts + 1
             policy = self._settings.callback_policy()
+            # The DNS check and the POST share one callback timeout: the lease covers
+            # one, and a lapsed lease would let another replica send it too.
+            deadline = trio.current_time() + self._timeout
             problem = url_problem(entry.url, policy) or await resolved_problem(
                 entry.url, policy, self._timeout
             )
@@ -441,7 +445,8 @@ class Dispatcher:
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:
-                attempt, retry_after = await hooks.callback_attempt(self._post, entry, attempt_no)
+                post = partial(self._post, deadline=deadline)
+                attempt, retry_after = await hooks.callback_attempt(post, entry, attempt_no)
             state, next_at, outcome = self._decide(
                 attempt, rejected=bool(problem), retry_after=retry_after
             )
@@ -471,11 +476,12 @@ class Dispatcher:
         return outcome
 
     async def _post(
-        self, entry: OutboxEntry, attempt_no: int
+        self, entry: OutboxEntry, attempt_no: int, *, deadline: float
     ) -> tuple[CallbackAttempt, float | None]:
-        """One HTTP attempt, bounded as a whole by the callback timeout (httpx's own
-        timeout is per phase, so a receiver trickling bytes could outlast it); with the
-        seconds a Retry-After header asked for."""
+        """One HTTP attempt, bounded as a whole by ``deadline`` (trio time: the callback
+        timeout, counted from before the DNS check; httpx's own timeout is per phase, so
+        a receiver trickling bytes could outlast it); with the seconds a Retry-After
+        header asked for."""
         at = self._clock()
         headers = self._signer.headers(entry, at)
         tracing.inject(headers)  # the trace of the request that ended the payment
@@ -483,7 +489,7 @@ class Dispatcher:
         status: int | None = None
         retry_after: str | None = None
         error = ""
-        with trio.move_on_after(self._timeout) as scope:
+        with trio.move_on_at(deadline) as scope:
             try:
                 # Streamed and never read: the answer's status is all we need, and a
                 # huge body must not cost memory.
