@@ -9,8 +9,9 @@ many replicas), POSTs each to its URL, and records the attempt:
   stops (state ``gone``). Anything else (another status, a timeout, a connection error)
   is retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 2**(attempt-1)``,
   jittered by +-20% so callbacks that failed together do not retry in lockstep, capped
-  at :data:`MAX_RETRY_DELAY`; a ``429`` or ``503`` with ``Retry-After`` waits that long
-  instead (capped the same). After ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts (the
+  at :data:`MAX_RETRY_DELAY`; a ``429`` or ``503`` with a longer ``Retry-After`` waits
+  that long instead (capped the same), a shorter one is not honoured: the schedule's
+  span is the promise. After ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts (the
   first included) it is failed. The defaults (15 attempts, 5 minutes first) keep trying
   for 74.6 to 97.5 hours (:func:`retry_schedule`): a receiver down for a weekend still
   gets its callbacks.
@@ -526,7 +527,8 @@ class Dispatcher:
         self, attempt: CallbackAttempt, *, rejected: bool, retry_after: float | None = None
     ) -> tuple[OutboxState, datetime, str]:
         """(new state, next_attempt_at, outcome) after ``attempt``; ``retry_after``
-        (seconds) replaces the schedule's gap, capped at MAX_RETRY_DELAY."""
+        (seconds) lengthens the schedule's gap, never shortens it (at most
+        MAX_RETRY_DELAY)."""
         now = self._clock()
         if attempt.status_code is not None and 200 <= attempt.status_code < 300:
             return OutboxState.DELIVERED, now, "delivered"
@@ -534,12 +536,12 @@ class Dispatcher:
             return OutboxState.GONE, now, "gone"
         if rejected or attempt.attempt >= self._settings.callback_max_attempts:
             return OutboxState.FAILED, now, "failed"
+        delay = retry_delay(
+            attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
+        )
         if retry_after is not None:
-            delay = min(timedelta(seconds=retry_after), MAX_RETRY_DELAY)
-        else:
-            delay = retry_delay(
-                attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
-            )
+            # Only ever longer: a short one would spend every attempt within seconds.
+            delay = max(delay, min(timedelta(seconds=retry_after), MAX_RETRY_DELAY))
         return OutboxState.PENDING, now + delay, "retried"
 
     # -- the actor -----------------------------------------------------------------
