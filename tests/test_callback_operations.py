@@ -363,12 +363,17 @@ async def test_concurrent_requeues_in_process_never_count_a_row_twice(
 async def test_callbacks_prune_deletes_finished_deliveries_past_the_retention(
     db_pool: Pool, receiver: Receiver, test_db_url: str, tmp_path: Path
 ) -> None:
-    old_done, old_failed, recent = await queue_callbacks(db_pool, 3, url=receiver.url())
-    # One at a time, in id order: delivered, failed (one attempt allowed), delivered.
+    queued = await queue_callbacks(db_pool, 3, url=receiver.url())
+    # One at a time: delivered, failed (one attempt allowed), delivered. Which row gets
+    # the 500 is the scheduler's pick (deliveries are tasks; trio runs them in no fixed
+    # order), so the roles are read back afterwards.
     receiver.script = [Answer(200), Answer(500), Answer(200)]
     dispatcher = Dispatcher(db_pool, settings(callback_max_attempts=1), concurrency=1)
     assert await dispatcher.run_pass() == PassResult(claimed=3, delivered=2, failed=1)
     await dispatcher.aclose()
+    states = [(await fetch(db_pool, e.id)).state for e in queued]
+    old_failed = queued[states.index(OutboxState.FAILED)]
+    old_done, recent = [e for e in queued if e is not old_failed]
     (old_pending,) = await queue_callbacks(db_pool, 1, url=receiver.url())
     ids = [e.id for e in (old_done, old_failed, old_pending)]
     async with db_pool.connection() as conn:
