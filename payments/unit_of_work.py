@@ -231,6 +231,7 @@ class Work:
         for payment in moved:
             payment.status = new_status
             payment.updated_at = at
+        self.moved.extend([new_status] * len(moved))
         if new_status.is_terminal:
             await outbox.insert_entries(self.conn, [new_outbox_entry(p) for p in moved])
             self.notices.extend(moved)

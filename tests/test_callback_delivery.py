@@ -68,22 +68,45 @@ async def test_410_gone_stops_the_delivery(
 
 
 @pytest.mark.parametrize("status", [429, 503])
-async def test_retry_after_in_seconds_sets_the_next_attempt(
+async def test_a_longer_retry_after_in_seconds_sets_the_next_attempt(
     db_pool: Pool, receiver: Receiver, dispatchers: MakeDispatcher, status: int
 ) -> None:
     receiver.script = [Answer(status, retry_after="120")]
     (entry,) = await queue_callbacks(db_pool, url=receiver.url())
     clock = WallClock(soon())
-    dispatcher = dispatchers(db_pool, clock=clock, callback_retry_interval_minutes=30)
+    dispatcher = dispatchers(db_pool, clock=clock, rng=lambda: 0.5)  # gap: 1 minute
 
     assert await dispatcher.run_pass() == PassResult(claimed=1, retried=1)
     stored = await fetch(db_pool, entry.id)
-    assert stored.next_attempt_at == clock.now + timedelta(seconds=120)  # not 30 minutes
+    assert stored.next_attempt_at == clock.now + timedelta(seconds=120)  # not 1 minute
     clock.now += timedelta(seconds=119)
     assert await dispatcher.run_pass() == PassResult()
     clock.now += timedelta(seconds=1)
     assert await dispatcher.run_pass() == PassResult(claimed=1, delivered=1)
     assert [a.status_code for a in await attempts(db_pool, entry)] == [status, 200]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_shorter_retry_after_never_shortens_the_schedules_gap(
+    db_pool: Pool, receiver: Receiver, dispatchers: MakeDispatcher, status: int
+) -> None:
+    """Else a receiver answering ``Retry-After: 1`` would use up every attempt in
+    seconds, and the schedule's promise (days of retries) would be broken."""
+    receiver.script = [Answer(status, retry_after="1")] * 2
+    (entry,) = await queue_callbacks(db_pool, url=receiver.url())
+    clock = WallClock(soon())
+    dispatcher = dispatchers(
+        db_pool, clock=clock, rng=lambda: 0.5, callback_retry_interval_minutes=30
+    )
+
+    for gap in (timedelta(minutes=30), timedelta(minutes=60)):  # the schedule's, in turn
+        assert await dispatcher.run_pass() == PassResult(claimed=1, retried=1)
+        stored = await fetch(db_pool, entry.id)
+        assert stored.next_attempt_at == clock.now + gap
+        clock.now += timedelta(seconds=1)
+        assert await dispatcher.run_pass() == PassResult()  # not due a second later
+        clock.now = stored.next_attempt_at
+    assert len(receiver.requests) == 2
 
 
 async def test_retry_after_as_a_date_and_capped_by_the_longest_step(

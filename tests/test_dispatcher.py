@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 
 import attrs
 import pytest
@@ -343,6 +344,58 @@ async def test_a_name_that_resolves_to_a_refused_range_is_refused_at_delivery(
     policy = parse_policy([name])
     assert await resolved_problem(f"http://{name}/cb", policy, 5) == ""
     assert "not in" in await resolved_problem(f"http://{name}/cb", parse_policy([]), 5)
+
+
+class HangingResolver(trio.abc.HostnameResolver):
+    """A DNS server that never answers for ``host``; other names resolve as usual."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.asked = 0
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[Any]:
+        if host is not None and host.decode() == self.host:
+            self.asked += 1
+            await trio.sleep_forever()
+        return await trio.to_thread.run_sync(
+            socket.getaddrinfo, host, port, family, type, proto, flags
+        )
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
+        return await trio.to_thread.run_sync(socket.getnameinfo, sockaddr, flags)
+
+
+async def test_the_dns_check_and_the_post_share_one_callback_timeout(
+    db_pool: Pool, dispatchers: MakeDispatcher
+) -> None:
+    """The lease covers one callback timeout: a hung resolver must not get one for the
+    check and another for the POST (which resolves again), or a second replica could
+    deliver the same callback while this one still sends it."""
+    host = "hung-dns.invalid"
+    resolver = HangingResolver(host)
+    (entry,) = await queue_callbacks(db_pool, url=f"http://{host}/cb")
+    dispatcher = dispatchers(
+        db_pool, callback_http_timeout_seconds=0.5, callback_allowed_hosts=(host,)
+    )
+    previous = trio.socket.set_custom_hostname_resolver(resolver)
+    try:
+        started = trio.current_time()
+        assert await dispatcher.run_pass() == PassResult(claimed=1, retried=1)
+        elapsed = trio.current_time() - started
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    assert resolver.asked >= 1
+    assert elapsed < 0.9, elapsed  # one timeout (and the database), not two
+    stored = await fetch(db_pool, entry.id)
+    assert stored.last_error == "timed out after 0.5s"
 
 
 def test_url_problem_matches_hosts_exactly_and_case_insensitively() -> None:

@@ -251,3 +251,61 @@ async def test_a_payment_leased_by_a_cancel_is_left_out_of_the_bulk_claim(
     assert summary.expired == 1
     assert (await load(db_pool, leased)).status == PaymentStatus.PENDING
     assert (await load(db_pool, free)).status == PaymentStatus.EXPIRED
+
+
+async def test_no_session_or_row_lock_is_held_while_the_listing_hangs(
+    db_pool: Pool,
+    second_pool: Pool,
+    lifetime_service: PaymentService,
+    lifetime_registry: ProviderRegistry,
+    stripe_sandbox: Sandbox,
+) -> None:
+    payments = await create_many(lifetime_service, 3)
+    await age_everywhere(db_pool, stripe_sandbox, payments)
+    await until_stripe_expired(stripe_sandbox, len(payments))
+    hang = stripe_sandbox.state.faults.hang(path="/v1/checkout/sessions", method="GET")
+    job = Expirer(job_uow(db_pool), lifetime_registry, job_settings(), rate_per_second=None)
+    ids = ", ".join(str(p.id) for p in payments)
+    summaries: list[JobSummary] = []
+
+    async def run() -> None:
+        summaries.append(await job.run_pass())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.fail_after(5):
+            while hang.hits == 0:  # noqa: ASYNC110  (a counter, no event)
+                await trio.sleep(0.01)
+        assert db_pool.stats().in_use == 0  # the listing is waiting on Stripe now
+        async with second_pool.transaction() as conn:  # NOWAIT: fails on a held row lock
+            locked = await conn.fetchall(
+                f"SELECT id FROM payments WHERE id IN ({ids}) FOR UPDATE NOWAIT"
+            )
+        assert len(locked) == len(payments)
+        stripe_sandbox.state.faults.clear()
+
+    assert summaries[0].expired == len(payments) and summaries[0].errors == 0
+    assert await count_rows(db_pool, "SELECT COUNT(*) FROM payments WHERE status = 40") == 3
+
+
+async def test_a_hung_listing_is_given_up_by_its_deadline(
+    db_pool: Pool,
+    lifetime_service: PaymentService,
+    lifetime_registry: ProviderRegistry,
+    stripe_sandbox: Sandbox,
+) -> None:
+    # Only the listing hangs (the per-payment path answers): the bulk step gives up
+    # after one HTTP timeout (a batch of two fills one page), not the provider's own.
+    payments = await create_many(lifetime_service, 2)
+    await age_everywhere(db_pool, stripe_sandbox, payments)
+    await until_stripe_expired(stripe_sandbox, len(payments))
+    stripe_sandbox.state.faults.hang(path="/v1/checkout/sessions", method="GET", times=1)
+    settings = job_settings(stripe_http_timeout_seconds=0.3)
+    job = Expirer(job_uow(db_pool), lifetime_registry, settings, rate_per_second=None)
+
+    started = trio.current_time()
+    summary = await job.run_pass()
+
+    assert trio.current_time() - started < 1.5  # the provider's own timeout is 2 s
+    assert summary.expired == 2 and summary.errors == 0  # one by one instead
+    stripe_sandbox.state.faults.clear()

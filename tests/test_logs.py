@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import grpc
 import httpx
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from payments import logs
+from payments.auth.local_keys import KEY_PREFIX, generate_key
 from payments.config import MysqlDsn, Settings, parse_mysql_dsn
 from payments.gen import payments_pb2 as pb
 from payments.gen import payments_pb2_grpc as pb_grpc
@@ -101,6 +103,37 @@ def test_configured_secrets_are_masked(captured: io.StringIO) -> None:
     output = captured.getvalue()
     for secret in ("dbpassw0rd", "custom-stripe-secret-value", APP_KEY):
         assert secret not in output
+
+
+def test_local_caller_keys_are_masked_without_being_configured(captured: io.StringIO) -> None:
+    key = generate_key()
+    log = logging.getLogger("payments.test")
+    log.warning("unknown key %s", key, extra={"header": {"x-api-key": key}})
+    output = captured.getvalue()
+    assert key not in output and key[len(KEY_PREFIX) :] not in output
+    assert output.count(logs.MASK) == 2
+    assert "paysvc_" not in output
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "mysql://payments:p%40ss%2Fw0rd%3A%20x@db:3306/payments",
+        "mysql://payments:p%40ss%2fw0rd%3a%20x@db:3306/payments",  # lower-case escapes
+        "mysql://payments:p%40ss%2Fw0rd:+x@db:3306/payments",  # only some escaped
+    ],
+)
+def test_a_url_encoded_dsn_password_is_masked_as_written_and_decoded(dsn: str) -> None:
+    settings = Settings(mysql_dsn=parse_mysql_dsn(dsn))
+    password = settings.mysql_dsn.password if settings.mysql_dsn else ""
+    assert password.startswith("p@ss/w0rd:")
+    redactor = logs.Redactor(logs.secrets_of(settings))
+    written = dsn.split("payments:")[1].split("@db")[0]
+    line = redactor.text(f"cannot connect to {dsn}; password {password}")
+    assert written not in line and password not in line and "w0rd" not in line
+    assert "db:3306/payments" in line  # the rest of the address stays readable
+    # The escaped password alone (outside a URL) is masked too.
+    assert redactor.text(f"password {quote(password, safe='')}") == f"password {logs.MASK}"
 
 
 def test_a_record_reaching_the_formatter_unfiltered_is_still_masked() -> None:

@@ -462,6 +462,34 @@ async def test_status_changes_count_once_committed_and_refunds_by_status(
     assert succeeded() == before_succeeded + 1
 
 
+async def test_bulk_status_changes_are_counted_once_committed(database: Database) -> None:
+    uow = UnitOfWork(database)
+    payments = [make_payment(status=PaymentStatus.PENDING) for _ in range(3)]
+    payments.append(make_payment(status=PaymentStatus.PAID))  # terminal: does not move
+    async with database.transaction() as conn:
+        for payment in payments:
+            payment.id = await repo.insert_payment(conn, payment)
+    expired = partial(sample, "payments_status_changes_total", to="EXPIRED")
+    before = expired()
+
+    async def expire_all(boom: bool) -> None:
+        async with uow.begin() as work:
+            current = [await repo.get_payment(work.conn, p.id, for_update=True) for p in payments]
+            assert all(current)
+            moved = await work.change_statuses(
+                [p for p in current if p], PaymentStatus.EXPIRED, reason="bulk"
+            )
+            assert len(moved) == 3
+            if boom:
+                raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        await expire_all(boom=True)
+    assert expired() == before  # rolled back: never counted
+    await expire_all(boom=False)
+    assert expired() == before + 3
+
+
 async def test_stripe_failures_are_counted_by_outcome(stack: Stack) -> None:
     payment = await stack.create_payment()
     down = StripeProvider(

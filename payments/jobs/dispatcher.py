@@ -9,8 +9,9 @@ many replicas), POSTs each to its URL, and records the attempt:
   stops (state ``gone``). Anything else (another status, a timeout, a connection error)
   is retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 2**(attempt-1)``,
   jittered by +-20% so callbacks that failed together do not retry in lockstep, capped
-  at :data:`MAX_RETRY_DELAY`; a ``429`` or ``503`` with ``Retry-After`` waits that long
-  instead (capped the same). After ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts (the
+  at :data:`MAX_RETRY_DELAY`; a ``429`` or ``503`` with a longer ``Retry-After`` waits
+  that long instead (capped the same), a shorter one is not honoured: the schedule's
+  span is the promise. After ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts (the
   first included) it is failed. The defaults (15 attempts, 5 minutes first) keep trying
   for 74.6 to 97.5 hours (:func:`retry_schedule`): a receiver down for a weekend still
   gets its callbacks.
@@ -52,6 +53,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -434,6 +436,9 @@ class Dispatcher:
                 return "skipped"
             attempt_no = entry.attempts + 1
             policy = self._settings.callback_policy()
+            # The DNS check and the POST share one callback timeout: the lease covers
+            # one, and a lapsed lease would let another replica send it too.
+            deadline = trio.current_time() + self._timeout
             problem = url_problem(entry.url, policy) or await resolved_problem(
                 entry.url, policy, self._timeout
             )
@@ -441,7 +446,8 @@ class Dispatcher:
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:
-                attempt, retry_after = await hooks.callback_attempt(self._post, entry, attempt_no)
+                post = partial(self._post, deadline=deadline)
+                attempt, retry_after = await hooks.callback_attempt(post, entry, attempt_no)
             state, next_at, outcome = self._decide(
                 attempt, rejected=bool(problem), retry_after=retry_after
             )
@@ -471,11 +477,12 @@ class Dispatcher:
         return outcome
 
     async def _post(
-        self, entry: OutboxEntry, attempt_no: int
+        self, entry: OutboxEntry, attempt_no: int, *, deadline: float
     ) -> tuple[CallbackAttempt, float | None]:
-        """One HTTP attempt, bounded as a whole by the callback timeout (httpx's own
-        timeout is per phase, so a receiver trickling bytes could outlast it); with the
-        seconds a Retry-After header asked for."""
+        """One HTTP attempt, bounded as a whole by ``deadline`` (trio time: the callback
+        timeout, counted from before the DNS check; httpx's own timeout is per phase, so
+        a receiver trickling bytes could outlast it); with the seconds a Retry-After
+        header asked for."""
         at = self._clock()
         headers = self._signer.headers(entry, at)
         tracing.inject(headers)  # the trace of the request that ended the payment
@@ -483,7 +490,7 @@ class Dispatcher:
         status: int | None = None
         retry_after: str | None = None
         error = ""
-        with trio.move_on_after(self._timeout) as scope:
+        with trio.move_on_at(deadline) as scope:
             try:
                 # Streamed and never read: the answer's status is all we need, and a
                 # huge body must not cost memory.
@@ -520,7 +527,8 @@ class Dispatcher:
         self, attempt: CallbackAttempt, *, rejected: bool, retry_after: float | None = None
     ) -> tuple[OutboxState, datetime, str]:
         """(new state, next_attempt_at, outcome) after ``attempt``; ``retry_after``
-        (seconds) replaces the schedule's gap, capped at MAX_RETRY_DELAY."""
+        (seconds) lengthens the schedule's gap, never shortens it (at most
+        MAX_RETRY_DELAY)."""
         now = self._clock()
         if attempt.status_code is not None and 200 <= attempt.status_code < 300:
             return OutboxState.DELIVERED, now, "delivered"
@@ -528,12 +536,12 @@ class Dispatcher:
             return OutboxState.GONE, now, "gone"
         if rejected or attempt.attempt >= self._settings.callback_max_attempts:
             return OutboxState.FAILED, now, "failed"
+        delay = retry_delay(
+            attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
+        )
         if retry_after is not None:
-            delay = min(timedelta(seconds=retry_after), MAX_RETRY_DELAY)
-        else:
-            delay = retry_delay(
-                attempt.attempt, self._settings.callback_retry_interval_minutes, self._rng
-            )
+            # Only ever longer: a short one would spend every attempt within seconds.
+            delay = max(delay, min(timedelta(seconds=retry_after), MAX_RETRY_DELAY))
         return OutboxState.PENDING, now + delay, "retried"
 
     # -- the actor -----------------------------------------------------------------

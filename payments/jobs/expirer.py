@@ -17,10 +17,11 @@ A PROCESSING payment whose delayed payment is still on its way stays PROCESSING:
 provider's success or failure event (or the reconciler) settles it.
 
 In bulk first: Checkout Sessions are made with ``expires_at`` (payments/providers/
-stripe.py), so Stripe closes them itself. Each batch is claimed in one query (row locks
-by primary key, SKIP LOCKED: two processes take disjoint batches); the provider is asked
-once (a listing) which of their checkouts it expired, and those, never paid, move to
-EXPIRED with multi-row writes in one commit (Work.change_statuses). What is left (a
+stripe.py), so Stripe closes them itself. The provider is asked once (a listing, under
+one deadline) which of a batch's checkouts it expired, holding no session and no lock;
+then the batch is claimed in one query (row locks by primary key, SKIP LOCKED: two
+processes take disjoint batches) and those expired, never paid, move to EXPIRED with
+multi-row writes in one short commit (Work.change_statuses). What is left (a
 checkout still open, a payment link, a subscription, a CREATED row, the provider not
 answering) goes through the per-payment path above, after that commit.
 """
@@ -40,6 +41,8 @@ from payments.storage import claims
 from payments.storage import repository as repo
 
 RECONCILED = "reconciled"
+# Checkouts a provider lists a page (Stripe's largest): sizes the listing's deadline.
+LISTING_PAGE = 100
 
 
 class Expirer(PaymentJob):
@@ -98,19 +101,21 @@ class Expirer(PaymentJob):
     async def _expire_in_bulk(
         self, batch: list[claims.Candidate], cutoff: datetime
     ) -> tuple[set[int], set[int]]:
-        """One transaction: claim the batch, ask each provider which checkouts it
-        expired, move those payments; (ids claimed, ids moved)."""
+        """Ask each provider which of the batch's checkouts it expired, holding nothing
+        (an expired checkout stays expired, so the answer cannot go stale); then, in one
+        short transaction, claim the batch and move those; (ids claimed, ids moved)."""
+        ids = [c.id for c in batch]
+        async with self._pool.connection() as conn:
+            seen = await claims.peek_many(conn, self.selection, ids, cutoff)
+        refs: set[str] = set()
+        for provider_type in {p.provider for p in seen}:
+            group = [p for p in seen if p.provider == provider_type]
+            listing = self._listings.setdefault(provider_type, ExpiredListing())
+            provider = self._providers.get(provider_type)
+            refs |= await self._expired_checkouts(provider, group, listing)
         async with self._uow.begin() as work:
-            payments = await claims.claim_many(
-                work.conn, self.selection, [c.id for c in batch], cutoff
-            )
-            expired: list[Payment] = []
-            for provider_type in {p.provider for p in payments}:
-                group = [p for p in payments if p.provider == provider_type]
-                listing = self._listings.setdefault(provider_type, ExpiredListing())
-                provider = self._providers.get(provider_type)
-                refs = await self._expired_checkouts(provider, group, listing)
-                expired += [p for p in group if p.provider_payment_id in refs]
+            payments = await claims.claim_many(work.conn, self.selection, ids, cutoff)
+            expired = [p for p in payments if p.provider_payment_id in refs]
             moved = await work.change_statuses(
                 expired, PaymentStatus.EXPIRED, reason=self._reason()
             )
@@ -119,16 +124,21 @@ class Expirer(PaymentJob):
     async def _expired_checkouts(
         self, provider: Provider, payments: list[Payment], listing: ExpiredListing
     ) -> set[str]:
-        """The provider's bulk answer; none (all left to the per-payment path) when it
-        cannot give one now."""
+        """The provider's bulk answer within one deadline (an HTTP timeout a page the
+        batch may fill); none (all left to the per-payment path) when it cannot give one
+        now."""
+        pages = 1 + len(payments) // LISTING_PAGE
         try:
             async with self._listing_lock:
-                return await self._provider_call(
-                    lambda: provider.expired_checkouts(payments, listing)
-                )
+                with trio.fail_after(pages * self._settings.stripe_http_timeout_seconds):
+                    return await self._provider_call(
+                        lambda: provider.expired_checkouts(payments, listing)
+                    )
+        except trio.TooSlowError:
+            self._log.warning("expire could not list expired checkouts: the provider is slow")
         except PaymentsError as exc:
             self._log.warning("expire could not list expired checkouts: %s", exc.message)
-            return set()
+        return set()
 
     async def _settle(
         self, provider: Provider, payment: Payment

@@ -159,7 +159,9 @@ async def claim(
 
 
 @cache
-def _claim_many_sql(selection: Selection, count: int, dialect: Dialect = MYSQL) -> str:
+def _claim_many_sql(
+    selection: Selection, count: int, dialect: Dialect = MYSQL, *, lock: bool = True
+) -> str:
     ids = ", ".join(["%s"] * count)
     statuses = ", ".join(["%s"] * len(selection.statuses))
     provider = " AND provider_payment_id <> ''" if selection.needs_provider_id else ""
@@ -171,7 +173,7 @@ def _claim_many_sql(selection: Selection, count: int, dialect: Dialect = MYSQL) 
         f" WHERE id IN ({ids}) AND status IN ({statuses})"
         f" AND {selection.age_column} < %s{provider}"
         " AND (claimed_until IS NULL OR claimed_until < %s)"
-        f" ORDER BY id{dialect.for_update_skip_locked}"
+        f" ORDER BY id{dialect.for_update_skip_locked if lock else ''}"
     )
 
 
@@ -182,6 +184,26 @@ async def claim_many(
     the others (held by another process, leased by a create, cancel or job at the
     provider, or worked meanwhile) are left out. By primary key, so only those rows are
     locked (no range, no gap). Call inside a transaction."""
+    return await _many(conn, selection, payment_ids, cutoff, lock=True)
+
+
+async def peek_many(
+    conn: Connection, selection: Selection, payment_ids: Sequence[int], cutoff: datetime
+) -> list[Payment]:
+    """Those of ``payment_ids`` that are still candidates and not leased, read without
+    a lock: what to ask the provider about before claiming (holding nothing meanwhile).
+    A row locked by another process is still read (its last committed state)."""
+    return await _many(conn, selection, payment_ids, cutoff, lock=False)
+
+
+async def _many(
+    conn: Connection,
+    selection: Selection,
+    payment_ids: Sequence[int],
+    cutoff: datetime,
+    *,
+    lock: bool,
+) -> list[Payment]:
     if not payment_ids:
         return []
     args: Sequence[Any] = (
@@ -190,5 +212,5 @@ async def claim_many(
         to_db_datetime(cutoff),
         to_db_datetime(utcnow()),
     )
-    sql = _claim_many_sql(selection, len(payment_ids), conn.dialect)
+    sql = _claim_many_sql(selection, len(payment_ids), conn.dialect, lock=lock)
     return [repo.payment_from_row(row) for row in await conn.fetchall(sql, args)]
