@@ -363,12 +363,16 @@ async def test_concurrent_requeues_in_process_never_count_a_row_twice(
 async def test_callbacks_prune_deletes_finished_deliveries_past_the_retention(
     db_pool: Pool, receiver: Receiver, test_db_url: str, tmp_path: Path
 ) -> None:
-    old_done, old_failed, recent = await queue_callbacks(db_pool, 3, url=receiver.url())
-    # One at a time, in id order: delivered, failed (one attempt allowed), delivered.
+    queued = await queue_callbacks(db_pool, 3, url=receiver.url())
+    # Answered in arrival order (trio does not promise the tasks' order): two delivered,
+    # one failed (one attempt allowed).
     receiver.script = [Answer(200), Answer(500), Answer(200)]
     dispatcher = Dispatcher(db_pool, settings(callback_max_attempts=1), concurrency=1)
     assert await dispatcher.run_pass() == PassResult(claimed=3, delivered=2, failed=1)
     await dispatcher.aclose()
+    states = {e.id: (await fetch(db_pool, e.id)).state for e in queued}
+    (old_failed,) = [e for e in queued if states[e.id] == OutboxState.FAILED]
+    old_done, recent = [e for e in queued if states[e.id] == OutboxState.DELIVERED]
     (old_pending,) = await queue_callbacks(db_pool, 1, url=receiver.url())
     ids = [e.id for e in (old_done, old_failed, old_pending)]
     async with db_pool.connection() as conn:
