@@ -31,6 +31,7 @@ from payments.api.http import create_http_app, serve_http
 from payments.auth import Authenticator
 from payments.auth.chain import FirstKnown
 from payments.auth.client import GrpcAuthenticator
+from payments.auth.dev_key import dev_key_entry
 from payments.auth.local_keys import KeyEntry, LocalKeyAuthenticator
 from payments.buildinfo import build_info
 from payments.config import ConfigError, Settings
@@ -42,7 +43,7 @@ from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
 from payments.leasing import LeasePolicy
 from payments.observability import metrics, tracing
-from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
+from payments.profile import Profile, banner, resolve_profile
 from payments.providers.registry import ProviderRegistry
 from payments.readiness import Readiness
 from payments.service import PaymentService
@@ -149,7 +150,7 @@ async def _open_authenticator(
             settings.trusted_callers,
         )
     else:
-        dev = KeyEntry.from_key(profile.dev_api_key, DEV_SERVICE, access, "dev key")
+        dev = dev_key_entry(profile.dev_api_key, access)
         main = LocalKeyAuthenticator([dev], settings.app_service_name, settings.trusted_callers)
     if not profile.sandbox_gateway_key:
         return main
