@@ -185,6 +185,61 @@ def _fill_in_stand_ins(profile: Profile) -> Profile:
     )
 
 
+@attrs.frozen
+class Listener:
+    """One port ``serve`` opens, and the variable that picks its host."""
+
+    name: str
+    host: str
+    port: int
+    variable: str
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def listeners(profile: Profile, parts: frozenset[str]) -> list[Listener]:
+    """The ports ``serve`` with ``parts`` opens (metrics in every serve, on HTTP_HOST)."""
+    s = profile.settings
+    found = []
+    if "http" in parts:
+        found.append(Listener("HTTP", s.http_host, s.http_port, "HTTP_HOST"))
+    if "grpc" in parts:
+        found.append(Listener("gRPC", s.grpc_host, s.grpc_port, "GRPC_HOST"))
+    found.append(Listener("metrics", s.http_host, s.metrics_port, "HTTP_HOST"))
+    return found
+
+
+def every_interface_notice(profile: Profile, parts: frozenset[str]) -> str:
+    """A plain warning when a real profile listens on every interface only because
+    HTTP_HOST / GRPC_HOST were left unset (their default is 0.0.0.0); "" otherwise.
+    An operator who set 0.0.0.0 chose it; one who set nothing may not know."""
+    if profile.loopback_only:
+        return ""
+    settings = profile.settings
+    unset = sorted(
+        {
+            listener.variable
+            for listener in listeners(profile, parts)
+            if not settings.is_set(listener.variable) and _is_unspecified(listener.host)
+        }
+    )
+    if not unset:
+        return ""
+    return (
+        f"{' and '.join(unset)} unset: listening on every network interface (0.0.0.0); "
+        "set them to the address to serve on (deployment.md)"
+    )
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""
+
+
 def banner(profile: Profile) -> str:
     """What `serve` prints once at start when stand-ins are in use."""
     s = profile.settings

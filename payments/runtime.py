@@ -43,7 +43,13 @@ from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
 from payments.leasing import LeasePolicy
 from payments.observability import metrics, tracing
-from payments.profile import Profile, banner, resolve_profile
+from payments.profile import (
+    Profile,
+    banner,
+    every_interface_notice,
+    listeners,
+    resolve_profile,
+)
 from payments.providers.registry import ProviderRegistry
 from payments.readiness import Readiness
 from payments.service import PaymentService
@@ -395,15 +401,26 @@ async def serve(settings: Settings, parts: Iterable[str]) -> int:
     settings = profile.settings
     logs.setup_from_settings(settings)
     logs.add_secrets([profile.dev_api_key, profile.sandbox_gateway_key])
+    notice = every_interface_notice(profile, parts)
     log.info(
         "starting",
-        extra={"parts": sorted(parts), "stand_ins": profile.stand_ins, **build_info()},
+        extra={
+            "parts": sorted(parts),
+            "stand_ins": profile.stand_ins,
+            "listening": {x.name: x.address for x in listeners(profile, parts)},
+            **({"every_interface": notice} if notice else {}),
+            **build_info(),
+        },
     )
     traces = tracing.configure(settings.app_service_name)
     try:
         async with open_resources(profile, parts) as res:
-            if profile.stand_ins and parts & SERVERS:  # only once the files opened fine
+            # Only once the files opened fine. The notice says plainly that a real
+            # profile is open to every interface because nothing said otherwise.
+            if profile.stand_ins and parts & SERVERS:
                 print(banner(profile), file=sys.stderr, flush=True)
+            if notice:
+                print(f"payments: {notice}", file=sys.stderr, flush=True)
             res.supervisor = Supervisor(
                 build_children(res, parts),
                 intensity=INTENSITY,
