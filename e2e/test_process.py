@@ -201,3 +201,32 @@ async def test_database_unreachable_is_503(spawn: Spawn) -> None:
     finally:
         client.close()
     assert code == grpc.StatusCode.UNAVAILABLE, details
+
+
+async def test_a_real_profile_on_every_interface_by_default_says_so(
+    spawn: Spawn, service: ServiceProcess
+) -> None:
+    """HTTP_HOST / GRPC_HOST unset on a real profile: 0.0.0.0, and one plain line on
+    stderr and in the "starting" record naming both; set (the shared service), neither."""
+    process = await trio.to_thread.run_sync(spawn, {"HTTP_HOST": None, "GRPC_HOST": None})
+    for port in (process.http_port, process.grpc_port):
+        assert listen_addresses(port) == ["0.0.0.0"], port
+    code = await trio.to_thread.run_sync(process.terminate)
+    assert code == 0, process.log_text()
+    lines = process.log_text().splitlines()
+    plain = [line for line in lines if line.strip() and not line.startswith("{")]
+    assert plain == [
+        "payments: GRPC_HOST and HTTP_HOST unset: listening on every network interface"
+        " (0.0.0.0); set them to the address to serve on (deployment.md)"
+    ]
+    entries = [json.loads(line) for line in lines if line.startswith("{")]
+    (starting,) = [e for e in entries if e["message"] == "starting"]
+    assert starting["every_interface"] == plain[0].removeprefix("payments: ")
+    assert starting["listening"] == {
+        "HTTP": f"0.0.0.0:{process.http_port}",
+        "gRPC": f"0.0.0.0:{process.grpc_port}",
+        "metrics": f"0.0.0.0:{process.env['PAYMENTS_METRICS_PORT']}",
+    }
+    (shared,) = [e for e in service.log_entries() if e.get("message") == "starting"]
+    assert "every_interface" not in shared
+    assert shared["listening"]["HTTP"] == f"127.0.0.1:{service.http_port}"

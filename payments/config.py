@@ -167,7 +167,7 @@ class Settings:
     stripe_api_base: str = "https://api.stripe.com"
     stripe_max_network_retries: int = 2
     provider_callback_base_url: str = ""
-    callback_max_attempts: int = 15
+    callback_max_attempts: int = 10
     callback_retry_interval_minutes: float = 5
     callback_http_timeout_seconds: float = 10
     callback_signing_secret: str = attrs.field(default="", repr=False)

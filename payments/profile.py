@@ -8,10 +8,10 @@ Three roles, each independent of the others:
   and ``PAYMENTS_PROVIDER_CALLBACK_BASE_URL`` are required: a half-configured Stripe is
   an error, never a silent fallback), else the Stripe sandbox as a supervised child;
 - callers' API keys: the Auth service when ``AUTH_SERVICE_GRPC_ADDR`` is set; local
-  keys when ``PAYMENTS_API_KEYS_FILE`` / ``PAYMENTS_API_KEYS`` are; a dev key (kept in a
-  file beside the SQLite database) when the sandbox plays Stripe; otherwise the Auth
-  service at the old default ``localhost:9090``, so deploy files of the Go service
-  keep working unchanged.
+  keys when ``PAYMENTS_API_KEYS_FILE`` / ``PAYMENTS_API_KEYS`` are; a dev key
+  (payments.auth.dev_key, kept in a file beside the SQLite database) when the sandbox
+  plays Stripe; otherwise the Auth service at the old default ``localhost:9090``, so
+  deploy files of the Go service keep working unchanged.
 
 With none of ``MYSQL_DSN``, ``STRIPE_SECRET_KEY`` and ``AUTH_SERVICE_GRPC_ADDR`` set,
 everything is embedded: ``make serve`` on a fresh machine runs the whole thing. Stand-ins
@@ -22,18 +22,15 @@ the hosts default to 127.0.0.1 and a non-loopback host is refused.
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
-from pathlib import Path
 from typing import Literal
 
 import attrs
 
+from payments.auth.dev_key import DEV_SERVICE, dev_key_path, load_or_create_dev_key
 from payments.config import ConfigError, Settings
 
-DEV_SERVICE = "dev"
 SANDBOX_SECRET_KEY = "sk_test_sandbox"  # noqa: S105  (the loopback sandbox's, not a secret)
-DEV_KEY_FILE = "dev-api-key"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 StorageKind = Literal["mysql", "sqlite"]
@@ -174,7 +171,7 @@ def _fill_in_stand_ins(profile: Profile) -> Profile:
             )
         gateway_key = "gw_" + secrets.token_urlsafe(24)
     if profile.auth == "dev-key":
-        dev_key = load_or_create_dev_key(Path(settings.sqlite_path).parent / DEV_KEY_FILE)
+        dev_key = load_or_create_dev_key(dev_key_path(settings.sqlite_path))
     if not settings.app_api_key and profile.loopback_only:
         changes["app_api_key"] = "payments-dev-" + secrets.token_hex(8)
     if profile.loopback_only:
@@ -188,26 +185,59 @@ def _fill_in_stand_ins(profile: Profile) -> Profile:
     )
 
 
-def load_or_create_dev_key(path: Path) -> str:
-    """The dev API key: made once and kept (mode 0600) so curl examples keep working
-    across restarts. Only ever used by the loopback-only profile."""
+@attrs.frozen
+class Listener:
+    """One port ``serve`` opens, and the variable that picks its host."""
+
+    name: str
+    host: str
+    port: int
+    variable: str
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def listeners(profile: Profile, parts: frozenset[str]) -> list[Listener]:
+    """The ports ``serve`` with ``parts`` opens (metrics in every serve, on HTTP_HOST)."""
+    s = profile.settings
+    found = []
+    if "http" in parts:
+        found.append(Listener("HTTP", s.http_host, s.http_port, "HTTP_HOST"))
+    if "grpc" in parts:
+        found.append(Listener("gRPC", s.grpc_host, s.grpc_port, "GRPC_HOST"))
+    found.append(Listener("metrics", s.http_host, s.metrics_port, "HTTP_HOST"))
+    return found
+
+
+def every_interface_notice(profile: Profile, parts: frozenset[str]) -> str:
+    """A plain warning when a real profile listens on every interface only because
+    HTTP_HOST / GRPC_HOST were left unset (their default is 0.0.0.0); "" otherwise.
+    An operator who set 0.0.0.0 chose it; one who set nothing may not know."""
+    if profile.loopback_only:
+        return ""
+    settings = profile.settings
+    unset = sorted(
+        {
+            listener.variable
+            for listener in listeners(profile, parts)
+            if not settings.is_set(listener.variable) and _is_unspecified(listener.host)
+        }
+    )
+    if not unset:
+        return ""
+    return (
+        f"{' and '.join(unset)} unset: listening on every network interface (0.0.0.0); "
+        "set them to the address to serve on (deployment.md)"
+    )
+
+
+def _is_unspecified(host: str) -> bool:
     try:
-        key = path.read_text().strip()
-        if key:
-            return key
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the dev API key ({exc.strerror})") from None
-    key = "dev_" + secrets.token_urlsafe(24)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(key + "\n")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot write the dev API key ({exc.strerror})") from None
-    return key
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""
 
 
 def banner(profile: Profile) -> str:

@@ -31,6 +31,7 @@ from payments.api.http import create_http_app, serve_http
 from payments.auth import Authenticator
 from payments.auth.chain import FirstKnown
 from payments.auth.client import GrpcAuthenticator
+from payments.auth.dev_key import dev_key_entry
 from payments.auth.local_keys import KeyEntry, LocalKeyAuthenticator
 from payments.buildinfo import build_info
 from payments.config import ConfigError, Settings
@@ -42,7 +43,13 @@ from payments.jobs.expirer import Expirer
 from payments.jobs.reconciler import Reconciler
 from payments.leasing import LeasePolicy
 from payments.observability import metrics, tracing
-from payments.profile import DEV_SERVICE, Profile, banner, resolve_profile
+from payments.profile import (
+    Profile,
+    banner,
+    every_interface_notice,
+    listeners,
+    resolve_profile,
+)
 from payments.providers.registry import ProviderRegistry
 from payments.readiness import Readiness
 from payments.service import PaymentService
@@ -149,7 +156,7 @@ async def _open_authenticator(
             settings.trusted_callers,
         )
     else:
-        dev = KeyEntry.from_key(profile.dev_api_key, DEV_SERVICE, access, "dev key")
+        dev = dev_key_entry(profile.dev_api_key, access)
         main = LocalKeyAuthenticator([dev], settings.app_service_name, settings.trusted_callers)
     if not profile.sandbox_gateway_key:
         return main
@@ -394,15 +401,26 @@ async def serve(settings: Settings, parts: Iterable[str]) -> int:
     settings = profile.settings
     logs.setup_from_settings(settings)
     logs.add_secrets([profile.dev_api_key, profile.sandbox_gateway_key])
+    notice = every_interface_notice(profile, parts)
     log.info(
         "starting",
-        extra={"parts": sorted(parts), "stand_ins": profile.stand_ins, **build_info()},
+        extra={
+            "parts": sorted(parts),
+            "stand_ins": profile.stand_ins,
+            "listening": {x.name: x.address for x in listeners(profile, parts)},
+            **({"every_interface": notice} if notice else {}),
+            **build_info(),
+        },
     )
     traces = tracing.configure(settings.app_service_name)
     try:
         async with open_resources(profile, parts) as res:
-            if profile.stand_ins and parts & SERVERS:  # only once the files opened fine
+            # Only once the files opened fine. The notice says plainly that a real
+            # profile is open to every interface because nothing said otherwise.
+            if profile.stand_ins and parts & SERVERS:
                 print(banner(profile), file=sys.stderr, flush=True)
+            if notice:
+                print(f"payments: {notice}", file=sys.stderr, flush=True)
             res.supervisor = Supervisor(
                 build_children(res, parts),
                 intensity=INTENSITY,

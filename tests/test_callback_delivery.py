@@ -125,7 +125,7 @@ async def test_retry_after_as_a_date_and_capped_by_the_longest_step(
     clock.now = stored.next_attempt_at
     await dispatcher.run_pass()
     stored = await fetch(db_pool, entry.id)
-    assert stored.next_attempt_at - clock.now == MAX_RETRY_DELAY == timedelta(hours=12)
+    assert stored.next_attempt_at - clock.now == MAX_RETRY_DELAY == timedelta(hours=24)
 
 
 async def test_retry_after_on_other_statuses_is_ignored(
@@ -170,30 +170,24 @@ async def test_max_attempts_counts_the_first_then_failed(
 
 def test_the_default_schedule_outlasts_a_weekend() -> None:
     defaults = Settings()
-    assert (defaults.callback_max_attempts, defaults.callback_retry_interval_minutes) == (15, 5)
-    shortest = retry_schedule(15, 5, lambda: 0.0)  # every gap jittered down 20%
-    longest = retry_schedule(15, 5, lambda: 0.999999)
-    assert len(shortest) == 14  # gaps between 15 attempts
+    attempts, first = defaults.callback_max_attempts, defaults.callback_retry_interval_minutes
+    assert (attempts, first) == (10, 5)  # CONTRACT.md "Environment"
+    shortest = retry_schedule(attempts, first, lambda: 0.0)  # every gap jittered down 20%
+    longest = retry_schedule(attempts, first, lambda: 0.999999)  # every gap up 20%
+    nominal = retry_schedule(attempts, first, lambda: 0.5)
+    assert len(shortest) == len(longest) == attempts - 1  # the gaps between the attempts
     assert sum(shortest, timedelta()) >= timedelta(hours=72)
-    assert sum(shortest, timedelta()) == timedelta(minutes=4476)  # 74.6 h
-    assert sum(longest, timedelta()) <= timedelta(minutes=5850)  # 97.5 h
-    # First gap: the interval (+-20%); then doubling to the 12-hour cap.
-    assert shortest[0] == timedelta(minutes=4)
-    nominal = retry_schedule(15, 5, lambda: 0.5)
-    assert [g.total_seconds() / 60 for g in nominal[:9]] == [
-        5,
-        10,
-        20,
-        40,
-        80,
-        160,
-        320,
-        640,
-        720,
-    ]
-    assert all(gap <= MAX_RETRY_DELAY for gap in longest)
-    jittered = retry_schedule(15, 5, random.Random(1).random)
-    assert len({g.total_seconds() for g in jittered}) > 10  # jittered, not lockstep
+    # Growth by 3 from 5 minutes to the 24-hour cap: 5 m, 15 m, 45 m, 2 h 15 m, 6 h 45 m,
+    # 20 h 15 m, then 24 h three times.
+    assert [g.total_seconds() / 60 for g in nominal] == [5, 15, 45, 135, 405, 1215] + [1440] * 3
+    assert sum(nominal, timedelta()) == timedelta(minutes=6140)  # 102.3 h
+    assert sum(shortest, timedelta()) == timedelta(minutes=4912)  # 81.9 h
+    # The cap is a hard ceiling: the capped gaps cannot be jittered up.
+    longest_total = sum(longest, timedelta()).total_seconds()
+    assert longest_total == pytest.approx(6486 * 60)  # 108.1 h
+    assert max(longest) == MAX_RETRY_DELAY == timedelta(hours=24)
+    jittered = retry_schedule(attempts, first, random.Random(1).random)
+    assert len({g.total_seconds() for g in jittered}) > 6  # jittered, not lockstep
 
 
 def test_fractional_first_gap() -> None:

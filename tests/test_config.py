@@ -53,7 +53,7 @@ CONTRACT_DEFAULTS: dict[str, tuple[str, Any]] = {
     "STRIPE_HTTP_TIMEOUT_SECONDS": ("stripe_http_timeout_seconds", 10),
     "PAYMENTS_PROVIDER_CALLBACK_BASE_URL": ("provider_callback_base_url", ""),
     # 15, not the old 10: the default schedule must keep trying for 72 h (issue 11).
-    "PAYMENTS_CALLBACK_MAX_ATTEMPTS": ("callback_max_attempts", 15),
+    "PAYMENTS_CALLBACK_MAX_ATTEMPTS": ("callback_max_attempts", 10),
     "PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES": ("callback_retry_interval_minutes", 5),
     "PAYMENTS_CALLBACK_HTTP_TIMEOUT_SECONDS": ("callback_http_timeout_seconds", 10),
     "PAYMENTS_PENDING_TIMEOUT_MINUTES": ("pending_timeout_minutes", 60),

@@ -8,7 +8,13 @@ import attrs
 import pytest
 
 from payments.config import ConfigError, load_settings
-from payments.profile import banner, is_loopback, resolve_profile
+from payments.profile import (
+    banner,
+    every_interface_notice,
+    is_loopback,
+    listeners,
+    resolve_profile,
+)
 
 REAL_STRIPE = {
     "STRIPE_SECRET_KEY": "sk_live_abc123",
@@ -120,3 +126,28 @@ def test_jobs_on_mysql_never_run_against_a_sandbox(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="STRIPE_SECRET_KEY: required for jobs"):
         resolve_profile(mysql, serves_api=False)
     assert resolve_profile(mysql, serves_api=True).stripe == "sandbox"
+
+
+SERVERS = frozenset({"http", "grpc"})
+
+
+def test_a_real_profile_open_to_every_interface_by_default_is_named(tmp_path: Path) -> None:
+    real = {**REAL_STRIPE, "MYSQL_DSN": "mysql://u:p@db/pay", "APP_API_KEY": "own"}
+    profile = resolve_profile(settings(tmp_path, **real))
+    assert [(x.name, x.address) for x in listeners(profile, SERVERS)] == [
+        ("HTTP", "0.0.0.0:8080"),
+        ("gRPC", "0.0.0.0:9090"),
+        ("metrics", "0.0.0.0:9464"),  # every serve, on HTTP_HOST
+    ]
+    notice = every_interface_notice(profile, SERVERS)
+    assert notice.startswith("GRPC_HOST and HTTP_HOST unset: listening on every network")
+    # Only the variables that are unset and open, for the parts that run.
+    half = resolve_profile(settings(tmp_path, **real, HTTP_HOST="10.0.0.5"))
+    assert every_interface_notice(half, SERVERS).startswith("GRPC_HOST unset")
+    assert every_interface_notice(profile, frozenset({"dispatch"})).startswith("HTTP_HOST unset")
+    assert every_interface_notice(half, frozenset({"dispatch"})) == ""
+    # Chosen on purpose, or a stand-in profile (loopback only): nothing to say.
+    chosen = resolve_profile(settings(tmp_path, **real, HTTP_HOST="0.0.0.0", GRPC_HOST="::"))
+    assert every_interface_notice(chosen, SERVERS) == ""
+    assert listeners(chosen, frozenset({"grpc"}))[0].address == "[::]:9090"
+    assert every_interface_notice(resolve_profile(settings(tmp_path)), SERVERS) == ""

@@ -7,13 +7,13 @@ many replicas), POSTs each to its URL, and records the attempt:
 
 * 2xx: delivered. ``410 Gone``: the receiver says it will never want it; the delivery
   stops (state ``gone``). Anything else (another status, a timeout, a connection error)
-  is retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 2**(attempt-1)``,
+  is retried after ``PAYMENTS_CALLBACK_RETRY_INTERVAL_MINUTES * 3**(attempt-1)``,
   jittered by +-20% so callbacks that failed together do not retry in lockstep, capped
   at :data:`MAX_RETRY_DELAY`; a ``429`` or ``503`` with a longer ``Retry-After`` waits
   that long instead (capped the same), a shorter one is not honoured: the schedule's
   span is the promise. After ``PAYMENTS_CALLBACK_MAX_ATTEMPTS`` attempts (the
-  first included) it is failed. The defaults (15 attempts, 5 minutes first) keep trying
-  for 74.6 to 97.5 hours (:func:`retry_schedule`): a receiver down for a weekend still
+  first included) it is failed. The defaults (10 attempts, 5 minutes first) keep trying
+  for 81.9 to 108.1 hours (:func:`retry_schedule`): a receiver down for a weekend still
   gets its callbacks.
 * Redirects are never followed (a 3xx is a failed attempt): a callback URL must not be
   able to bounce our signed, API-keyed request somewhere else.
@@ -76,7 +76,10 @@ log = logging.getLogger("payments.jobs.dispatcher")
 
 # The longest wait between two attempts, however many failed before (and the longest a
 # Retry-After is honoured for).
-MAX_RETRY_DELAY = timedelta(hours=12)
+MAX_RETRY_DELAY = timedelta(hours=24)
+# Each gap is this many times the one before: the contract's 10 attempts at a 5-minute
+# first gap then span more than 72 hours (a weekend) without many more requests.
+RETRY_FACTOR = 3.0
 RETRY_JITTER = 0.2
 # Deliveries in flight at once per dispatcher pass (each also borrows a DB connection
 # briefly to record its attempt).
@@ -147,7 +150,7 @@ def retry_delay(attempt: int, interval_minutes: float, rng: Callable[[], float])
     capped at MAX_RETRY_DELAY."""
     backoff = Backoff(
         initial=interval_minutes * 60,
-        factor=2.0,
+        factor=RETRY_FACTOR,
         max_delay=MAX_RETRY_DELAY.total_seconds(),
         jitter=RETRY_JITTER,
         random=rng,
