@@ -99,7 +99,7 @@ async def test_a_shorter_retry_after_never_shortens_the_schedules_gap(
         db_pool, clock=clock, rng=lambda: 0.5, callback_retry_interval_minutes=30
     )
 
-    for gap in (timedelta(minutes=30), timedelta(minutes=60)):  # the schedule's, in turn
+    for gap in (timedelta(minutes=30), timedelta(minutes=90)):  # the schedule: x3 each time
         assert await dispatcher.run_pass() == PassResult(claimed=1, retried=1)
         stored = await fetch(db_pool, entry.id)
         assert stored.next_attempt_at == clock.now + gap
