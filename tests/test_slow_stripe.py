@@ -99,6 +99,9 @@ def p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[98]
 
 
+SESSION_CREATE = "POST /v1/checkout/sessions"
+
+
 async def test_reads_keep_their_latency_while_a_dozen_creates_wait_on_a_hung_stripe(
     slow_api: httpx.AsyncClient, stack: Stack
 ) -> None:
@@ -116,11 +119,17 @@ async def test_reads_keep_their_latency_while_a_dozen_creates_wait_on_a_hung_str
     async def create(one: dict[str, Any]) -> None:
         creates.append(await timed(slow_api.post("/payments", json=one, headers=headers())))
 
+    created_before = stack.sandbox.state.count(SESSION_CREATE)
     async with trio.open_nursery() as nursery:
         started = trio.current_time()
         for one in bodies:
             nursery.start_soon(create, one)
-        await trio.sleep(0.2)  # all twelve are waiting on Stripe now
+        # Until all twelve are waiting on Stripe (a fixed pause was too short under load:
+        # creates still in their first transaction counted as sessions in use).
+        with trio.fail_after(STRIPE_TIMEOUT / 2):
+            while stack.sandbox.state.count(SESSION_CREATE) < created_before + len(bodies):  # noqa: ASYNC110 (a counter of another part)
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)  # their lease transactions are over
         while len(creates) < len(bodies) and len(reads) < 400:
             elapsed, response = await timed(
                 slow_api.get(f"/payments/{existing['id']}", headers=headers())
