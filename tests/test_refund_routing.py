@@ -199,6 +199,30 @@ async def test_an_unknown_intent_is_looked_up_at_stripe_and_the_refund_recorded(
     assert stack.sandbox.state.count(SESSION_LIST) == listed + 1
 
 
+async def test_a_subscriptions_intent_is_found_through_its_first_invoice(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """A recurring payment made PAID by its events while Stripe was down for the
+    PaymentIntent lookup: no session names the invoice's intent, so its customer's
+    checkouts are searched for the one whose first invoice it paid."""
+    payment = await paid_without_events(
+        stack, payment_type=PaymentType.RECURRING, amount_cents=1200
+    )
+    await stack.set_status(payment.id, PaymentStatus.PAID)
+    charge = paid_charge(stack, payment)
+
+    made, response = await post_dashboard_refund(stack, http, payment, 200)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["payment"]["refunded_cents"] == 200
+    assert await refund_ids(stack, payment) == [f"stripe:{made['id']}"]
+    stored = await stack.payment(payment.id)
+    assert (stored.provider_payment_intent_id, stored.provider_charge_id) == (
+        charge["payment_intent"],
+        charge["id"],
+    )
+
+
 async def test_stripe_down_at_the_lookup_answers_503_and_the_resent_event_is_recorded(
     stack: Stack, http: httpx.AsyncClient
 ) -> None:

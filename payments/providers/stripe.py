@@ -592,17 +592,37 @@ class StripeProvider:
     @stripe_operation("callback_hash_of_intent")
     async def callback_hash_of_intent(self, payment_intent: str) -> str:
         """The ``metadata.callback_hash`` of the Checkout Session ``payment_intent``
-        paid (Stripe lists sessions by PaymentIntent); "" when no session has it."""
+        paid; "" when Stripe ties it to none of ours."""
         with self._deadline("callback_hash_of_intent", None):
             try:
-                page = await self._client.v1.checkout.sessions.list_async(
-                    params=SessionListParams(payment_intent=payment_intent, limit=1)
-                )
+                return await self._callback_hash_of_intent(payment_intent)
             except stripe.StripeError as exc:
                 _raise_mapped(exc, "callback_hash_of_intent", None)
+
+    async def _callback_hash_of_intent(self, intent_id: str) -> str:
+        """Stripe lists sessions by the PaymentIntent they made. A subscription's
+        session made none (its first invoice did): then the intent's customer's
+        completed sessions (the first page) are searched for the one whose first
+        invoice that intent paid."""
+        sessions = self._client.v1.checkout.sessions
+        page = await sessions.list_async(
+            params=SessionListParams(payment_intent=intent_id, limit=1)
+        )
         for session in page.data:
-            metadata = session.to_dict().get("metadata") or {}
-            return str(metadata.get("callback_hash") or "")
+            return _callback_hash(session)
+        try:
+            intent = await self._client.v1.payment_intents.retrieve_async(intent_id)
+        except stripe.InvalidRequestError:
+            return ""  # no such PaymentIntent in this account
+        customer = _object_id(intent.customer)
+        if not customer:
+            return ""
+        page = await sessions.list_async(
+            params=SessionListParams(customer=customer, status="complete", limit=_LIST_PAGE)
+        )
+        for session in page.data:
+            if _object_id(session.invoice) and await self._intent_of_session(session) == intent_id:
+                return _callback_hash(session)
         return ""
 
     async def _payment_intent(self, payment: Payment) -> str:
@@ -690,6 +710,12 @@ def provider_refund(obj: Any) -> ProviderRefund:
         refund_id=int(refund_id) if refund_id.isdigit() else 0,
         request_id=str(metadata.get("request_id") or ""),
     )
+
+
+def _callback_hash(session: Any) -> str:
+    """Our ``metadata.callback_hash`` on a Checkout Session ("" when it has none)."""
+    metadata = session.to_dict().get("metadata") or {}
+    return str(metadata.get("callback_hash") or "")
 
 
 def _object_id(value: Any) -> str:
