@@ -16,8 +16,12 @@ Routing: the hashed route names its payment, and the event must then be about it
 hashless route (one Stripe endpoint for every event) finds the payment by what the
 event names: ``metadata.callback_hash``, the session, link or subscription id, a refund
 the service knows (its Stripe id, or the refund_id the service put in its metadata),
-then the PaymentIntent or charge stored on the payment. An event naming no known
-payment is recorded and acknowledged (Stripe sends every event of the account there).
+then the PaymentIntent or charge stored on the payment. A money event whose
+PaymentIntent no payment stores (a dashboard refund of a payment whose checkout event
+was lost) makes the service ask the provider which of our checkouts that intent paid,
+and store it there first; the provider down answers 503 (it sends the event again). An
+event naming no known payment is recorded and acknowledged (Stripe sends every event of
+the account there).
 Refund events (payments.inbound_refunds) are recorded on the payment like any event,
 which is what detects their replays, then move the refunds they report.
 """
@@ -30,7 +34,14 @@ from datetime import datetime
 
 import attrs
 
-from payments.errors import DependencyUnavailable, InvalidArgument, NotFound, PaymentsError
+from payments.errors import (
+    DependencyUnavailable,
+    InvalidArgument,
+    NotFound,
+    PaymentsError,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 from payments.inbound_refunds import apply_refunds
 from payments.model import Payment, PaymentStatus, ProviderType, utcnow
 from payments.providers.base import Provider, ProviderEvent
@@ -93,7 +104,41 @@ class ProviderEvents:
         ``Received.payment`` is None. Refusals as :meth:`receive`'s."""
         inbound = _Inbound(provider, "", payload, request_id, utcnow())
         provider_type, source, event = await self._verified(inbound, signature)
+        if (event.refunds or event.charge) and event.payment_intent:
+            await self._route_money(inbound, provider_type, source, event)
         return await self._apply_event(inbound, provider_type, source, event)
+
+    async def _route_money(
+        self,
+        inbound: _Inbound,
+        provider_type: ProviderType,
+        provider: Provider,
+        event: ProviderEvent,
+    ) -> None:
+        """Before a money event is found to name no payment: when nothing it names is
+        stored (a dashboard refund of a payment whose checkout event was lost), ask the
+        provider which of our checkouts its PaymentIntent paid and store the intent and
+        charge on that payment, so the event is routed to it. Outside any transaction.
+        The provider down: 503, so it sends the event again rather than have it
+        forgotten; an intent it ties to no payment of ours stores nothing."""
+        async with self._pool.connection() as conn:
+            if await find_payment(conn, provider_type, event, lock=False) is not None:
+                return
+        try:
+            callback_hash = await provider.callback_hash_of_intent(event.payment_intent)
+        except ProviderUnavailable:
+            error = DependencyUnavailable("payment provider unavailable")
+            reason = "the provider could not say which payment the money is"
+            raise await self._reject(inbound, error, reason, event=event) from None
+        except ProviderRejected as exc:
+            log.warning("PaymentIntent not looked up: %s", exc.message)
+            return
+        if not callback_hash:
+            return
+        async with self._pool.transaction() as conn:
+            payment = await repo.get_payment_by_callback_hash(conn, callback_hash, for_update=True)
+            if payment is not None and (payment.provider or ProviderType.STRIPE) == provider_type:
+                await repo.store_money_refs(conn, payment, event.payment_intent, event.charge)
 
     async def _check_route(self, inbound: _Inbound) -> tuple[ProviderType, Provider]:
         found = self._providers.for_events(inbound.provider)
@@ -133,9 +178,8 @@ class ProviderEvents:
             return
         async with self._pool.transaction() as conn:
             locked = await repo.get_payment(conn, payment.id, for_update=True)
-            if locked is not None and not locked.provider_payment_intent_id:
-                locked.provider_payment_intent_id = intent
-                await repo.update_payment(conn, locked)
+            if locked is not None:
+                await repo.store_money_refs(conn, locked, intent, "")
         payment.provider_payment_intent_id = intent
 
     async def _apply_event(
@@ -392,10 +436,10 @@ async def _foreign_event(
 
 
 async def find_payment(
-    conn: Connection, provider_type: ProviderType, event: ProviderEvent
+    conn: Connection, provider_type: ProviderType, event: ProviderEvent, *, lock: bool = True
 ) -> Payment | None:
-    """The payment a hashless event is about, locked; None when it names none we know
-    (see the module docstring for the order)."""
+    """The payment a hashless event is about, locked (with ``lock``); None when it names
+    none we know (see the module docstring for the order)."""
     found = await repo.get_payment_by_callback_hash(conn, event.callback_hash)
     for ref in event.refs:
         found = found or await repo.get_payment_by_provider_ref(conn, ref)
@@ -405,7 +449,7 @@ async def find_payment(
         found = await repo.get_payment_by_money_ref(conn, event.payment_intent, event.charge)
     if found is None or (found.provider or ProviderType.STRIPE) != provider_type:
         return None
-    return await repo.get_payment(conn, found.id, for_update=True)
+    return await repo.get_payment(conn, found.id, for_update=True) if lock else found
 
 
 async def _payment_of_refund(

@@ -41,6 +41,23 @@ async def _link(provider: StripeProvider, **overrides: Any) -> Payment:
     return await _opened(provider, payment_method=PaymentMethod.PAYMENT_LINK, **overrides)
 
 
+def _paid(sandbox: Sandbox, session_id: str) -> ProviderState:
+    """PAID with the money the emulator says paid ``session_id``: its PaymentIntent (a
+    subscription's: its first invoice's) and that intent's charge."""
+    state = sandbox.state
+    session = state.sessions[session_id]
+    intent_id = session["payment_intent"]
+    if intent_id is None:
+        [paid] = [p for p in state.invoice_payments.values() if p["invoice"] == session["invoice"]]
+        intent_id = paid["payment"]["payment_intent"]
+    return ProviderState(
+        PaymentStatus.PAID,
+        subscription_id=session["subscription"] or "",
+        payment_intent=intent_id,
+        charge=state.payment_intents[intent_id]["latest_charge"] or "",
+    )
+
+
 # --- hosted card, one-time ----------------------------------------------------------------
 
 
@@ -62,7 +79,9 @@ async def test_a_paid_session_is_paid(
         stripe_sandbox.state.sessions[payment.provider_payment_id]["amount_total"] = 0
     session = stripe_sandbox.state.complete_session(payment.provider_payment_id)
     assert session["payment_status"] == ("paid" if amount else "no_payment_required")
-    assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PAID)
+    state = await stripe_provider.fetch_state(payment)
+    assert state == _paid(stripe_sandbox, session["id"])
+    assert bool(state.charge) == bool(amount)
 
 
 async def test_a_completed_unpaid_session_is_processing_until_the_money_arrives(
@@ -72,7 +91,9 @@ async def test_a_completed_unpaid_session_is_processing_until_the_money_arrives(
     stripe_sandbox.state.complete_session(payment.provider_payment_id, payment_status="unpaid")
     assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PROCESSING)
     stripe_sandbox.state.succeed_async_payment(payment.provider_payment_id)
-    assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PAID)
+    state = await stripe_provider.fetch_state(payment)
+    assert state == _paid(stripe_sandbox, payment.provider_payment_id)
+    assert state.charge
 
 
 async def test_an_expired_session_is_expired(
@@ -94,10 +115,18 @@ async def test_a_recurring_session_is_read_through_its_subscription(
     session = stripe_sandbox.state.complete_session(payment.provider_payment_id)
     subscription_id = session["subscription"]
     state = await stripe_provider.fetch_state(payment)
-    assert state == ProviderState(PaymentStatus.PAID, subscription_id=subscription_id)
+    assert state == _paid(stripe_sandbox, session["id"])
+    assert state.subscription_id == subscription_id and state.charge
     assert stripe_sandbox.state.count(SUBSCRIPTION_GET) == 1
-    # Once the payment knows its subscription, the subscription alone is asked.
+    # Once the payment knows its subscription, it is asked first; the money that paid
+    # is looked up only while the payment lacks it.
     payment.provider_subscription_id = subscription_id
+    assert await stripe_provider.fetch_state(payment) == _paid(stripe_sandbox, session["id"])
+    payment.provider_payment_intent_id, payment.provider_charge_id = state.payment_intent, "ch_x"
+    gets = stripe_sandbox.state.count(SESSION_GET)
+    state = await stripe_provider.fetch_state(payment)
+    assert state == ProviderState(PaymentStatus.PAID, subscription_id=subscription_id)
+    assert stripe_sandbox.state.count(SESSION_GET) == gets
     stripe_sandbox.state.cancel_subscription(subscription_id)
     gets = stripe_sandbox.state.count(SESSION_GET)
     state = await stripe_provider.fetch_state(payment)
@@ -129,7 +158,10 @@ async def test_subscription_statuses_map_to_payment_statuses(
     session = stripe_sandbox.state.complete_session(payment.provider_payment_id)
     stripe_sandbox.state.subscriptions[session["subscription"]]["status"] = stripe_status
     state = await stripe_provider.fetch_state(payment)
-    assert state == ProviderState(expected, subscription_id=session["subscription"])
+    if expected == PaymentStatus.PAID:
+        assert state == _paid(stripe_sandbox, session["id"])
+    else:
+        assert state == ProviderState(expected, subscription_id=session["subscription"])
 
 
 async def test_a_recurring_session_completed_unpaid_is_processing(
@@ -166,8 +198,8 @@ async def test_a_link_with_a_paid_session_is_paid(
 ) -> None:
     payment = await _link(stripe_provider)
     stripe_sandbox.state.open_payment_link(payment.provider_payment_id)
-    stripe_sandbox.state.pay_payment_link(payment.provider_payment_id)
-    assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PAID)
+    session = stripe_sandbox.state.pay_payment_link(payment.provider_payment_id)
+    assert await stripe_provider.fetch_state(payment) == _paid(stripe_sandbox, session["id"])
 
 
 async def test_a_paid_session_wins_over_one_still_processing(
@@ -182,7 +214,7 @@ async def test_a_paid_session_wins_over_one_still_processing(
     assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PROCESSING)
     state.complete_session(second)
     state.complete_session(third, payment_status="unpaid")
-    assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PAID)
+    assert await stripe_provider.fetch_state(payment) == _paid(stripe_sandbox, second)
 
 
 async def test_a_recurring_link_is_paid_with_its_subscription(
@@ -191,7 +223,8 @@ async def test_a_recurring_link_is_paid_with_its_subscription(
     payment = await _link(stripe_provider, payment_type=PaymentType.RECURRING)
     session = stripe_sandbox.state.pay_payment_link(payment.provider_payment_id)
     state = await stripe_provider.fetch_state(payment)
-    assert state == ProviderState(PaymentStatus.PAID, subscription_id=session["subscription"])
+    assert state == _paid(stripe_sandbox, session["id"])
+    assert state.subscription_id == session["subscription"]
 
 
 async def test_the_paid_session_is_found_beyond_the_first_page(
@@ -204,7 +237,7 @@ async def test_the_paid_session_is_found_beyond_the_first_page(
     state.complete_session(sessions[0])  # the oldest: listed last
     for session in sessions[1:]:
         state.complete_session(session, payment_status="unpaid")
-    assert await stripe_provider.fetch_state(payment) == ProviderState(PaymentStatus.PAID)
+    assert await stripe_provider.fetch_state(payment) == _paid(stripe_sandbox, sessions[0])
     assert stripe_sandbox.state.count(SESSION_LIST) == 2
 
 

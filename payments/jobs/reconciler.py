@@ -5,7 +5,9 @@ PROCESSING payment with a provider object that nothing has touched for
 PAYMENTS_RECONCILE_STALE_AFTER_MINUTES (a missed or lost webhook, an outage), and moves
 it by the status machine with reason ``reconciled``: the event row, the payment and,
 for a terminal status, the callback-outbox row in one unit of work, which tells the
-dispatcher after the commit. The provider is asked under the payment's lease
+dispatcher after the commit. A payment it makes PAID gets the PaymentIntent and charge
+that paid it too (the lost checkout event would have told them): a refund made in
+Stripe's dashboard is routed by them. The provider is asked under the payment's lease
 (payments/storage/leases.py), never under its row lock or holding a session: a hung
 provider then stalls this job's item, not the requests and events that need the row.
 
@@ -28,7 +30,7 @@ import trio
 from payments.jobs.batch import ItemResult, JobSummary, Outcome, PaymentJob
 from payments.jobs.refund_settling import RefundSettler
 from payments.leasing import give_back
-from payments.model import Payment, utcnow
+from payments.model import Payment, PaymentStatus, utcnow
 from payments.providers.base import ProviderState
 from payments.storage import claims, leases
 from payments.storage import repository as repo
@@ -91,6 +93,11 @@ class Reconciler(PaymentJob):
                 current = await repo.get_payment(work.conn, payment.id, for_update=True)
                 if current is None or current.status not in statuses:
                     result = ItemResult(Outcome.SKIPPED)  # an event settled it meanwhile
+                    if current is not None and current.status == PaymentStatus.PAID:
+                        # ... without telling its money (a subscription's events never do)
+                        await repo.store_money_refs(
+                            work.conn, current, state.payment_intent, state.charge
+                        )
                 else:
                     result = await _apply(work, current, state)
                 await leases.release(work.conn, payment.id, owner)
@@ -103,6 +110,9 @@ class Reconciler(PaymentJob):
 async def _apply(work: Work, payment: Payment, state: ProviderState) -> ItemResult:
     if state.subscription_id:
         payment.provider_subscription_id = state.subscription_id
+    # Written with the status change: a dashboard refund's events find the payment by
+    # them even though its checkout event was lost.
+    repo.fill_money_refs(payment, state.payment_intent, state.charge)
     target = state.status
     if target is not None and await work.change_status(payment, target, reason=REASON):
         return ItemResult(Outcome.CHANGED, target)

@@ -54,6 +54,10 @@ class ProviderState:
 
     status: PaymentStatus | None  # None: nothing to conclude yet
     subscription_id: str = ""
+    # The money that paid it (status PAID), stored so that refund events, which carry
+    # no callback hash, find the payment: its PaymentIntent and that intent's charge.
+    payment_intent: str = ""
+    charge: str = ""
 
 
 @attrs.frozen
@@ -141,6 +145,13 @@ class Provider(Protocol):
     async def payment_intent_of(self, payment: Payment) -> str:
         """The provider's PaymentIntent that paid ``payment`` ("" when it has none): a
         refund event names it, and a recurring payment's events do not tell it."""
+        ...
+
+    async def callback_hash_of_intent(self, payment_intent: str) -> str:
+        """The ``metadata.callback_hash`` of the checkout that ``payment_intent`` paid
+        ("" when the provider ties it to none of ours): how a refund event naming a
+        PaymentIntent the service never stored still finds its payment.
+        ProviderUnavailable when the provider cannot be asked."""
         ...
 
     async def expired_checkouts(

@@ -192,14 +192,14 @@ class StripeProvider:
     # --- create -----------------------------------------------------------------------
 
     @contextmanager
-    def _deadline(self, operation: str, payment: Payment) -> Iterator[None]:
+    def _deadline(self, operation: str, payment: Payment | None) -> Iterator[None]:
         """One deadline for a whole operation, its requests and retries included."""
         with trio.move_on_after(self._timeout) as scope:
             yield
         if scope.cancelled_caught:
             log.warning(
                 "stripe did not answer in time",
-                extra={"operation": operation, "payment_id": payment.id},
+                extra={"operation": operation, "payment_id": payment.id if payment else 0},
             )
             raise ProviderTimeout(f"stripe did not answer within {self._timeout:g}s")
 
@@ -383,7 +383,10 @@ class StripeProvider:
         try:
             if payment.provider_subscription_id:
                 # Known subscription: its status is the payment's truth from now on.
-                return await self._subscription_state(payment.provider_subscription_id)
+                state = await self._subscription_state(payment.provider_subscription_id)
+                if state.status != PaymentStatus.PAID or payment.provider_charge_id:
+                    return state
+                return await self._with_money(await self._paid_session(payment), state)
             if not payment.provider_payment_id:
                 return ProviderState(None)
             if payment.payment_method == PaymentMethod.HOSTED_CARD:
@@ -420,12 +423,32 @@ class StripeProvider:
         else its payment_status (complete but unpaid: a delayed method, money on its way)."""
         subscription_id = _object_id(session.subscription)
         if subscription_id:
-            return await self._subscription_state(subscription_id)
-        if session.payment_status in _PAID:
-            return ProviderState(PaymentStatus.PAID)
-        if session.status == "complete":
+            state = await self._subscription_state(subscription_id)
+        elif session.payment_status in _PAID:
+            state = ProviderState(PaymentStatus.PAID)
+        elif session.status == "complete":
             return ProviderState(PaymentStatus.PROCESSING)
-        return ProviderState(None)
+        else:
+            return ProviderState(None)
+        if state.status != PaymentStatus.PAID:
+            return state
+        return await self._with_money(session, state)
+
+    async def _with_money(self, session: Any | None, state: ProviderState) -> ProviderState:
+        """``state`` (PAID) with the PaymentIntent and charge that paid the ``session``:
+        a payment made PAID by the reconciler (its checkout event lost) is then still
+        found by the refund events of its money. Unchanged when no money moved (a
+        checkout that needed no payment)."""
+        intent_id = await self._intent_of_session(session)
+        if not intent_id:
+            return state
+        intent = await self._client.v1.payment_intents.retrieve_async(intent_id)
+        return ProviderState(
+            state.status,
+            state.subscription_id,
+            payment_intent=intent_id,
+            charge=_object_id(intent.latest_charge),
+        )
 
     async def _subscription_state(self, subscription_id: str) -> ProviderState:
         subscription = await self._client.v1.subscriptions.retrieve_async(subscription_id)
@@ -566,31 +589,74 @@ class StripeProvider:
         except stripe.StripeError as exc:
             _raise_mapped(exc, "payment_intent_of", payment)
 
+    @stripe_operation("callback_hash_of_intent")
+    async def callback_hash_of_intent(self, payment_intent: str) -> str:
+        """The ``metadata.callback_hash`` of the Checkout Session ``payment_intent``
+        paid; "" when Stripe ties it to none of ours."""
+        with self._deadline("callback_hash_of_intent", None):
+            try:
+                return await self._callback_hash_of_intent(payment_intent)
+            except stripe.StripeError as exc:
+                _raise_mapped(exc, "callback_hash_of_intent", None)
+
+    async def _callback_hash_of_intent(self, intent_id: str) -> str:
+        """Stripe lists sessions by the PaymentIntent they made. A subscription's
+        session made none (its first invoice did): then the intent's customer's
+        completed sessions (the first page) are searched for the one whose first
+        invoice that intent paid."""
+        sessions = self._client.v1.checkout.sessions
+        page = await sessions.list_async(
+            params=SessionListParams(payment_intent=intent_id, limit=1)
+        )
+        for session in page.data:
+            return _callback_hash(session)
+        try:
+            intent = await self._client.v1.payment_intents.retrieve_async(intent_id)
+        except stripe.InvalidRequestError:
+            return ""  # no such PaymentIntent in this account
+        customer = _object_id(intent.customer)
+        if not customer:
+            return ""
+        page = await sessions.list_async(
+            params=SessionListParams(customer=customer, status="complete", limit=_LIST_PAGE)
+        )
+        for session in page.data:
+            if _object_id(session.invoice) and await self._intent_of_session(session) == intent_id:
+                return _callback_hash(session)
+        return ""
+
     async def _payment_intent(self, payment: Payment) -> str:
         """The PaymentIntent that paid ``payment``: stored once known; else the paid
-        Checkout Session's (for a Payment Link, its completed session's); for a
-        subscription, the one that paid the session's first invoice (Stripe's current
-        API names it through ``invoice_payments``, no longer on the invoice)."""
+        Checkout Session's (for a Payment Link, its completed session's; see
+        :meth:`_intent_of_session`)."""
         if payment.provider_payment_intent_id:
             return payment.provider_payment_intent_id
-        session = await self._paid_session(payment)
-        intent_id = _object_id(session.payment_intent) if session is not None else ""
-        invoice_id = _object_id(session.invoice) if session is not None else ""
-        if not intent_id and invoice_id:
-            page = await self._client.v1.invoice_payments.list_async(
-                params={"invoice": invoice_id, "limit": _LIST_PAGE}
-            )
-            intent_id = next(
-                (
-                    _object_id(item.payment.payment_intent)
-                    for item in page.data
-                    if item.payment is not None and item.payment.payment_intent
-                ),
-                "",
-            )
+        intent_id = await self._intent_of_session(await self._paid_session(payment))
         if not intent_id:
             raise ProviderRejected("the payment has no PaymentIntent at Stripe to refund")
         return intent_id
+
+    async def _intent_of_session(self, session: Any | None) -> str:
+        """The PaymentIntent that paid ``session`` ("" when none did): its own, or for a
+        subscription the one that paid its first invoice (Stripe's current API names
+        it through ``invoice_payments``, no longer on the invoice)."""
+        if session is None:
+            return ""
+        intent_id = _object_id(session.payment_intent)
+        invoice_id = _object_id(session.invoice)
+        if intent_id or not invoice_id:
+            return intent_id
+        page = await self._client.v1.invoice_payments.list_async(
+            params={"invoice": invoice_id, "limit": _LIST_PAGE}
+        )
+        return next(
+            (
+                _object_id(item.payment.payment_intent)
+                for item in page.data
+                if item.payment is not None and item.payment.payment_intent
+            ),
+            "",
+        )
 
     async def _paid_session(self, payment: Payment) -> Any | None:
         if not payment.provider_payment_id:
@@ -644,6 +710,12 @@ def provider_refund(obj: Any) -> ProviderRefund:
         refund_id=int(refund_id) if refund_id.isdigit() else 0,
         request_id=str(metadata.get("request_id") or ""),
     )
+
+
+def _callback_hash(session: Any) -> str:
+    """Our ``metadata.callback_hash`` on a Checkout Session ("" when it has none)."""
+    metadata = session.to_dict().get("metadata") or {}
+    return str(metadata.get("callback_hash") or "")
 
 
 def _object_id(value: Any) -> str:

@@ -299,6 +299,30 @@ async def write_refunded_cents(conn: Connection, payment_id: int, refunded_cents
     )
 
 
+def fill_money_refs(payment: Payment, payment_intent: str, charge: str) -> bool:
+    """Give ``payment`` the PaymentIntent and charge that paid it where it has none yet
+    (a stored id is kept: refunds go to the money that paid); True when any was new."""
+    filled = False
+    if payment_intent and not payment.provider_payment_intent_id:
+        payment.provider_payment_intent_id = payment_intent
+        filled = True
+    if charge and not payment.provider_charge_id:
+        payment.provider_charge_id = charge
+        filled = True
+    return filled
+
+
+async def store_money_refs(
+    conn: Connection, payment: Payment, payment_intent: str, charge: str
+) -> bool:
+    """:func:`fill_money_refs` and write them; the caller holds the row lock. Refund
+    events, which carry no callback hash, find the payment by these ids."""
+    if not fill_money_refs(payment, payment_intent, charge):
+        return False
+    await update_payment(conn, payment)
+    return True
+
+
 async def get_payment_by_money_ref(
     conn: Connection, payment_intent_id: str, charge_id: str = "", *, for_update: bool = False
 ) -> Payment | None:
