@@ -20,6 +20,7 @@ from payments.mapping import payment_to_json, refund_to_json
 from payments.model import (
     EventKind,
     Payment,
+    PaymentStatus,
     Refund,
     RefundEvent,
     RefundStatus,
@@ -40,9 +41,15 @@ OUTSIDE_REQUEST_PREFIX = OUTSIDE_REFUND_PREFIX
 
 
 async def load_refund_totals(conn: Connection, payments: Iterable[Payment]) -> None:
-    """Set ``refunded_cents`` and the pending sum of each payment from the refunds table
-    (one query for all of them), so ``refundable_cents`` is right on this read."""
-    page = list(payments)
+    """Set ``refunded_cents`` and the pending sum of each PAID payment from the refunds
+    table (one query for all of them), so ``refundable_cents`` is right on this read.
+
+    Only a PAID payment has anything refundable, and the row's own ``refunded_cents`` is
+    written with every refund's status change (RefundSubject.apply, under the row lock):
+    other payments need no second query, which keeps a plain read to one round trip."""
+    page = [payment for payment in payments if payment.status == PaymentStatus.PAID]
+    if not page:
+        return
     totals = await store.refund_totals_for(conn, (payment.id for payment in page))
     for payment in page:
         payment.set_refund_totals(totals.get(payment.id, RefundTotals()))
