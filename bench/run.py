@@ -413,8 +413,13 @@ class Bench:
             offset = service_log.stat().st_size
             load = h2load(f"http://{service_target}", seconds)
             if access_lines:  # h2load sees HTTP 200 only: the gRPC status is in the log
-                time.sleep(0.2)  # the last access lines
+                # A busy service writes the last access lines a while after h2load ends:
+                # read until they are all there (a fixed 0.2 s was too short under load).
+                deadline = time.monotonic() + 15
                 calls, failed = self._grpc_outcomes(offset)
+                while calls < load.requests and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    calls, failed = self._grpc_outcomes(offset)
                 if calls < load.requests or failed:
                     raise BenchError(f"GetPayment: {failed} of {calls} calls failed (log)")
             return load
