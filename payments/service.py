@@ -45,6 +45,7 @@ from payments.storage import leases
 from payments.storage import repository as repo
 from payments.storage.database import Database, Deadlock, DuplicateKey
 from payments.unit_of_work import UnitOfWork, Work
+from payments.validation import check_free_text
 
 log = logging.getLogger("payments.service")
 
@@ -260,6 +261,7 @@ class PaymentService:
         reason = reason.strip()
         if len(reason) > MAX_CANCEL_REASON:
             raise InvalidArgument("reason", f"must be at most {MAX_CANCEL_REASON} characters")
+        check_free_text(reason, "reason")
         payment, owner = await self._lease_for_cancel(caller, payment_id)
         if owner is None:
             return payment

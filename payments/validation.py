@@ -44,6 +44,14 @@ _UNSAFE_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e
 DEFAULT_CALLBACK_POLICY = CallbackPolicy()
 
 
+def check_free_text(value: str, field: str) -> str:
+    """A caller's free text (a cancel reason): no control characters, line breaks or
+    bidi overrides, which would forge or garble the log lines and events it lands in."""
+    if _UNSAFE_TEXT.search(value):
+        raise InvalidArgument(field, "must not contain control characters or newlines")
+    return value
+
+
 def _required(value: str, field: str) -> str:
     value = value.strip()
     if not value:

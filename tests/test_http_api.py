@@ -496,6 +496,19 @@ async def test_cancel_reason_must_be_a_string(client: httpx.AsyncClient) -> None
     assert (response.status_code, response.json()) == (400, {"error": "reason: must be a string"})
 
 
+@pytest.mark.parametrize("reason", ["line\nbreak", "nul\x00", "esc\x1b[31m", "bidi\u202eflip"])
+async def test_cancel_reason_refuses_control_and_bidi_characters(
+    client: httpx.AsyncClient, stack: Stack, reason: str
+) -> None:
+    payment = await created(client)
+    response = await client.post(
+        f"/payments/{payment['id']}/cancel", json={"reason": reason}, headers=headers()
+    )
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("reason: must not contain control")
+    assert (await stack.payment(payment["id"])).status == PaymentStatus.PENDING
+
+
 # --- dependencies failing ---------------------------------------------------------------
 
 
