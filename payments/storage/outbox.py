@@ -93,22 +93,12 @@ def entry_from_row(row: Sequence[Any]) -> OutboxEntry:
     )
 
 
-_ENTRY_COLUMNS = (
-    "payment_id",
-    "status",
-    "delivery_id",
-    "url",
-    "request_id",
-    "payload",
-    "state",
-    "attempts",
-    "next_attempt_at",
-    "created_at",
-    "updated_at",
-    "traceparent",
-    "kind",
-    "refund_id",
-    "resend",
+# What a new entry writes (the claim and delivery columns start empty), in
+# OUTBOX_COLUMNS order, which _entry_values follows.
+_ENTRY_COLUMNS = tuple(
+    column
+    for column in OUTBOX_COLUMNS
+    if column not in ("id", "claimed_by", "claimed_until", "last_error", "delivered_at")
 )
 _INSERT_ENTRY = (
     f"INSERT INTO callback_outbox ({', '.join(_ENTRY_COLUMNS)})"  # noqa: S608
