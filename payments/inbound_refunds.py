@@ -16,20 +16,23 @@ refund's history and changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 
 from payments.model import Payment
 from payments.providers.base import ProviderEvent, ProviderRefund
-from payments.refunding import find_own_refund, record_provider_refund
+from payments.refunding import find_own_refund, record_provider_refund, remember_money_ids
 from payments.storage import refunds as refund_store
 from payments.storage.database import Connection
 from payments.unit_of_work import Work
 
 
 async def apply_refunds(work: Work, payment: Payment, event: ProviderEvent) -> list[str]:
-    """Apply every refund ``event`` reports to ``payment`` (locked); a note for each."""
+    """Apply every refund ``event`` reports to ``payment`` (locked); a note for each
+    that could change something (see :func:`_news`)."""
     notes = []
-    for report in event.refunds:
+    for report in await _news(work.conn, payment, event.refunds):
         refund = await record_provider_refund(
             work,
             payment,
@@ -40,6 +43,34 @@ async def apply_refunds(work: Work, payment: Payment, event: ProviderEvent) -> l
         )
         notes.append(f"refund {refund.id} {refund.status.name}")
     return notes
+
+
+async def _news(
+    conn: Connection, payment: Payment, reports: Sequence[ProviderRefund]
+) -> Sequence[ProviderRefund]:
+    """The reports that may change something. A charge's list (``charge.refunded``)
+    repeats every refund of the charge each time one more is made; the ones stored
+    under their Stripe id at the status reported are left out after one read, so an
+    event costs what it changes, not the payment's refund count (one query per listed
+    refund made a payment's refunds quadratic). A single report always goes through:
+    an event about one refund is recorded on its history even when it changes
+    nothing."""
+    if len(reports) < 2:
+        return reports
+    stored = {
+        refund.provider_refund_id: refund.status
+        for refund in await refund_store.refunds_by_provider_ids(
+            conn, payment.id, [report.provider_refund_id for report in reports]
+        )
+    }
+    news = []
+    for report in reports:
+        if stored.get(report.provider_refund_id) == report.status:
+            # What refunding.remember_money_ids would have kept from it.
+            await remember_money_ids(conn, payment, report)
+        else:
+            news.append(report)
+    return news
 
 
 async def _by_request_id(

@@ -287,6 +287,45 @@ async def test_refund_failed_after_succeeded_is_recorded_and_changes_nothing(
     assert len(await refund_callbacks(stack, payment)) == 1
 
 
+async def test_a_charge_list_costs_what_it_changes_not_every_refund_again(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """``charge.refunded`` lists every refund of the charge each time: the ones stored
+    at the status listed are left alone (no history row each, which made a payment's
+    refunds quadratic); one the service never heard of is still recorded from it."""
+    payment = await paid_payment(stack, amount_cents=5000)
+    for _ in range(4):
+        dashboard_refund(stack, payment, amount=100)
+    await stack.events_delivered()
+    stored = await refunds_of(stack, payment)
+    assert [r.status for r in stored] == [R.SUCCEEDED] * 4
+    histories = {r.id: await history_of(stack, r) for r in stored}
+    listeners = list(stack.sandbox.state.listeners)
+    stack.sandbox.state.listeners.clear()  # its own events are lost
+    try:
+        lost = dashboard_refund(stack, payment, amount=100)
+    finally:
+        stack.sandbox.state.listeners.extend(listeners)
+    event = forged_event("charge.refunded", charge_of(stack, payment))
+    assert len(event["data"]["object"]["refunds"]["data"]) == 5
+
+    response = await post_to_payment_route(http, stack, payment, event)
+    assert response.status_code == 200, response.text
+
+    after = await refunds_of(stack, payment)
+    [found] = [r for r in after if r.provider_refund_id == lost["id"]]
+    assert (found.request_id, found.status, found.amount_cents) == (
+        f"stripe:{lost['id']}",
+        R.SUCCEEDED,
+        100,
+    )
+    for refund in stored:
+        assert await history_of(stack, refund) == histories[refund.id]
+    assert len(await refund_callbacks(stack, payment)) == 5
+    shown = await stack.service.get(SVC_A, payment.id)
+    assert (shown.refunded_cents, shown.refundable_cents) == (500, 4500)
+
+
 async def test_a_replayed_refund_event_is_acknowledged_and_changes_nothing(
     stack: Stack,
 ) -> None:

@@ -141,6 +141,21 @@ async def test_provider_refund_id_is_unique_only_where_set(database: Database) -
         assert (await store.get_refund(conn, two.id)) == two
 
 
+async def test_refunds_by_provider_ids_are_the_payments_own(database: Database) -> None:
+    payment, other = await paid_payment(database), await paid_payment(database)
+    a = await insert(database, make_refund(payment, provider_refund_id="re_mine_a"))
+    b = await insert(database, make_refund(payment, provider_refund_id="re_mine_b"))
+    await insert(database, make_refund(payment))  # no Stripe id yet
+    await insert(database, make_refund(other, provider_refund_id="re_theirs"))
+    async with database.connection() as conn:
+        found = await store.refunds_by_provider_ids(
+            conn, payment.id, ["re_mine_b", "re_theirs", "re_none", "", "re_mine_a", "re_mine_a"]
+        )
+        assert sorted(found, key=lambda r: r.id) == [a, b]
+        assert await store.refunds_by_provider_ids(conn, payment.id, ["", ""]) == []
+        assert await store.refunds_by_provider_ids(conn, other.id, ["re_theirs"]) != []
+
+
 async def test_a_payments_refunds_come_oldest_first(database: Database) -> None:
     payment, other = await paid_payment(database), await paid_payment(database)
     mine = [await insert(database, make_refund(payment, amount_cents=n)) for n in (3, 1, 2)]
@@ -364,7 +379,8 @@ async def test_refund_queries_use_indexes(sqlite_db: SqliteDatabase) -> None:
         await store.refund_totals(rec, payment.id)
         await store.refund_totals_for(rec, [p.id for p in payments[:5]])
         await store.list_refund_events(rec, refund.id)
-        assert len(recorder.statements) == 8
+        await store.refunds_by_provider_ids(rec, payment.id, ["re_39_0", "re_39_2"])
+        assert len(recorder.statements) == 9
         for sql, args in recorder.statements:
             plan = [row[3] for row in await conn.fetchall("EXPLAIN QUERY PLAN " + sql, args)]
             scans = [step for step in plan if step.startswith("SCAN") and "USING" not in step]

@@ -164,6 +164,22 @@ async def get_refund_by_provider_id(
     return await _one(conn, "provider_refund_id = %s", (provider_refund_id,), for_update)
 
 
+async def refunds_by_provider_ids(
+    conn: Connection, payment_id: int, provider_refund_ids: Sequence[str]
+) -> list[Refund]:
+    """``payment_id``'s refunds stored under any of these Stripe ids, in one indexed read
+    (``uq_refunds_provider_refund_id``)."""
+    wanted = sorted({refund_id for refund_id in provider_refund_ids if refund_id})
+    if not wanted:
+        return []
+    marks = ", ".join(["%s"] * len(wanted))
+    rows = await conn.fetchall(
+        f"{_SELECT_REFUND} WHERE provider_refund_id IN ({marks}) AND payment_id = %s",
+        (*wanted, payment_id),
+    )
+    return [_from_row(Refund, REFUND_COLUMNS, row) for row in rows]
+
+
 async def list_refunds(conn: Connection, payment_id: int) -> list[Refund]:
     """A payment's refunds, oldest first."""
     rows = await conn.fetchall(f"{_SELECT_REFUND} WHERE payment_id = %s ORDER BY id", (payment_id,))
