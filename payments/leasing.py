@@ -1,8 +1,9 @@
 """How long provider work may lease a payment, how long others wait for it, and giving a
 lease back when the work fails (the leases themselves: payments/storage/leases.py).
 
-Create, cancel and the reconciler call the provider holding a lease instead of a row
-lock and a pooled session, so a hung provider stalls only the payment it is about.
+Create, cancel, the reconciler and the expirer call the provider holding a lease
+instead of a row lock and a pooled session, so a hung provider stalls only the payment
+it is about.
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ Their fixtures (registry, service, second_pool) are in tests/fixtures/jobs.py.""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 import trio
 
 from payments.config import Settings
+from payments.jobs.batch import JobSummary, PaymentJob
 from payments.model import (
     Caller,
     CreatePaymentInput,
@@ -21,6 +23,7 @@ from payments.model import (
     PaymentStatus,
     PaymentType,
 )
+from payments.sandbox.state import Fault
 from payments.service import PaymentService
 from payments.storage import repository as repo
 from payments.storage.pool import Pool
@@ -143,6 +146,24 @@ async def count_rows(pool: Pool, sql: str, args: Iterable[Any] = ()) -> int:
         row = await conn.fetchone(sql, list(args))
     assert row is not None
     return int(row[0])
+
+
+@asynccontextmanager
+async def pass_held_by(fault: Fault, job: PaymentJob) -> AsyncIterator[list[JobSummary]]:
+    """Run a pass of ``job`` in the background; the block starts once the pass has hit
+    ``fault`` (a hang, say) and the pass has ended when it exits (its summary then in
+    the list)."""
+    summaries: list[JobSummary] = []
+
+    async def run() -> None:
+        summaries.append(await job.run_pass())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.fail_after(5):
+            while fault.hits == 0:  # noqa: ASYNC110  (a counter, no event)
+                await trio.sleep(0.01)
+        yield summaries
 
 
 def child_context(stopping: trio.Event, started: list[bool] | None = None) -> ChildContext:

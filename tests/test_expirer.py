@@ -32,6 +32,7 @@ from tests.jobs_support import (
     job_uow,
     load,
     outbox_statuses,
+    pass_held_by,
     status_changes,
 )
 
@@ -128,6 +129,40 @@ async def test_an_answer_lost_after_stripe_expired_the_session_is_retried_safely
     summary = await job.run_pass()  # already expired at Stripe: that is what was wanted
     assert summary.expired == 1
     assert await status_changes(db_pool, payment) == [(PaymentStatus.EXPIRED, REASON)]
+
+
+async def test_no_session_or_row_lock_is_held_while_stripe_hangs_and_a_payment_then_wins(
+    db_pool: Pool,
+    second_pool: Pool,
+    service: PaymentService,
+    registry: ProviderRegistry,
+    stripe_sandbox: Sandbox,
+) -> None:
+    """The per-payment path asks Stripe under the payment's lease: while its expire call
+    hangs, the checkout event that pays the payment takes the row at once (it used to
+    wait for the row lock for as long as Stripe hung), and the expirer, answered at
+    last that the session completed, expires nothing."""
+    payment = await create(service)
+    await age(db_pool, [payment], OLD)
+    hang = stripe_sandbox.state.faults.hang(
+        path=f"/v1/checkout/sessions/{payment.provider_payment_id}/expire"
+    )
+    async with pass_held_by(hang, expirer(db_pool, registry)) as summaries:
+        assert db_pool.stats().in_use == 0  # the expire call is waiting on Stripe now
+        stripe_sandbox.state.complete_session(payment.provider_payment_id)
+        async with UnitOfWork(second_pool).begin() as work:  # what the event does
+            locked = await repo.get_payment(work.conn, payment.id, for_update=True)
+            assert locked is not None
+            await work.change_status(locked, PaymentStatus.PAID, reason="provider event")
+        stripe_sandbox.state.faults.clear()
+
+    [summary] = summaries
+    assert (summary.errors, summary.expired, summary.skipped) == (0, 0, 1)
+    assert (await load(db_pool, payment)).status == PaymentStatus.PAID
+    released = "SELECT COUNT(*) FROM payments WHERE id = %s AND claimed_by = ''"
+    assert await count_rows(db_pool, released, (payment.id,)) == 1  # the lease given back
+    assert await status_changes(db_pool, payment) == [(PaymentStatus.PAID, "provider event")]
+    assert stripe_sandbox.state.sessions[payment.provider_payment_id]["status"] == "complete"
 
 
 # --- payment links, delayed payments, subscriptions ---------------------------------------------

@@ -31,6 +31,7 @@ from tests.jobs_support import (
     job_settings,
     job_uow,
     load,
+    pass_held_by,
 )
 
 pytestmark = [
@@ -266,16 +267,7 @@ async def test_no_session_or_row_lock_is_held_while_the_listing_hangs(
     hang = stripe_sandbox.state.faults.hang(path="/v1/checkout/sessions", method="GET")
     job = Expirer(job_uow(db_pool), lifetime_registry, job_settings(), rate_per_second=None)
     ids = ", ".join(str(p.id) for p in payments)
-    summaries: list[JobSummary] = []
-
-    async def run() -> None:
-        summaries.append(await job.run_pass())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
-        with trio.fail_after(5):
-            while hang.hits == 0:  # noqa: ASYNC110  (a counter, no event)
-                await trio.sleep(0.01)
+    async with pass_held_by(hang, job) as summaries:
         assert db_pool.stats().in_use == 0  # the listing is waiting on Stripe now
         async with second_pool.transaction() as conn:  # NOWAIT: fails on a held row lock
             locked = await conn.fetchall(

@@ -5,8 +5,8 @@ A pass fixes its cutoff once, then reads candidates in batches (payments.storage
 keyset order, so it drains a backlog of any size and never revisits a row) and works
 each candidate on its own: claimed under its row lock (a payment leased by a create,
 cancel or another job is skipped), the provider asked, the answer applied through the
-unit of work (which tells the dispatcher after each commit). The reconciler asks the
-provider under the payment's lease, holding no session or row lock (the rule in
+unit of work (which tells the dispatcher after each commit). Both ask the provider
+under the payment's lease, holding no session or row lock (the rule in
 payments/leasing.py). Up to ``concurrency`` items run at once, because a pass is bound
 by the provider's latency, not by CPU. One item failing (provider down, provider refusing,
 even a bug) is counted and logged and the pass goes on: one bad payment must not stop

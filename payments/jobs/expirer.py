@@ -3,7 +3,9 @@
 Every PAYMENTS_EXPIRE_PENDING_INTERVAL_MINUTES each CREATED, PENDING or PROCESSING
 payment older than the timeout (by ``created_at``) is closed at the provider and then
 moved to EXPIRED (event row, payment and callback-outbox row in one unit of work; the
-dispatcher is told after the commit).
+dispatcher is told after the commit). The provider is asked under the payment's lease
+(``expire``, payments/storage/leases.py), never under its row lock or holding a session,
+as the reconciler does.
 
 The order is chosen for money (payments/closing.py, shared with cancel): a payment is
 marked EXPIRED only once no one can pay it any more, and never when it was paid; the
@@ -32,12 +34,13 @@ from datetime import datetime
 
 import trio
 
-from payments.closing import close_at_provider
+from payments.closing import CLOSING_CALLS, close_at_provider
 from payments.errors import PaymentsError
 from payments.jobs.batch import ItemResult, JobSummary, Outcome, PaymentJob
+from payments.leasing import give_back
 from payments.model import Payment, PaymentStatus, ProviderType
 from payments.providers.base import ExpiredListing, Provider
-from payments.storage import claims
+from payments.storage import claims, leases
 from payments.storage import repository as repo
 
 RECONCILED = "reconciled"
@@ -62,19 +65,41 @@ class Expirer(PaymentJob):
         return self._settings.expire_pending_interval_minutes
 
     async def _work(self, candidate: claims.Candidate, cutoff: datetime) -> ItemResult:
+        """Claim and lease the payment in one short transaction, close it at the
+        provider holding nothing (a hung provider stalls this item, not the requests and
+        events that need the row or a pooled session), then apply the outcome under the
+        row lock, re-checked (an event may have settled it meanwhile), and give the
+        lease back."""
+        owner = leases.new_owner(leases.EXPIRE)
+        statuses = self.selection.statuses
         async with self._uow.begin() as work:
             payment = await claims.claim(work.conn, self.selection, candidate.id, cutoff)
-            if payment is None:
+            if payment is None or not await leases.take(
+                work.conn, payment.id, owner, self._lease.lease_seconds(CLOSING_CALLS), statuses
+            ):
                 return ItemResult(Outcome.SKIPPED)
+        try:
             known = _provider_refs(payment)
             target, reason = await self._settle(self._providers.get(payment.provider), payment)
-            if target is not None and await work.change_status(payment, target, reason=reason):
-                result = ItemResult(Outcome.CHANGED, target)
-            else:
-                if _provider_refs(payment) != known:
-                    # Nothing to move, but the provider object it learned is kept.
-                    await repo.update_payment(work.conn, payment)
-                result = ItemResult(Outcome.UNCHANGED)
+            async with self._uow.begin() as work:
+                current = await repo.get_payment(work.conn, payment.id, for_update=True)
+                if current is None or current.status not in statuses:
+                    result = ItemResult(Outcome.SKIPPED)  # an event settled it meanwhile
+                else:
+                    learnt = _learn_refs(current, payment, known)
+                    if target is not None and await work.change_status(
+                        current, target, reason=reason
+                    ):
+                        result = ItemResult(Outcome.CHANGED, target)
+                    else:
+                        if learnt:
+                            # Nothing to move, but the provider object it learned is kept.
+                            await repo.update_payment(work.conn, current)
+                        result = ItemResult(Outcome.UNCHANGED)
+                await leases.release(work.conn, payment.id, owner)
+        except BaseException:
+            await give_back(self._pool, payment.id, owner)
+            raise
         return result
 
     def _begin_pass(self) -> None:
@@ -158,5 +183,20 @@ class Expirer(PaymentJob):
         return f"not completed within {self._settings.pending_timeout_minutes:g} minutes"
 
 
-def _provider_refs(payment: Payment) -> tuple[str, str, str]:
-    return (payment.provider_payment_id, payment.provider_subscription_id, payment.checkout_url)
+_REFS = ("provider_payment_id", "provider_subscription_id", "checkout_url")
+
+
+def _provider_refs(payment: Payment) -> tuple[str, ...]:
+    return tuple(getattr(payment, field) for field in _REFS)
+
+
+def _learn_refs(current: Payment, closed: Payment, known: tuple[str, ...]) -> bool:
+    """Copy onto ``current`` (re-read) the provider refs closing learned on ``closed``
+    (a replayed create's object, a subscription found); True when any."""
+    learnt = False
+    for field, before in zip(_REFS, known, strict=True):
+        value = getattr(closed, field)
+        if value != before and value and not getattr(current, field):
+            setattr(current, field, value)
+            learnt = True
+    return learnt

@@ -2,9 +2,10 @@
 
 A call to Stripe can take seconds (or hang until its timeout); holding a row lock and
 a pooled session across it stalls everything else that needs either. So the work that
-calls the provider about a payment (create, cancel, the reconciler) first takes a
-lease in a short committed statement, calls the provider holding nothing, then applies
-the answer in a second short transaction under the row lock and gives the lease back.
+calls the provider about a payment (create, cancel, the reconciler, the expirer's
+per-payment path) first takes a lease in a short committed statement, calls the
+provider holding nothing, then applies the answer in a second short transaction under
+the row lock and gives the lease back.
 
 * One holder at a time: taking is one conditional UPDATE (status still one the work
   is for, and no live lease), so of two concurrent takers exactly one matches the row.
@@ -13,8 +14,9 @@ the answer in a second short transaction under the row lock and gives the lease 
   idempotency key, so the provider hands back what it already made.
 * The lease serializes provider work; it does not replace the status machine: the
   apply step re-reads the row under its lock and lets the machine decide.
-* ``claimed_by`` is ``<purpose>:<token>`` (``open``, ``cancel``, ``reconcile``), so a
-  provider event can tell that a cancel is closing the payment it is about.
+* ``claimed_by`` is ``<purpose>:<token>`` (``open``, ``cancel``, ``reconcile``,
+  ``expire``), so a provider event can tell that a cancel is closing the payment it is
+  about.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from payments.storage.timestamps import to_db_datetime
 OPEN = "open"
 CANCEL = "cancel"
 RECONCILE = "reconcile"
+EXPIRE = "expire"
 
 
 def new_owner(purpose: str) -> str:
