@@ -50,6 +50,8 @@ _STANDARD_ATTRS = frozenset(
 
 # Set on a record by RedactingFilter: the redactor that already masked it.
 _REDACTED_BY = "_payments_redacted_by"
+# Extras' values that cannot hold text (bool is an int).
+_PLAIN = (int, float, type(None))
 
 
 class Redactor:
@@ -111,12 +113,16 @@ class RedactingFilter(logging.Filter):
             record.exc_text = redact.text(record.exc_text)
         if record.stack_info:
             record.stack_info = redact.text(record.stack_info)
-        for key, value in list(vars(record).items()):
-            if key not in _STANDARD_ATTRS:
-                setattr(record, key, redact.value(value))
+        fields = vars(record)
+        for key in fields.keys() - _STANDARD_ATTRS:
+            value = fields[key]
+            if type(value) is str:
+                fields[key] = redact.text(value)
+            elif not isinstance(value, _PLAIN):  # numbers and None hold no secret
+                fields[key] = redact.value(value)
         # Done field by field (before JSON escaping could hide a secret holding a quote
         # or a backslash): a formatter with the same redactor need not pass again.
-        setattr(record, _REDACTED_BY, redact)
+        fields[_REDACTED_BY] = redact
         return True
 
 
@@ -128,16 +134,15 @@ class JsonFormatter(logging.Formatter):
         self.redactor = redactor
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = vars(record)
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "time": _utc_millis(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
-        redacted_by = vars(record).get(_REDACTED_BY)
-        for key, value in vars(record).items():
+        redacted_by = fields.get(_REDACTED_BY)
+        for key, value in fields.items():
             if key not in _STANDARD_ATTRS and key not in entry and key != _REDACTED_BY:
                 entry[key] = value
         if record.exc_info and record.exc_info[0] is not None:
@@ -146,13 +151,36 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = record.stack_info
-        line = json.dumps(entry, default=str, ensure_ascii=False)
+        line = _ENCODER.encode(entry)
         # Last pass over the finished line for a record that reached this formatter
         # without the filter's field-by-field pass (another handler's, or none): it is
         # still masked. One pass each, not two (the access line's profile, bench/README).
         if self.redactor is None or redacted_by is self.redactor:
             return line
         return self.redactor.text(line)
+
+
+# json.dumps(entry, default=str, ensure_ascii=False), without a new encoder per line.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
+class _SecondCache:
+    """The ``YYYY-MM-DDTHH:MM:SS`` of the last second formatted (lines come in bursts
+    within one second: the datetime round trip per line was ~2 us of each)."""
+
+    second: int = -1
+    text: str = ""
+
+
+def _utc_millis(created: float) -> str:
+    """``created`` (epoch seconds) as RFC 3339 UTC with milliseconds, e.g.
+    ``2026-11-29T18:45:15.042Z`` (truncated to the millisecond, like isoformat)."""
+    micros = round(created * 1_000_000)
+    second, fraction = divmod(micros, 1_000_000)
+    if second != _SecondCache.second:
+        _SecondCache.text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _SecondCache.second = second
+    return f"{_SecondCache.text}.{fraction // 1000:03d}Z"
 
 
 _LEVELS = {
@@ -240,10 +268,20 @@ def access_log(
     level: int = logging.INFO,
     **extra: Any,
 ) -> None:
-    """Write the one access line of an HTTP request or gRPC call."""
-    logging.getLogger(ACCESS_LOGGER).log(
+    """Write the one access line of an HTTP request or gRPC call.
+
+    The record is made and handed to the logger directly: ``Logger.log`` would also
+    walk the stack for the caller's file and line, which no line ever shows."""
+    if not _ACCESS.isEnabledFor(level):
+        return
+    record = _ACCESS.makeRecord(
+        ACCESS_LOGGER,
         level,
+        __file__,
+        0,
         f"{transport} {route} {status}",
+        None,
+        None,
         extra={
             "transport": transport,
             "route": route,
@@ -254,3 +292,7 @@ def access_log(
             **extra,
         },
     )
+    _ACCESS.handle(record)
+
+
+_ACCESS = logging.getLogger(ACCESS_LOGGER)

@@ -34,10 +34,12 @@ def format_timestamp(moment: datetime) -> str:
     """RFC 3339 UTC to the second, e.g. ``2026-11-29T18:45:15Z`` (fractions cut, as Go's
     ``time.RFC3339`` does). Storage keeps microseconds; only the wire drops them.
 
-    A naive datetime is taken as UTC (that is what the database keeps).
+    A naive datetime is taken as UTC (that is what the database keeps). Built from
+    ``isoformat`` (strftime was ~1 us more per call, twice per payment on every read).
     """
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return f"{moment.isoformat(timespec='seconds')[:19]}Z"
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -80,6 +80,8 @@ JOBS = ("reconcile", "dispatch", "expire")
 
 # The restart budget of the tree: past it the process exits non-zero, so the
 # orchestrator (which sees the exit) restarts it from a clean slate.
+# Allocations between young-generation collections in ``payments serve`` (Python: 700).
+GC_YOUNG_THRESHOLD = 10_000
 INTENSITY = RestartIntensity(max_restarts=5, period=60.0)
 BACKOFF = Backoff(initial=0.5, factor=2.0, max_delay=30.0, jitter=0.2, reset_after=30.0)
 
@@ -432,6 +434,10 @@ async def serve(settings: Settings, parts: Iterable[str]) -> int:
             # collector's generations removes the long full collections that made the
             # status-propagation tail (bench/README.md).
             gc.freeze()
+            # Collect the young generation every 10,000 allocations instead of 700: a
+            # request leaves little cyclic garbage, and under load the collector ran
+            # ~20 times a second, 2.5% of serve's CPU (0.4% after; bench/README.md).
+            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
             await run_until_signal(res.supervisor)
     except SupervisorEscalation as exc:
         log.error(

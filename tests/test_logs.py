@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import grpc
@@ -186,6 +187,24 @@ def test_access_log_line(captured: io.StringIO) -> None:
         "caller": "svc-a",
     }
     assert entry["latency_ms"] == 1.235
+
+
+@pytest.mark.parametrize(
+    "created",
+    [0.0, 1764441915.0, 1764441915.0421, 1764441915.9994, 1764441915.9999996, 1.5e9 + 0.1],
+)
+def test_the_time_field_is_rfc3339_utc_to_the_millisecond(created: float) -> None:
+    expected = (datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")).replace(
+        "+00:00", "Z"
+    )
+    record = logging.LogRecord("x", logging.INFO, "x", 1, "m", None, None)
+    record.created = created
+    assert json.loads(logs.JsonFormatter().format(record))["time"] == expected
+    record.created = created + 1  # the cached second moves on
+    assert (
+        json.loads(logs.JsonFormatter().format(record))["time"][:19]
+        == (datetime.fromtimestamp(created + 1, UTC).isoformat()[:19])
+    )
 
 
 # --- the running service ----------------------------------------------------------------

@@ -93,6 +93,15 @@ def spans() -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
+@pytest.fixture
+def not_exported() -> Iterator[TracerProvider]:
+    """Tracing as ``payments serve`` sets it up without an OTLP endpoint."""
+    provider = tracing.configure("payments-test", environ={})
+    yield provider
+    tracing.use_provider(TracerProvider())
+    provider.shutdown()
+
+
 async def finished_span(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
     """The span called ``name`` once it ends: a server span ends just after the last
     byte of the response, so it may still be open when the client has the answer."""
@@ -314,7 +323,7 @@ async def test_a_grpc_call_continues_the_traceparent_in_its_metadata(
 
 
 async def test_the_callback_carries_the_trace_of_the_request_that_ended_the_payment(
-    stack: Stack, nursery: trio.Nursery
+    stack: Stack, nursery: trio.Nursery, not_exported: TracerProvider
 ) -> None:
     """With tracing not exported (no endpoint): the context is still made, stored with
     the outbox row and sent in the callback's traceparent."""
@@ -394,6 +403,47 @@ def test_without_an_endpoint_nothing_is_exported(monkeypatch: pytest.MonkeyPatch
     finally:
         tracing.use_provider(TracerProvider())
         provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        "",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",  # not sampled upstream
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",  # random trace id flag
+    ],
+)
+def test_a_span_not_exported_carries_the_context_the_sdk_would_give_it(
+    incoming: str, not_exported: TracerProvider
+) -> None:
+    """Without an exporter a span records nothing, but its trace id, flags and
+    tracestate are the SDK's own (the callbacks and outgoing calls carry them)."""
+    carrier = {"traceparent": incoming, "tracestate": "vendor=abc"} if incoming else {}
+    parent = tracing.extract(carrier)
+    with tracing.span("quiet", kind=SpanKind.SERVER, parent=parent) as quiet:
+        sent: dict[str, str] = {}
+        tracing.inject(sent)
+        assert tracing.current_traceparent() == sent["traceparent"]
+        with tracing.span("child") as child:
+            assert child.get_span_context().trace_id == quiet.get_span_context().trace_id
+    assert not quiet.is_recording()
+    assert tracing.current_traceparent() == ""  # no longer current after the block
+    tracing.use_provider(TracerProvider())  # recording, as with an exporter
+    with tracing.span("recorded", kind=SpanKind.SERVER, parent=parent) as recorded:
+        recording = recorded.is_recording()
+    made, expected = quiet.get_span_context(), recorded.get_span_context()
+    assert recording == made.trace_flags.sampled  # the SDK's own choice
+    assert (made.trace_flags, made.trace_state, made.is_remote) == (
+        expected.trace_flags,
+        expected.trace_state,
+        expected.is_remote,
+    )
+    assert made.span_id != expected.span_id and made.is_valid
+    if incoming:
+        assert made.trace_id == expected.trace_id == int(incoming.split("-")[1], 16)
+    assert sent["traceparent"].split("-")[2] == format(made.span_id, "016x")
+    assert sent.get("tracestate", "") == carrier.get("tracestate", "")
 
 
 # --- status changes, Stripe outcomes, trio tasks ------------------------------------------

@@ -344,6 +344,27 @@ async def test_cancelled_while_waiting_for_a_slot_takes_none(empty_db_dsn: Mysql
         await pool.aclose()
 
 
+async def test_a_cancelled_task_takes_no_idle_session(empty_db_dsn: MysqlDsn) -> None:
+    """The idle session is lent without waiting for anything, but a task already
+    cancelled still never gets it (it would be closed and KILLed at its first query)."""
+    pool = Pool(empty_db_dsn, max_open=2, max_idle=2, max_lifetime_seconds=60)
+    try:
+        async with pool.connection() as conn:
+            kept = conn.thread_id
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with pool.connection():
+                raise AssertionError("lent to a cancelled task")
+        assert scope.cancelled_caught
+        stats = pool.stats()
+        assert (stats.idle, stats.in_use, stats.opened_total, stats.closed_total) == (1, 0, 1, 0)
+        async with pool.connection() as conn:
+            assert conn.thread_id == kept
+            assert await conn.fetchone("SELECT 1") == (1,)
+    finally:
+        await pool.aclose()
+
+
 # --- transactions ----------------------------------------------------------------------
 
 

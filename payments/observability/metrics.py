@@ -14,6 +14,7 @@ a few seconds, retries included up to tens of seconds.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
@@ -105,6 +106,23 @@ JOB_ITEMS = Counter(
     ["job", "outcome"],
 )
 POOL_STATES = ("idle", "in_use", "connecting", "waiting")
+# Label sets are bounded (module docstring), so every series' child can be kept: the
+# lookup by labels costs a tuple, a lock and a dict per call, twice per request.
+_SERIES_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=_SERIES_CACHE)
+def http_series(route: str, method: str, code: str) -> tuple[Histogram, Counter]:
+    """The latency histogram and the request counter of one HTTP route/method/code."""
+    return HTTP_DURATION.labels(route, method), HTTP_REQUESTS.labels(route, method, code)
+
+
+@functools.lru_cache(maxsize=_SERIES_CACHE)
+def grpc_series(method: str, code: str) -> tuple[Histogram, Counter]:
+    """The latency histogram and the call counter of one gRPC method/status code."""
+    return GRPC_DURATION.labels(method), GRPC_REQUESTS.labels(method, code)
+
+
 CALLBACK_OUTCOMES = ("delivered", "refused", "timeout", "error")
 
 

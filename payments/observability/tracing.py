@@ -3,8 +3,12 @@
 The SDK's tracer provider is always in place, so a request without an incoming
 ``traceparent`` still gets a trace id and the callback it causes carries it (CONTRACT.md,
 "Operations endpoints"). Spans are exported (OTLP/HTTP, batched on the SDK's own thread)
-only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; otherwise the provider has no span
-processor and a finished span is simply dropped.
+only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set. Otherwise nothing would ever read a
+span's name, attributes or timings, so :func:`span` makes a non-recording span: the
+same trace id, span id, flags and tracestate as the SDK would give it (the provider's
+id generator and sampler decide them), current while the block runs, so propagation is
+unchanged; building and ending the SDK's recording span was ~50 us of every request
+(bench/README.md).
 
 The module keeps its own provider instead of the API's global one (which can be set
 once per process): the service configures it at start, tests swap in one with an
@@ -20,12 +24,21 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -39,13 +52,16 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 class _State:
     provider: TracerProvider = TracerProvider()
     tracer: trace.Tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+    recording: bool = True  # False: spans only carry the context (nothing exports them)
 
 
-def use_provider(provider: TracerProvider) -> TracerProvider:
-    """Make ``provider`` the one spans go to; returns the previous one."""
+def use_provider(provider: TracerProvider, *, recording: bool = True) -> TracerProvider:
+    """Make ``provider`` the one spans go to; returns the previous one. ``recording``
+    False says no span processor will ever be added: spans then only carry context."""
     previous = _State.provider
     _State.provider = provider
     _State.tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+    _State.recording = recording
     return previous
 
 
@@ -55,12 +71,13 @@ def configure(service_name: str, environ: Mapping[str, str] | None = None) -> Tr
     Call ``shutdown()`` on the result at exit so the last batch is sent."""
     environ = os.environ if environ is None else environ
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
-    if environ.get(ENDPOINT_VARIABLE, "").strip():
+    exporting = bool(environ.get(ENDPOINT_VARIABLE, "").strip())
+    if exporting:
         # Imported only when used: the exporter pulls in requests and protobuf encoders.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    use_provider(provider)
+    use_provider(provider, recording=exporting)
     return provider
 
 
@@ -106,7 +123,16 @@ def span(
 ) -> Iterator[Span]:
     """A current span around the block (child of ``parent``, else of the current one).
     An exception escaping the block marks it as an error unless
-    ``errors_from_exceptions`` is False (the caller then judges, say a gRPC NOT_FOUND)."""
+    ``errors_from_exceptions`` is False (the caller then judges, say a gRPC NOT_FOUND).
+    Without an exporter the span is non-recording (see the module docstring)."""
+    if not _State.recording:
+        current = _context_only_span(name, kind, parent, attributes)
+        token = context_api.attach(trace.set_span_in_context(current))
+        try:
+            yield current
+        finally:
+            context_api.detach(token)
+        return
     with _State.tracer.start_as_current_span(
         name,
         context=parent,
@@ -116,6 +142,37 @@ def span(
         set_status_on_exception=errors_from_exceptions,
     ) as current:
         yield current
+
+
+def _context_only_span(
+    name: str,
+    kind: SpanKind,
+    parent: Context | None,
+    attributes: Mapping[str, AttributeValue] | None,
+) -> NonRecordingSpan:
+    """The span context the SDK's ``Tracer.start_span`` would make (same ids, sampler
+    decision, flags and tracestate), as a non-recording span: nothing is recorded."""
+    provider = _State.provider
+    parent_context = trace.get_current_span(parent).get_span_context()
+    ids = provider.id_generator
+    if parent_context.is_valid:
+        trace_id = parent_context.trace_id
+        random_trace_id = parent_context.trace_flags.random_trace_id
+    else:
+        trace_id = ids.generate_trace_id()
+        random_trace_id = ids.is_trace_id_random()
+    decision = provider.sampler.should_sample(parent, trace_id, name, kind, attributes)
+    flags = TraceFlags.SAMPLED if decision.decision.is_sampled() else TraceFlags.DEFAULT
+    if random_trace_id:
+        flags |= TraceFlags.RANDOM_TRACE_ID
+    context = SpanContext(
+        trace_id,
+        ids.generate_span_id(),
+        is_remote=False,
+        trace_flags=TraceFlags(flags),
+        trace_state=decision.trace_state,
+    )
+    return NonRecordingSpan(context)
 
 
 def mark_error(current: Span, description: str) -> None:

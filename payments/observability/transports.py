@@ -80,10 +80,9 @@ def instrument_http_app(app: QuartTrio) -> None:
                         tracing.mark_error(span, f"HTTP {exchange.status}")
         finally:
             _EXCHANGE.reset(token)
-            metrics.HTTP_DURATION.labels(exchange.route, method).observe(
-                time.perf_counter() - started
-            )
-            metrics.HTTP_REQUESTS.labels(exchange.route, method, str(exchange.status)).inc()
+            duration, requests = metrics.http_series(exchange.route, method, str(exchange.status))
+            duration.observe(time.perf_counter() - started)
+            requests.inc()
 
     app.asgi_app = observed  # type: ignore[method-assign]
 
@@ -123,7 +122,8 @@ def observed_method(bound: Any, event: RequestReceived) -> Callable[[Any], Await
                 span.set_attribute("rpc.grpc.status_code", code)
                 if code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS"):
                     tracing.mark_error(span, code)
-                metrics.GRPC_DURATION.labels(name).observe(time.perf_counter() - started)
-                metrics.GRPC_REQUESTS.labels(name, code).inc()
+                duration, calls = metrics.grpc_series(name, code)
+                duration.observe(time.perf_counter() - started)
+                calls.inc()
 
     return observed

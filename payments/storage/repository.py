@@ -12,8 +12,9 @@ UTC datetimes with microseconds and small ints, metadata as compact JSON text.
 
 from __future__ import annotations
 
+import enum
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -89,19 +90,42 @@ def _payment_to_row(payment: Payment) -> dict[str, Any]:
     return row
 
 
+def _enum_decoder(kind: type[enum.IntEnum]) -> Callable[[Any], Any]:
+    """The member for a stored number: a dict lookup, the enum's own call (and its
+    ValueError) for anything else."""
+    members = {int(member): member for member in kind}
+
+    def decode(value: Any) -> Any:
+        member = members.get(value) if type(value) is int else None
+        return member if member is not None else kind(value)
+
+    return decode
+
+
+def _column_decoder(column: str) -> Callable[[Any], Any] | None:
+    if column in _ENUMS:
+        return _enum_decoder(_ENUMS[column])
+    if column in _DATETIMES:
+        return from_db_datetime
+    if column == "metadata":
+        return _metadata_from_db
+    if column == "id":
+        return int
+    return None
+
+
+# Each column's decoder (None: the value as stored), found once rather than per row and
+# column: a GET decodes one row, and the per-column tests were ~half of it.
+_PAYMENT_DECODERS = tuple((column, _column_decoder(column)) for column in PAYMENT_COLUMNS)
+
+
 def _payment_from_row(row: Sequence[Any]) -> Payment:
-    fields: dict[str, Any] = {}
-    for column, value in zip(PAYMENT_COLUMNS, row, strict=True):
-        if column in _ENUMS:
-            value = _ENUMS[column](value)
-        elif column in _DATETIMES:
-            value = from_db_datetime(value)
-        elif column == "metadata":
-            value = _metadata_from_db(value)
-        elif column == "id":
-            value = int(value)
-        fields[column] = value
-    return Payment(**fields)
+    return Payment(
+        **{
+            column: value if decode is None else decode(value)
+            for (column, decode), value in zip(_PAYMENT_DECODERS, row, strict=True)
+        }
+    )
 
 
 def _event_to_row(event: PaymentEvent) -> dict[str, Any]:
