@@ -58,12 +58,12 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
-import httpx
 import trio
 
 from payments.callback_urls import CallbackPolicy, check_url
 from payments.config import Settings
 from payments.errors import DependencyUnavailable
+from payments.jobs.callback_http import CallbackClient, CallbackHTTPError
 from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, utcnow
 from payments.observability import hooks, metrics, tracing
@@ -90,9 +90,6 @@ HOST_CONCURRENCY = 16
 HOST_BACKLOG = 4 * HOST_CONCURRENCY
 # How long rows of a busy receiver that a claim brought anyway are set aside.
 PARK_SECONDS = 2.0
-# The actor holds at most PAYMENTS_JOB_BATCH_SIZE rows at once (unless told otherwise);
-# the shared HTTP client allows this many connections in all.
-MAX_CONNECTIONS = 256
 # How often the actor deletes deliveries past the retention (storage.deliveries).
 PRUNE_INTERVAL = timedelta(hours=1)
 # Statuses whose Retry-After header sets the next attempt (RFC 9110 15.6.4, 6585 4).
@@ -207,46 +204,41 @@ def url_problem(url: str, policy: CallbackPolicy) -> str:
     return f"callback URL rejected: {problem}" if problem else ""
 
 
-async def resolved_problem(url: str, policy: CallbackPolicy, limit_seconds: float) -> str:
+async def resolve_checked(
+    url: str, policy: CallbackPolicy, limit_seconds: float
+) -> tuple[str, tuple[str, ...]]:
     """Why the addresses ``url``'s host name resolves to may not be called ('' when
-    they may, or when it does not resolve: the attempt then fails on its own). A name
-    is checked like an address, so ``evil.example`` -> 127.0.0.1 is refused.
-    (httpx resolves again when it connects: a rebinding DNS server could still answer
-    differently the second time.)"""
+    they may), and those addresses: the only ones the attempt connects to (the client
+    never resolves again, so a rebinding DNS server cannot answer differently the
+    second time). A name is checked like an address, so ``evil.example`` -> 127.0.0.1
+    is refused; a name that does not resolve has no address (the attempt then fails
+    on its own, and is retried)."""
     host = check_url(url, policy)
     if not isinstance(host, str):
-        return ""
+        return "", (str(host),)
     infos: list[Any] = []
     with trio.move_on_after(limit_seconds), contextlib.suppress(OSError):
         infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     name_allowed = policy.name_allowed(host)
+    addresses: dict[str, None] = {}
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        written = str(sockaddr[0])
+        address = ipaddress.ip_address(written.partition("%")[0])
         if problem := policy.address_problem(address, name_allowed=name_allowed):
-            return f"callback URL rejected: {host} resolves to {address}, which {problem}"
-    return ""
+            return f"callback URL rejected: {host} resolves to {address}, which {problem}", ()
+        addresses[written] = None
+    return "", tuple(addresses)
+
+
+async def resolved_problem(url: str, policy: CallbackPolicy, limit_seconds: float) -> str:
+    """:func:`resolve_checked`'s verdict alone."""
+    return (await resolve_checked(url, policy, limit_seconds))[0]
 
 
 def default_worker_id() -> str:
     """host:pid:random, unique per Dispatcher, within claimed_by's 64 characters."""
     suffix = f":{os.getpid()}:{secrets.token_hex(3)}"
     return socket.gethostname()[: outbox.WORKER_ID_MAX_CHARS - len(suffix)] + suffix
-
-
-def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The HTTP client callbacks go out on (share one per process).
-
-    No redirects; no proxy or netrc from the environment (callbacks go straight to
-    internal callers, and an ambient proxy must not see API keys); the callback timeout
-    per phase (the dispatcher also bounds the whole attempt).
-    """
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=False,
-        timeout=httpx.Timeout(settings.callback_http_timeout_seconds),
-        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64),
-        headers={"User-Agent": "payments-service/callbacks"},
-    )
 
 
 class _Notified(Protocol):
@@ -299,8 +291,9 @@ def open_notice_channel(
 class Dispatcher:
     """Delivers status callbacks; one per process (any number of replicas).
 
-    ``http_client`` is borrowed when given (redirects are refused per request
-    anyway); otherwise one is made and closed by :meth:`aclose`. ``clock`` is the
+    ``http_client`` (payments.jobs.callback_http: no redirects, no proxy, only
+    checked addresses) is borrowed when given; otherwise one is made and closed by
+    :meth:`aclose`. ``clock`` is the
     wall clock for due times, leases and webhook-timestamp; ``rng`` returns floats in
     [0, 1) for the jitter. Raises ConfigError at construction for a bad signing secret.
     """
@@ -309,7 +302,7 @@ class Dispatcher:
         self,
         pool: Database,
         settings: Settings,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: CallbackClient | None = None,
         worker_id: str | None = None,
         *,
         clock: Callable[[], datetime] = utcnow,
@@ -324,7 +317,7 @@ class Dispatcher:
         self._settings = settings
         self._signer = CallbackSigner(settings.app_api_key, settings.callback_signing_secret)
         self._owns_client = http_client is None
-        self._client = http_client if http_client is not None else make_http_client(settings)
+        self._client = http_client if http_client is not None else CallbackClient()
         self.worker_id = worker_id or default_worker_id()
         if len(self.worker_id) > outbox.WORKER_ID_MAX_CHARS:
             raise ValueError(f"worker_id longer than {outbox.WORKER_ID_MAX_CHARS} characters")
@@ -442,14 +435,15 @@ class Dispatcher:
             # The DNS check and the POST share one callback timeout: the lease covers
             # one, and a lapsed lease would let another replica send it too.
             deadline = trio.current_time() + self._timeout
-            problem = url_problem(entry.url, policy) or await resolved_problem(
-                entry.url, policy, self._timeout
-            )
+            problem = url_problem(entry.url, policy)
+            addresses: tuple[str, ...] = ()
+            if not problem:
+                problem, addresses = await resolve_checked(entry.url, policy, self._timeout)
             retry_after: float | None = None
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:
-                post = partial(self._post, deadline=deadline)
+                post = partial(self._post, deadline=deadline, addresses=addresses)
                 attempt, retry_after = await hooks.callback_attempt(post, entry, attempt_no)
             state, next_at, outcome = self._decide(
                 attempt, rejected=bool(problem), retry_after=retry_after
@@ -480,12 +474,17 @@ class Dispatcher:
         return outcome
 
     async def _post(
-        self, entry: OutboxEntry, attempt_no: int, *, deadline: float
+        self,
+        entry: OutboxEntry,
+        attempt_no: int,
+        *,
+        deadline: float,
+        addresses: tuple[str, ...],
     ) -> tuple[CallbackAttempt, float | None]:
-        """One HTTP attempt, bounded as a whole by ``deadline`` (trio time: the callback
-        timeout, counted from before the DNS check; httpx's own timeout is per phase, so
-        a receiver trickling bytes could outlast it); with the seconds a Retry-After
-        header asked for."""
+        """One HTTP attempt to ``addresses`` (resolved and checked), bounded as a whole
+        by ``deadline`` (trio time: the callback timeout, counted from before the DNS
+        check, so a receiver trickling bytes cannot outlast it); with the seconds a
+        Retry-After header asked for."""
         at = self._clock()
         headers = self._signer.headers(entry, at)
         tracing.inject(headers)  # the trace of the request that ended the payment
@@ -495,24 +494,16 @@ class Dispatcher:
         error = ""
         with trio.move_on_at(deadline) as scope:
             try:
-                # Streamed and never read: the answer's status is all we need, and a
-                # huge body must not cost memory.
-                async with self._client.stream(
-                    "POST",
-                    entry.url,
-                    content=entry.payload.encode("utf-8"),
-                    headers=headers,
-                    follow_redirects=False,
-                    timeout=self._timeout,
-                ) as response:
-                    status = response.status_code
-                    retry_after = response.headers.get("retry-after")
-            except httpx.TimeoutException:
-                error = f"timed out after {self._timeout:g}s"
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                # The DNS check may have spent the timeout (and found no address).
+                await trio.lowlevel.checkpoint_if_cancelled()
+                answer = await self._client.post(
+                    entry.url, entry.payload.encode("utf-8"), headers, addresses
+                )
+                status, retry_after = answer.status, answer.retry_after
+            except CallbackHTTPError as exc:
+                error = str(exc)
             except Exception as exc:
-                # One bad row (say, a header value httpx refuses) must cost one attempt,
+                # One bad row (say, a header value h11 refuses) must cost one attempt,
                 # not crash every pass that claims it.
                 log.exception("callback attempt raised", extra={"outbox_id": entry.id})
                 error = f"unexpected error: {type(exc).__name__}"
