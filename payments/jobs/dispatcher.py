@@ -63,13 +63,14 @@ import trio
 from payments.callback_urls import CallbackPolicy, check_url
 from payments.config import Settings
 from payments.errors import DependencyUnavailable
+from payments.jobs.attempt_recorder import AttemptRecorder
 from payments.jobs.callback_http import CallbackClient, CallbackHTTPError
 from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, utcnow
 from payments.observability import hooks, metrics, tracing
 from payments.storage import deliveries, outbox
 from payments.storage.database import Database
-from payments.storage.outbox import CallbackAttempt
+from payments.storage.outbox import CallbackAttempt, FinishedAttempt
 from supervisor import Backoff, ChildContext
 
 log = logging.getLogger("payments.jobs.dispatcher")
@@ -321,6 +322,8 @@ class Dispatcher:
         self.worker_id = worker_id or default_worker_id()
         if len(self.worker_id) > outbox.WORKER_ID_MAX_CHARS:
             raise ValueError(f"worker_id longer than {outbox.WORKER_ID_MAX_CHARS} characters")
+        # Attempts finishing together are recorded in one transaction.
+        self._recorder = AttemptRecorder(pool, self.worker_id)
         self._clock = clock
         self._rng = rng if rng is not None else random.random
         self._concurrency = concurrency
@@ -448,10 +451,7 @@ class Dispatcher:
             state, next_at, outcome = self._decide(
                 attempt, rejected=bool(problem), retry_after=retry_after
             )
-            async with self._pool.transaction() as conn:
-                recorded = await outbox.record_attempt(
-                    conn, entry, self.worker_id, attempt, state, next_at
-                )
+            recorded = await self._recorder.record(FinishedAttempt(entry, attempt, state, next_at))
         except DependencyUnavailable:
             # The lease runs out and the row is tried again: at-least-once.
             log.warning("callback left for a later pass: database unavailable", extra=base)
