@@ -42,6 +42,7 @@ waiting uses trio's clock, so tests drive both with MockClock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -60,7 +61,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from payments.callback_urls import CallbackPolicy, check_url
+from payments.callback_urls import CallbackPolicy, IPAddress, UrlRefused, check_url
 from payments.config import Settings
 from payments.errors import DependencyUnavailable
 from payments.jobs.attempt_recorder import AttemptRecorder
@@ -205,16 +206,28 @@ def url_problem(url: str, policy: CallbackPolicy) -> str:
     return f"callback URL rejected: {problem}" if problem else ""
 
 
+@functools.lru_cache(maxsize=4096)
+def _url_verdict(url: str, policy: CallbackPolicy) -> tuple[str, str | IPAddress | None]:
+    """:func:`url_problem` and the host it names, in one pure step: cached, since the
+    same few receivers come back callback after callback."""
+    try:
+        return "", check_url(url, policy)
+    except UrlRefused as exc:
+        return f"callback URL rejected: {exc}", None
+
+
 async def resolve_checked(
     url: str, policy: CallbackPolicy, limit_seconds: float
 ) -> tuple[str, tuple[str, ...]]:
-    """Why the addresses ``url``'s host name resolves to may not be called ('' when
-    they may), and those addresses: the only ones the attempt connects to (the client
+    """Why ``url`` may not be called, as written or as resolved ('' when it may), and
+    the addresses it resolves to: the only ones the attempt connects to (the client
     never resolves again, so a rebinding DNS server cannot answer differently the
     second time). A name is checked like an address, so ``evil.example`` -> 127.0.0.1
     is refused; a name that does not resolve has no address (the attempt then fails
     on its own, and is retried)."""
-    host = check_url(url, policy)
+    problem, host = _url_verdict(url, policy)
+    if problem or host is None:
+        return problem, ()
     if not isinstance(host, str):
         return "", (str(host),)
     infos: list[Any] = []
@@ -316,6 +329,7 @@ class Dispatcher:
             raise ValueError("concurrency and in_flight must be >= 1")
         self._pool = pool
         self._settings = settings
+        self._policy = settings.callback_policy()
         self._signer = CallbackSigner(settings.app_api_key, settings.callback_signing_secret)
         self._owns_client = http_client is None
         self._client = http_client if http_client is not None else CallbackClient()
@@ -434,14 +448,10 @@ class Dispatcher:
                     await outbox.release(conn, entry, self.worker_id)
                 return "skipped"
             attempt_no = entry.attempts + 1
-            policy = self._settings.callback_policy()
             # The DNS check and the POST share one callback timeout: the lease covers
             # one, and a lapsed lease would let another replica send it too.
             deadline = trio.current_time() + self._timeout
-            problem = url_problem(entry.url, policy)
-            addresses: tuple[str, ...] = ()
-            if not problem:
-                problem, addresses = await resolve_checked(entry.url, policy, self._timeout)
+            problem, addresses = await resolve_checked(entry.url, self._policy, self._timeout)
             retry_after: float | None = None
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
