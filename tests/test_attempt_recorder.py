@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import trio
-import trio.testing
 import trio.lowlevel
+import trio.testing
 
 from payments.errors import DependencyUnavailable
 from payments.jobs.attempt_recorder import AttemptRecorder
