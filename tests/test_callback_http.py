@@ -21,7 +21,7 @@ from payments.jobs.callback_http import Answer, CallbackClient, CallbackHTTPErro
 from payments.jobs.dispatcher import PassResult
 from payments.model import OutboxState
 from payments.storage.pool import Pool
-from tests.callback_support import MakeDispatcher, Receiver, attempts
+from tests.callback_support import MakeDispatcher, Receiver, ScriptedResolver, attempts
 from tests.callback_support import dispatchers as dispatchers
 from tests.callback_support import receiver as receiver
 from tests.storage_support import fetch, queue_callbacks
@@ -342,28 +342,16 @@ async def test_tls_is_verified_and_names_the_urls_host(
 # -- through the dispatcher ----------------------------------------------------------------
 
 
-class RebindingResolver(trio.abc.HostnameResolver):
+class RebindingResolver(ScriptedResolver):
     """A DNS server that answers ``first`` for ``host`` once, then ``later``."""
 
     def __init__(self, host: str, first: str, later: str) -> None:
-        self.host, self.answers, self.asked = host, [first, later], 0
+        super().__init__(host)
+        self.answers = [first, later]
 
-    async def getaddrinfo(
-        self,
-        host: bytes | None,
-        port: bytes | str | int | None,
-        family: int = 0,
-        type: int = 0,
-        proto: int = 0,
-        flags: int = 0,
-    ) -> list[Any]:
-        assert host is not None and host.decode() == self.host, host
-        address = self.answers[min(self.asked, 1)]
-        self.asked += 1
+    async def answer(self) -> list[Any]:
+        address = self.answers[min(self.asked - 1, 1)]
         return [(trio.socket.AF_INET, trio.socket.SOCK_STREAM, 6, "", (address, 0))]
-
-    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
-        raise NotImplementedError
 
 
 async def test_the_dispatcher_connects_to_the_address_it_checked(
