@@ -1,5 +1,6 @@
 """Sizes of a benchmark run: ``FULL`` for ``make bench``, ``QUICK`` for ``make bench-quick``
-(the same code with tiny sizes, a smoke test for CI), and the targets (issue 5)."""
+(the same code with tiny sizes, a smoke test for CI), and the targets (issue 5; the
+dispatch and propagation p99 ones: issue 11)."""
 
 from __future__ import annotations
 
@@ -76,13 +77,15 @@ SIZES = {sizes.name: sizes for sizes in (FULL, QUICK)}
 
 @attrs.frozen
 class Target:
-    """``value <op> bound`` must hold; ``op`` is ">=" or "<"."""
+    """``value <op> bound`` must hold; ``op`` is ">=", "<=" or "<"."""
 
     op: str
     bound: float
 
     def met(self, value: float) -> bool:
-        return value >= self.bound if self.op == ">=" else value < self.bound
+        if self.op == ">=":
+            return value >= self.bound
+        return value <= self.bound if self.op == "<=" else value < self.bound
 
     def __str__(self) -> str:
         return f"{self.op} {self.bound:g}"
@@ -92,8 +95,8 @@ TARGETS: dict[str, Target] = {
     "http_get.ratio": Target(">=", 0.6),
     "grpc_get.ratio": Target(">=", 0.6),
     "propagation.p50_ms": Target("<", 50),
-    "propagation.p99_ms": Target("<", 250),
-    "dispatch.items_per_s": Target(">=", 500),
+    "propagation.p99_ms": Target("<=", 9.9),  # issue 11
+    "dispatch.items_per_s": Target(">=", 937),  # issue 11
     "expiry.items_per_s": Target(">=", 2000),
     "reconcile.items_per_s": Target(">=", 200),
     "memory.http_load_peak_mb": Target("<", 150),

@@ -6,6 +6,7 @@ can check the per-receiver bound. Also the dispatchers tests make and drive."""
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -193,6 +194,37 @@ async def dispatchers() -> AsyncIterator[MakeDispatcher]:
     yield make
     for dispatcher in made:
         await dispatcher.aclose()
+
+
+class ScriptedResolver(trio.abc.HostnameResolver):
+    """A DNS server for tests: :meth:`answer` for ``host`` (counted in ``asked``);
+    other names resolve as usual. Install with trio.socket.set_custom_hostname_resolver."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.asked = 0
+
+    async def answer(self) -> list[Any]:
+        raise NotImplementedError
+
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[Any]:
+        if host is not None and host.decode() == self.host:
+            self.asked += 1
+            return await self.answer()
+        return await trio.to_thread.run_sync(
+            socket.getaddrinfo, host, port, family, type, proto, flags
+        )
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
+        return await trio.to_thread.run_sync(socket.getnameinfo, sockaddr, flags)
 
 
 class WallClock:

@@ -11,6 +11,7 @@ import base64
 import random
 from datetime import timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import pytest
 import trio
@@ -26,6 +27,7 @@ from payments.jobs.dispatcher import (
     retry_schedule,
 )
 from payments.model import OutboxState, utcnow
+from payments.storage import outbox
 from payments.storage.pool import Pool
 from tests.callback_support import (
     HANG,
@@ -38,6 +40,7 @@ from tests.callback_support import (
     payment_of,
     soon,
     start_actor,
+    until,
     until_state,
 )
 from tests.callback_support import dispatchers as dispatchers
@@ -335,3 +338,41 @@ async def test_stopping_releases_rows_waiting_for_their_receivers_turn(
     assert len(delivered) == dispatcher_module.HOST_CONCURRENCY  # in flight: finished
     assert len(waiting) == 20 - len(delivered)
     assert all(s.claimed_by == "" and s.attempts == 0 for s in waiting)  # released
+
+
+async def test_a_notice_costs_a_claim_not_a_next_due_lookup(
+    db_pool: Pool,
+    receiver: Receiver,
+    dispatchers: MakeDispatcher,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a notice's claim the actor keeps the due time it knows (looking it up was
+    two queries per notice); a retry, which has a new due time, looks it up at once."""
+    lookups: list[object] = []
+    real_next_due_at = outbox.next_due_at
+
+    async def counted(conn: Any, horizon: Any) -> Any:
+        lookups.append(horizon)
+        return await real_next_due_at(conn, horizon)
+
+    monkeypatch.setattr(outbox, "next_due_at", counted)
+    monkeypatch.setattr(dispatcher_module, "NEXT_DUE_REFRESH_SECONDS", 600.0)
+    dispatcher = dispatchers(db_pool)
+    notifier, notices = open_notice_channel()
+    await start_actor(nursery, dispatcher, notices)
+    with trio.fail_after(10):
+        await until(lambda: dispatcher.stats.waiting)
+        assert len(lookups) == 1  # at start
+        for n in range(1, 6):
+            (entry,) = await queue_callbacks(db_pool, url=receiver.url())
+            notifier.notify(await payment_of(db_pool, entry))
+            await until_state(db_pool, entry, OutboxState.DELIVERED)
+            assert len(receiver.requests) == n
+        await until(lambda: dispatcher.stats.waiting)
+        assert len(lookups) == 1
+        receiver.script = [Answer(500)]
+        (entry,) = await queue_callbacks(db_pool, url=receiver.url())
+        notifier.notify(await payment_of(db_pool, entry))
+        await until(lambda: len(lookups) == 2)
+    assert (await fetch(db_pool, entry.id)).attempts == 1

@@ -23,6 +23,7 @@ from payments.api.http import create_http_app, serve_http
 from payments.config import load_settings
 from payments.gen import payments_pb2 as pb
 from payments.gen import payments_pb2_grpc as pb_grpc
+from payments.jobs.callback_http import CallbackClient
 from payments.jobs.dispatcher import Dispatcher, PassResult
 from payments.model import Caller, OutboxState
 from payments.profile import resolve_profile
@@ -137,8 +138,7 @@ async def test_an_allow_list_narrowed_after_create_refuses_at_delivery(stack: St
         )
     await stack.service.cancel(Caller("svc-a"), payment.id, "test")
     narrowed = attrs.evolve(stack.settings, callback_allowed_hosts=("*.svc.local",))
-    async with httpx.AsyncClient() as client:
-        dispatcher = Dispatcher(stack.pool, narrowed, http_client=client)
+    async with Dispatcher(stack.pool, narrowed, http_client=CallbackClient()) as dispatcher:
         assert await dispatcher.run_pass() == PassResult(claimed=1, failed=1)
     async with stack.pool.connection() as conn:
         (entry,) = await outbox.entries_for_payment(conn, payment.id)

@@ -51,6 +51,7 @@ from tests.callback_support import (
     Answer,
     MakeDispatcher,
     Receiver,
+    ScriptedResolver,
     WallClock,
     attempts,
     payment_of,
@@ -346,31 +347,12 @@ async def test_a_name_that_resolves_to_a_refused_range_is_refused_at_delivery(
     assert "not in" in await resolved_problem(f"http://{name}/cb", parse_policy([]), 5)
 
 
-class HangingResolver(trio.abc.HostnameResolver):
+class HangingResolver(ScriptedResolver):
     """A DNS server that never answers for ``host``; other names resolve as usual."""
 
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.asked = 0
-
-    async def getaddrinfo(
-        self,
-        host: bytes | None,
-        port: bytes | str | int | None,
-        family: int = 0,
-        type: int = 0,
-        proto: int = 0,
-        flags: int = 0,
-    ) -> list[Any]:
-        if host is not None and host.decode() == self.host:
-            self.asked += 1
-            await trio.sleep_forever()
-        return await trio.to_thread.run_sync(
-            socket.getaddrinfo, host, port, family, type, proto, flags
-        )
-
-    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
-        return await trio.to_thread.run_sync(socket.getnameinfo, sockaddr, flags)
+    async def answer(self) -> list[Any]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
 
 
 async def test_the_dns_check_and_the_post_share_one_callback_timeout(

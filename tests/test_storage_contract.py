@@ -689,6 +689,114 @@ async def test_record_attempt_keeps_history_and_releases_the_claim(database: Dat
     assert await outbox.claim_due(database, "w", retry_at + timedelta(days=1), LEASE, 1) == []
 
 
+async def test_record_attempts_writes_a_batch_and_keeps_each_lease_guard(
+    database: Database,
+) -> None:
+    """Many rows in one transaction: each still held under its lease is moved and gets
+    its attempt row; one taken over by another worker, and one no longer pending, are
+    left alone and reported False, in the caller's order."""
+    delivered, retried, failed, taken, done = await queue_callbacks(database, 5)
+    start = later()
+    claimed = await outbox.claim_due(database, "w", start, LEASE, limit=5)
+    assert [e.id for e in claimed] == [e.id for e in (delivered, retried, failed, taken, done)]
+    by_id = {e.id: e for e in claimed}
+    # `taken` is re-claimed by another worker after the lease ran out; `done` is
+    # recorded on its own first, so it is no longer pending.
+    takeover = start + timedelta(seconds=LEASE)
+    async with database.transaction() as conn:
+        await conn.execute(
+            "UPDATE callback_outbox SET claimed_by = 'other', claimed_until = %s WHERE id = %s",
+            (takeover.replace(tzinfo=None), taken.id),
+        )
+        assert await outbox.record_attempt(
+            conn,
+            by_id[done.id],
+            "w",
+            attempt_of(by_id[done.id], start, 200),
+            OutboxState.DELIVERED,
+            start,
+        )
+    retry_at = start + timedelta(minutes=5)
+    finished = [
+        outbox.FinishedAttempt(
+            by_id[taken.id], attempt_of(by_id[taken.id], start), OutboxState.FAILED, start
+        ),
+        outbox.FinishedAttempt(
+            by_id[delivered.id],
+            attempt_of(by_id[delivered.id], start, 204),
+            OutboxState.DELIVERED,
+            start,
+        ),
+        outbox.FinishedAttempt(
+            by_id[retried.id],
+            CallbackAttempt(retried.id, 1, start, None, "x😀" * 1000, 10_000),
+            OutboxState.PENDING,
+            retry_at,
+        ),
+        outbox.FinishedAttempt(
+            by_id[done.id], attempt_of(by_id[done.id], start), OutboxState.FAILED, start
+        ),
+        outbox.FinishedAttempt(
+            by_id[failed.id], attempt_of(by_id[failed.id], start, 400), OutboxState.FAILED, start
+        ),
+    ]
+    async with database.transaction() as conn:
+        assert await outbox.record_attempts(conn, "w", finished) == [
+            False,
+            True,
+            True,
+            False,
+            True,
+        ]
+    stored = {e.id: await fetch(database, e.id) for e in claimed}
+    assert (stored[delivered.id].state, stored[delivered.id].delivered_at) == (
+        OutboxState.DELIVERED,
+        start,
+    )
+    assert stored[delivered.id].last_error == ""
+    row = stored[retried.id]
+    assert (row.state, row.attempts, row.next_attempt_at, row.claimed_by, row.claimed_until) == (
+        OutboxState.PENDING,
+        1,
+        retry_at,
+        "",
+        None,
+    )
+    assert len(row.last_error) == outbox.ERROR_MAX_CHARS and row.delivered_at is None
+    assert (stored[failed.id].state, stored[failed.id].last_error) == (
+        OutboxState.FAILED,
+        "HTTP 500",
+    )
+    assert (stored[taken.id].state, stored[taken.id].claimed_by) == (OutboxState.PENDING, "other")
+    assert stored[taken.id].attempts == 0
+    assert stored[done.id].state == OutboxState.DELIVERED  # its own record stands
+    async with database.connection() as conn:
+        history = {e.id: await outbox.attempts_for(conn, e.id) for e in claimed}
+    assert history[taken.id] == []
+    assert [(a.status_code, a.latency_ms) for a in history[done.id]] == [(200, 12)]
+    assert [(a.attempt, a.status_code) for a in history[delivered.id]] == [(1, 204)]
+    (long,) = history[retried.id]
+    assert (long.status_code, long.latency_ms, long.attempted_at) == (None, 10_000, start)
+    assert long.error.endswith("...") and len(long.error) == outbox.ERROR_MAX_CHARS
+    assert [a.status_code for a in history[failed.id]] == [400]
+
+
+async def test_record_attempts_refuses_rows_this_worker_did_not_claim(
+    database: Database,
+) -> None:
+    first, second = await queue_callbacks(database, 2)
+    now = later()
+    claimed = await outbox.claim_due(database, "w", now, LEASE, limit=2)
+    finished = [
+        outbox.FinishedAttempt(e, attempt_of(e, now), OutboxState.FAILED, now) for e in claimed
+    ]
+    async with database.transaction() as conn:
+        with pytest.raises(ValueError, match="not claimed by this worker"):
+            await outbox.record_attempts(conn, "someone else", finished)
+        assert await outbox.record_attempts(conn, "w", []) == []
+    assert {(await fetch(database, e.id)).claimed_by for e in (first, second)} == {"w"}
+
+
 async def test_release_makes_a_row_claimable_at_once(database: Database) -> None:
     (entry,) = await queue_callbacks(database)
     now = later()

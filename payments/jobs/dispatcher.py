@@ -42,6 +42,7 @@ waiting uses trio's clock, so tests drive both with MockClock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -58,18 +59,19 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
-import httpx
 import trio
 
-from payments.callback_urls import CallbackPolicy, check_url
+from payments.callback_urls import CallbackPolicy, IPAddress, UrlRefused, check_url
 from payments.config import Settings
 from payments.errors import DependencyUnavailable
+from payments.jobs.attempt_recorder import AttemptRecorder
+from payments.jobs.callback_http import CallbackClient, CallbackHTTPError
 from payments.jobs.signing import CallbackSigner
 from payments.model import OutboxEntry, OutboxState, utcnow
 from payments.observability import hooks, metrics, tracing
 from payments.storage import deliveries, outbox
 from payments.storage.database import Database
-from payments.storage.outbox import CallbackAttempt
+from payments.storage.outbox import CallbackAttempt, FinishedAttempt
 from supervisor import Backoff, ChildContext
 
 log = logging.getLogger("payments.jobs.dispatcher")
@@ -90,9 +92,6 @@ HOST_CONCURRENCY = 16
 HOST_BACKLOG = 4 * HOST_CONCURRENCY
 # How long rows of a busy receiver that a claim brought anyway are set aside.
 PARK_SECONDS = 2.0
-# The actor holds at most PAYMENTS_JOB_BATCH_SIZE rows at once (unless told otherwise);
-# the shared HTTP client allows this many connections in all.
-MAX_CONNECTIONS = 256
 # How often the actor deletes deliveries past the retention (storage.deliveries).
 PRUNE_INTERVAL = timedelta(hours=1)
 # Statuses whose Retry-After header sets the next attempt (RFC 9110 15.6.4, 6585 4).
@@ -106,6 +105,9 @@ RECORD_ALLOWANCE_SECONDS = 2.0
 NOTICE_CAPACITY = 256
 # After the database failed a pass, wait this long (or the sweep, if shorter).
 DB_RETRY_SECONDS = 5.0
+# The actor looks up the next due time (and the backlog gauges) after a notice's
+# claim at most this often; after any other wake-up, always.
+NEXT_DUE_REFRESH_SECONDS = 1.0
 
 
 @attrs.frozen
@@ -207,46 +209,53 @@ def url_problem(url: str, policy: CallbackPolicy) -> str:
     return f"callback URL rejected: {problem}" if problem else ""
 
 
-async def resolved_problem(url: str, policy: CallbackPolicy, limit_seconds: float) -> str:
-    """Why the addresses ``url``'s host name resolves to may not be called ('' when
-    they may, or when it does not resolve: the attempt then fails on its own). A name
-    is checked like an address, so ``evil.example`` -> 127.0.0.1 is refused.
-    (httpx resolves again when it connects: a rebinding DNS server could still answer
-    differently the second time.)"""
-    host = check_url(url, policy)
+@functools.lru_cache(maxsize=4096)
+def _url_verdict(url: str, policy: CallbackPolicy) -> tuple[str, str | IPAddress | None]:
+    """:func:`url_problem` and the host it names, in one pure step: cached, since the
+    same few receivers come back callback after callback."""
+    try:
+        return "", check_url(url, policy)
+    except UrlRefused as exc:
+        return f"callback URL rejected: {exc}", None
+
+
+async def resolve_checked(
+    url: str, policy: CallbackPolicy, limit_seconds: float
+) -> tuple[str, tuple[str, ...]]:
+    """Why ``url`` may not be called, as written or as resolved ('' when it may), and
+    the addresses it resolves to: the only ones the attempt connects to (the client
+    never resolves again, so a rebinding DNS server cannot answer differently the
+    second time). A name is checked like an address, so ``evil.example`` -> 127.0.0.1
+    is refused; a name that does not resolve has no address (the attempt then fails
+    on its own, and is retried)."""
+    problem, host = _url_verdict(url, policy)
+    if problem or host is None:
+        return problem, ()
     if not isinstance(host, str):
-        return ""
+        return "", (str(host),)
     infos: list[Any] = []
     with trio.move_on_after(limit_seconds), contextlib.suppress(OSError):
         infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     name_allowed = policy.name_allowed(host)
+    addresses: dict[str, None] = {}
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+        written = str(sockaddr[0])
+        address = ipaddress.ip_address(written.partition("%")[0])
         if problem := policy.address_problem(address, name_allowed=name_allowed):
-            return f"callback URL rejected: {host} resolves to {address}, which {problem}"
-    return ""
+            return f"callback URL rejected: {host} resolves to {address}, which {problem}", ()
+        addresses[written] = None
+    return "", tuple(addresses)
+
+
+async def resolved_problem(url: str, policy: CallbackPolicy, limit_seconds: float) -> str:
+    """:func:`resolve_checked`'s verdict alone."""
+    return (await resolve_checked(url, policy, limit_seconds))[0]
 
 
 def default_worker_id() -> str:
     """host:pid:random, unique per Dispatcher, within claimed_by's 64 characters."""
     suffix = f":{os.getpid()}:{secrets.token_hex(3)}"
     return socket.gethostname()[: outbox.WORKER_ID_MAX_CHARS - len(suffix)] + suffix
-
-
-def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The HTTP client callbacks go out on (share one per process).
-
-    No redirects; no proxy or netrc from the environment (callbacks go straight to
-    internal callers, and an ambient proxy must not see API keys); the callback timeout
-    per phase (the dispatcher also bounds the whole attempt).
-    """
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=False,
-        timeout=httpx.Timeout(settings.callback_http_timeout_seconds),
-        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64),
-        headers={"User-Agent": "payments-service/callbacks"},
-    )
 
 
 class _Notified(Protocol):
@@ -299,8 +308,9 @@ def open_notice_channel(
 class Dispatcher:
     """Delivers status callbacks; one per process (any number of replicas).
 
-    ``http_client`` is borrowed when given (redirects are refused per request
-    anyway); otherwise one is made and closed by :meth:`aclose`. ``clock`` is the
+    ``http_client`` (payments.jobs.callback_http: no redirects, no proxy, only
+    checked addresses) is borrowed when given; otherwise one is made and closed by
+    :meth:`aclose`. ``clock`` is the
     wall clock for due times, leases and webhook-timestamp; ``rng`` returns floats in
     [0, 1) for the jitter. Raises ConfigError at construction for a bad signing secret.
     """
@@ -309,7 +319,7 @@ class Dispatcher:
         self,
         pool: Database,
         settings: Settings,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: CallbackClient | None = None,
         worker_id: str | None = None,
         *,
         clock: Callable[[], datetime] = utcnow,
@@ -322,12 +332,15 @@ class Dispatcher:
             raise ValueError("concurrency and in_flight must be >= 1")
         self._pool = pool
         self._settings = settings
+        self._policy = settings.callback_policy()
         self._signer = CallbackSigner(settings.app_api_key, settings.callback_signing_secret)
         self._owns_client = http_client is None
-        self._client = http_client if http_client is not None else make_http_client(settings)
+        self._client = http_client if http_client is not None else CallbackClient()
         self.worker_id = worker_id or default_worker_id()
         if len(self.worker_id) > outbox.WORKER_ID_MAX_CHARS:
             raise ValueError(f"worker_id longer than {outbox.WORKER_ID_MAX_CHARS} characters")
+        # Attempts finishing together are recorded in one transaction.
+        self._recorder = AttemptRecorder(pool, self.worker_id)
         self._clock = clock
         self._rng = rng if rng is not None else random.random
         self._concurrency = concurrency
@@ -438,26 +451,20 @@ class Dispatcher:
                     await outbox.release(conn, entry, self.worker_id)
                 return "skipped"
             attempt_no = entry.attempts + 1
-            policy = self._settings.callback_policy()
             # The DNS check and the POST share one callback timeout: the lease covers
             # one, and a lapsed lease would let another replica send it too.
             deadline = trio.current_time() + self._timeout
-            problem = url_problem(entry.url, policy) or await resolved_problem(
-                entry.url, policy, self._timeout
-            )
+            problem, addresses = await resolve_checked(entry.url, self._policy, self._timeout)
             retry_after: float | None = None
             if problem:
                 attempt = CallbackAttempt(entry.id, attempt_no, self._clock(), None, problem, 0)
             else:
-                post = partial(self._post, deadline=deadline)
+                post = partial(self._post, deadline=deadline, addresses=addresses)
                 attempt, retry_after = await hooks.callback_attempt(post, entry, attempt_no)
             state, next_at, outcome = self._decide(
                 attempt, rejected=bool(problem), retry_after=retry_after
             )
-            async with self._pool.transaction() as conn:
-                recorded = await outbox.record_attempt(
-                    conn, entry, self.worker_id, attempt, state, next_at
-                )
+            recorded = await self._recorder.record(FinishedAttempt(entry, attempt, state, next_at))
         except DependencyUnavailable:
             # The lease runs out and the row is tried again: at-least-once.
             log.warning("callback left for a later pass: database unavailable", extra=base)
@@ -480,12 +487,17 @@ class Dispatcher:
         return outcome
 
     async def _post(
-        self, entry: OutboxEntry, attempt_no: int, *, deadline: float
+        self,
+        entry: OutboxEntry,
+        attempt_no: int,
+        *,
+        deadline: float,
+        addresses: tuple[str, ...],
     ) -> tuple[CallbackAttempt, float | None]:
-        """One HTTP attempt, bounded as a whole by ``deadline`` (trio time: the callback
-        timeout, counted from before the DNS check; httpx's own timeout is per phase, so
-        a receiver trickling bytes could outlast it); with the seconds a Retry-After
-        header asked for."""
+        """One HTTP attempt to ``addresses`` (resolved and checked), bounded as a whole
+        by ``deadline`` (trio time: the callback timeout, counted from before the DNS
+        check, so a receiver trickling bytes cannot outlast it); with the seconds a
+        Retry-After header asked for."""
         at = self._clock()
         headers = self._signer.headers(entry, at)
         tracing.inject(headers)  # the trace of the request that ended the payment
@@ -495,24 +507,16 @@ class Dispatcher:
         error = ""
         with trio.move_on_at(deadline) as scope:
             try:
-                # Streamed and never read: the answer's status is all we need, and a
-                # huge body must not cost memory.
-                async with self._client.stream(
-                    "POST",
-                    entry.url,
-                    content=entry.payload.encode("utf-8"),
-                    headers=headers,
-                    follow_redirects=False,
-                    timeout=self._timeout,
-                ) as response:
-                    status = response.status_code
-                    retry_after = response.headers.get("retry-after")
-            except httpx.TimeoutException:
-                error = f"timed out after {self._timeout:g}s"
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                # The DNS check may have spent the timeout (and found no address).
+                await trio.lowlevel.checkpoint_if_cancelled()
+                answer = await self._client.post(
+                    entry.url, entry.payload.encode("utf-8"), headers, addresses
+                )
+                status, retry_after = answer.status, answer.retry_after
+            except CallbackHTTPError as exc:
+                error = str(exc)
             except Exception as exc:
-                # One bad row (say, a header value httpx refuses) must cost one attempt,
+                # One bad row (say, a header value h11 refuses) must cost one attempt,
                 # not crash every pass that claims it.
                 log.exception("callback attempt raised", extra={"outbox_id": entry.id})
                 error = f"unexpected error: {type(exc).__name__}"
@@ -567,17 +571,29 @@ class Dispatcher:
         log.info("dispatcher running", extra={"worker_id": self.worker_id, "sweep_s": sweep})
         async with trio.open_nursery() as deliveries:
             deliveries.start_soon(self._prune_hourly, ctx.stopping)
-            deadline = trio.current_time()
+            deadline = refreshed = trio.current_time()
             feed = True
+            noticed: set[str] | None = None
             while not ctx.stop_requested:
                 if feed:
                     try:
-                        await self._feed(deliveries, ctx.stopping)
-                        wait = await self._until_next_due(sweep)
+                        parked = await self._feed(deliveries, ctx.stopping)
+                        now = trio.current_time()
+                        # After a notice's claim the due time already known still
+                        # holds (what the claim did not take is parked, a retry or a
+                        # freed slot wakes us): it is looked up again at most every
+                        # NEXT_DUE_REFRESH_SECONDS, saving two queries per notice.
+                        if (
+                            noticed is None
+                            or parked
+                            or deadline <= now
+                            or now - refreshed >= NEXT_DUE_REFRESH_SECONDS
+                        ):
+                            deadline = now + await self._until_next_due(sweep)
+                            refreshed = now
                     except DependencyUnavailable:
                         log.warning("dispatcher pass failed: database unavailable; retrying")
-                        wait = min(sweep, DB_RETRY_SECONDS)
-                    deadline = trio.current_time() + wait
+                        deadline = trio.current_time() + min(sweep, DB_RETRY_SECONDS)
                 if ctx.stop_requested:
                     break
                 remaining = max(0.0, deadline - trio.current_time())
@@ -606,16 +622,17 @@ class Dispatcher:
         rounds = math.ceil(HOST_BACKLOG / HOST_CONCURRENCY) + 1
         return rounds * (self._timeout + RECORD_ALLOWANCE_SECONDS) + LEASE_MARGIN_SECONDS
 
-    async def _feed(self, nursery: trio.Nursery, stopping: trio.Event) -> None:
+    async def _feed(self, nursery: trio.Nursery, stopping: trio.Event) -> int:
         """Claim due rows into the free slots and start each. Receivers that hold
         HOST_BACKLOG rows are left out of the claim; rows of theirs that come anyway
         (another spelling of the URL, or more in one claim than their share) are
-        parked for PARK_SECONDS. Raises DependencyUnavailable."""
+        parked for PARK_SECONDS. How many were parked. Raises DependencyUnavailable."""
+        parked_in_all = 0
         while not stopping.is_set():
             free = self._in_flight_limit - self._in_flight
             if free <= 0:
                 self._full = True  # a delivery ending below the low-water mark wakes us
-                return
+                return parked_in_all
             now = self._clock()
             busy = [r for r, held in self._held.items() if held >= HOST_BACKLOG]
             self._saturated.update(busy)
@@ -642,8 +659,10 @@ class Dispatcher:
             if parked:
                 until = now + timedelta(seconds=min(PARK_SECONDS, self._timeout))
                 await outbox.park(self._pool, parked, self.worker_id, until)
+                parked_in_all += len(parked)
             if len(entries) < free or len(parked) == len(entries):
-                return
+                return parked_in_all
+        return parked_in_all
 
     async def _deliver(
         self, entry: OutboxEntry, receiver: str, prefix: str, stopping: trio.Event

@@ -292,6 +292,49 @@ _RELEASE = (
 )
 
 
+_INSERT_ATTEMPT = (
+    "INSERT INTO callback_attempts (outbox_id, attempt, attempted_at, status_code, error,"
+    " latency_ms) VALUES "
+)
+_ATTEMPT_ROW = "(%s, %s, %s, %s, %s, %s)"
+
+
+_RECORDED_COLUMNS = (
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "delivered_at",
+    "updated_at",
+)
+
+
+def _record_values(
+    attempt: CallbackAttempt, state: OutboxState, next_attempt_at: datetime
+) -> tuple[Any, ...]:
+    """The values of _RECORDED_COLUMNS (_RECORD's SET, in that order)."""
+    delivered = state == OutboxState.DELIVERED
+    return (
+        str(state),
+        attempt.attempt,
+        to_db_datetime(next_attempt_at),
+        "" if delivered else _clip(attempt.error),
+        to_db_datetime(attempt.attempted_at) if delivered else None,
+        to_db_datetime(attempt.attempted_at),
+    )
+
+
+def _attempt_values(outbox_id: int, attempt: CallbackAttempt) -> tuple[Any, ...]:
+    return (
+        outbox_id,
+        attempt.attempt,
+        to_db_datetime(attempt.attempted_at),
+        attempt.status_code,
+        _clip(attempt.error),
+        attempt.latency_ms,
+    )
+
+
 async def record_attempt(
     conn: Connection,
     entry: OutboxEntry,
@@ -308,35 +351,78 @@ async def record_attempt(
     it over, or it is no longer pending): the newer owner's outcome stands.
     ``delivered_at`` is set to the attempt time when ``state`` is DELIVERED.
     """
-    error = _clip(attempt.error)
-    delivered_at = attempt.attempted_at if state == OutboxState.DELIVERED else None
-    matched = await conn.execute(
-        _RECORD,
-        (
-            str(state),
-            attempt.attempt,
-            to_db_datetime(next_attempt_at),
-            error if state != OutboxState.DELIVERED else "",
-            None if delivered_at is None else to_db_datetime(delivered_at),
-            to_db_datetime(attempt.attempted_at),
-            *_lease_guard(entry, worker_id),
-        ),
-    )
+    values = _record_values(attempt, state, next_attempt_at)
+    matched = await conn.execute(_RECORD, (*values, *_lease_guard(entry, worker_id)))
     if matched != 1:
         return False
-    await conn.insert(
-        "INSERT INTO callback_attempts (outbox_id, attempt, attempted_at, status_code, error,"
-        " latency_ms) VALUES (%s, %s, %s, %s, %s, %s)",
-        (
-            entry.id,
-            attempt.attempt,
-            to_db_datetime(attempt.attempted_at),
-            attempt.status_code,
-            error,
-            attempt.latency_ms,
-        ),
-    )
+    await conn.insert(_INSERT_ATTEMPT + _ATTEMPT_ROW, _attempt_values(entry.id, attempt))
     return True
+
+
+@attrs.frozen
+class FinishedAttempt:
+    """An attempt to record, with what it decided (:func:`record_attempts`)."""
+
+    entry: OutboxEntry  # as claimed: its lease is the guard
+    attempt: CallbackAttempt
+    state: OutboxState
+    next_attempt_at: datetime
+
+
+# Rows per record_attempts statement: 6 CASE columns x 2 arguments + the id list, well
+# under SQLite's 32,766 variables and MySQL's packet.
+RECORD_BATCH_MAX = 64
+
+
+def _case(column: str, count: int) -> str:
+    return f"{column} = CASE id{' WHEN %s THEN %s' * count} END"
+
+
+async def record_attempts(
+    conn: Connection, worker_id: str, finished: Sequence[FinishedAttempt]
+) -> list[bool]:
+    """:func:`record_attempt` for many rows (at most RECORD_BATCH_MAX, distinct ids) in
+    a few statements: lock the rows, check each one's lease in Python, one UPDATE of
+    the rows still held, one multi-row INSERT of their attempts. Whether each was
+    recorded, in order. Use inside ``db.transaction()``: the lock (on SQLite the write
+    lock) keeps the lease check exact until the UPDATE."""
+    if len(finished) <= 1:
+        return [
+            await record_attempt(conn, f.entry, worker_id, f.attempt, f.state, f.next_attempt_at)
+            for f in finished
+        ]
+    if len(finished) > RECORD_BATCH_MAX:
+        raise ValueError(f"at most {RECORD_BATCH_MAX} attempts per call")
+    for item in finished:
+        _lease_guard(item.entry, worker_id)
+    ids = sorted(item.entry.id for item in finished)  # one lock order for every replica
+    marks = ", ".join(["%s"] * len(ids))
+    rows = await conn.fetchall(
+        f"SELECT id, claimed_until FROM callback_outbox WHERE id IN ({marks})"  # noqa: S608
+        f" AND state = 'pending' AND claimed_by = %s{conn.dialect.for_update}",
+        (*ids, worker_id),
+    )
+    leases = {int(row[0]): _optional_time(row[1]) for row in rows}
+    held = [f for f in finished if leases.get(f.entry.id) == f.entry.claimed_until]
+    if held:
+        args: list[Any] = []
+        values = [_record_values(item.attempt, item.state, item.next_attempt_at) for item in held]
+        for index in range(len(_RECORDED_COLUMNS)):
+            for item, row_values in zip(held, values, strict=True):
+                args += (item.entry.id, row_values[index])
+        cases = ", ".join(_case(column, len(held)) for column in _RECORDED_COLUMNS)
+        held_marks = ", ".join(["%s"] * len(held))
+        await conn.execute(
+            f"UPDATE callback_outbox SET {cases}, claimed_by = '', claimed_until = NULL"  # noqa: S608
+            f" WHERE id IN ({held_marks})",
+            (*args, *(item.entry.id for item in held)),
+        )
+        attempt_args: list[Any] = []
+        for item in held:
+            attempt_args += _attempt_values(item.entry.id, item.attempt)
+        await conn.execute(_INSERT_ATTEMPT + ", ".join([_ATTEMPT_ROW] * len(held)), attempt_args)
+    recorded = {item.entry.id for item in held}
+    return [item.entry.id in recorded for item in finished]
 
 
 async def release(conn: Connection, entry: OutboxEntry, worker_id: str) -> bool:
