@@ -5,7 +5,9 @@ dispatcher connecting only to the address it checked (DNS rebinding)."""
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -108,6 +110,26 @@ async def test_keep_alive_reuses_one_connection(nursery: trio.Nursery) -> None:
     assert "\r\nUser-Agent: payments-service/callbacks\r\n" in head
     assert f"\r\nContent-Length: {len(BODY)}\r\n" in head
     assert "\r\nwebhook-id: msg_1\r\n" in head
+    await client.aclose()
+
+
+async def test_keep_alive_holds_for_descriptors_past_fd_setsize(nursery: trio.Nursery) -> None:
+    """A busy process's sockets get descriptors past select's FD_SETSIZE (1024); the
+    idle check must still see them as open, or no connection would ever be reused."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft > 1100, "the test needs more than 1,100 descriptors"
+    server = await started(nursery, RawServer())
+    client = CallbackClient()
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        for _ in range(3):
+            assert await post(client, server) == Answer(200, None)
+        [idle] = [c for connections in client._idle.values() for c in connections]
+        assert idle.sock.fileno() > 1024
+    finally:
+        for fd in filler:
+            os.close(fd)
+    assert server.connections == client.connections_opened == 1
     await client.aclose()
 
 

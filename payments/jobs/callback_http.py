@@ -84,11 +84,14 @@ class _Connection:
     def looks_closed(self) -> bool:
         """An idle connection has nothing to read: anything (EOF, a stray byte) means
         the receiver closed it or broke the protocol."""
+        # poll, not select: select refuses descriptors past FD_SETSIZE (1024), which a
+        # busy process reaches, and every connection would then look closed.
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([self.sock.fileno()], [], [], 0)
+            poller.register(self.sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
 
 @attrs.frozen
