@@ -251,13 +251,23 @@ async def test_two_replicas_expire_every_payment_once(
     )
     assert sorted(expired_events) == sessions and set(expired_events.values()) == {1}
 
-    # both expirers worked (the log says which moved what)
+    # both expirers worked (the log says which moved what); the expirer calls Stripe
+    # under the payment's lease, holding no row lock, so Stripe's own expired event may
+    # conclude a payment first (the expirer then finds it EXPIRED and moves nothing)
     moved = [
         sum(1 for e in r.log_entries() if e.get("message") == "expire moved a payment to EXPIRED")
         for r in replicas
     ]
-    print(f"\npayments expired per replica: {moved}")
-    assert sum(moved) == N, moved
+    by_event = sum(
+        1
+        for r in replicas
+        for e in r.log_entries()
+        if e.get("message") == "provider event processed"
+        and e.get("reason", "").endswith("-> EXPIRED")
+    )
+    print(f"\npayments expired per replica: {moved}, by Stripe's event: {by_event}")
+    assert sum(moved) + by_event == N, (moved, by_event)
+    assert all(moved), moved
 
     for replica in replicas:
         code = await trio.to_thread.run_sync(replica.terminate)
