@@ -23,11 +23,6 @@ import attrs
 import trio
 
 from payments import logs
-from payments.api.grpc import SERVICE_NAME as GRPC_SERVICE_NAME
-from payments.api.grpc import PaymentsConnectionHandler, PaymentsServicer
-from payments.api.grpc_reflection import Reflection
-from payments.api.grpc_server import serve_purerpc
-from payments.api.http import create_http_app, serve_http
 from payments.auth import Authenticator
 from payments.auth.chain import FirstKnown
 from payments.auth.client import GrpcAuthenticator
@@ -219,6 +214,11 @@ ChildStart = Callable[[ChildContext], Awaitable[None]]
 
 
 def _http_child(res: Resources) -> ChildStart:
+    # The transports are imported by the children that serve them: a one-off job
+    # (`payments callbacks dispatch`, ...) never loads quart, hypercorn or the gRPC
+    # server, a quarter of a second of its start-up.
+    from payments.api.http import create_http_app, serve_http
+
     assert res.authenticator is not None
     readiness = Readiness(res.pool, auth=res.auth_client)
     app = create_http_app(
@@ -243,6 +243,11 @@ def _http_child(res: Resources) -> ChildStart:
 
 
 def _grpc_child(res: Resources) -> ChildStart:
+    from payments.api.grpc import SERVICE_NAME as GRPC_SERVICE_NAME
+    from payments.api.grpc import PaymentsConnectionHandler, PaymentsServicer
+    from payments.api.grpc_reflection import Reflection
+    from payments.api.grpc_server import serve_purerpc
+
     assert res.authenticator is not None
     servicer = PaymentsServicer(
         res.service,
