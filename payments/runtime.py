@@ -75,10 +75,10 @@ JOBS = ("reconcile", "dispatch", "expire")
 
 # The restart budget of the tree: past it the process exits non-zero, so the
 # orchestrator (which sees the exit) restarts it from a clean slate.
-# Allocations between young-generation collections in ``payments serve`` (Python: 700).
-GC_YOUNG_THRESHOLD = 10_000
 INTENSITY = RestartIntensity(max_restarts=5, period=60.0)
 BACKOFF = Backoff(initial=0.5, factor=2.0, max_delay=30.0, jitter=0.2, reset_after=30.0)
+# Allocations between young-generation collections in ``payments serve`` (Python: 700).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 async def migrate(settings: Settings) -> int:
