@@ -96,6 +96,17 @@ async def until_stripe_expired(sandbox: Sandbox, count: int) -> None:
         sandbox.state.listeners.remove(listen)
 
 
+async def expired_at_stripe(
+    pool: Pool, service: PaymentService, sandbox: Sandbox, count: int, parallel: int = 4
+) -> list[Payment]:
+    """``count`` payments made with expires_at, aged past it here and at the emulator,
+    and closed by Stripe itself (their expired events lost)."""
+    payments = await create_many(service, count, parallel=parallel)
+    await age_everywhere(pool, sandbox, payments)
+    await until_stripe_expired(sandbox, count)
+    return payments
+
+
 async def test_sessions_carry_expires_at_and_stripe_closes_them_itself(
     db_pool: Pool, lifetime_service: PaymentService, stripe_sandbox: Sandbox
 ) -> None:
@@ -159,9 +170,7 @@ async def test_two_expirers_share_a_backlog_fairly(
     lifetime_registry: ProviderRegistry,
     stripe_sandbox: Sandbox,
 ) -> None:
-    payments = await create_many(lifetime_service, 400, parallel=8)
-    await age_everywhere(db_pool, stripe_sandbox, payments)
-    await until_stripe_expired(stripe_sandbox, len(payments))
+    await expired_at_stripe(db_pool, lifetime_service, stripe_sandbox, 400, parallel=8)
     jobs = [
         Expirer(
             job_uow(pool), lifetime_registry, job_settings(job_batch_size=25), rate_per_second=None
@@ -239,10 +248,7 @@ async def test_a_payment_leased_by_a_cancel_is_left_out_of_the_bulk_claim(
     # Stripe expired both sessions; one payment is leased by a cancel at Stripe about it
     # (its own expire call may be what closed the session): the bulk claim skips it as
     # the single claim does, and the other one expires in bulk.
-    payments = await create_many(lifetime_service, 2)
-    await age_everywhere(db_pool, stripe_sandbox, payments)
-    await until_stripe_expired(stripe_sandbox, 2)
-    leased, free = payments
+    leased, free = await expired_at_stripe(db_pool, lifetime_service, stripe_sandbox, 2)
     async with db_pool.connection() as conn:
         assert await leases.take(conn, leased.id, "cancel:elsewhere", 30, [leased.status])
     job = Expirer(job_uow(db_pool), lifetime_registry, job_settings(), rate_per_second=None)
@@ -261,9 +267,7 @@ async def test_no_session_or_row_lock_is_held_while_the_listing_hangs(
     lifetime_registry: ProviderRegistry,
     stripe_sandbox: Sandbox,
 ) -> None:
-    payments = await create_many(lifetime_service, 3)
-    await age_everywhere(db_pool, stripe_sandbox, payments)
-    await until_stripe_expired(stripe_sandbox, len(payments))
+    payments = await expired_at_stripe(db_pool, lifetime_service, stripe_sandbox, 3)
     hang = stripe_sandbox.state.faults.hang(path="/v1/checkout/sessions", method="GET")
     job = Expirer(job_uow(db_pool), lifetime_registry, job_settings(), rate_per_second=None)
     ids = ", ".join(str(p.id) for p in payments)
@@ -288,9 +292,7 @@ async def test_a_hung_listing_is_given_up_by_its_deadline(
 ) -> None:
     # Only the listing hangs (the per-payment path answers): the bulk step gives up
     # after one HTTP timeout (a batch of two fills one page), not the provider's own.
-    payments = await create_many(lifetime_service, 2)
-    await age_everywhere(db_pool, stripe_sandbox, payments)
-    await until_stripe_expired(stripe_sandbox, len(payments))
+    await expired_at_stripe(db_pool, lifetime_service, stripe_sandbox, 2)
     stripe_sandbox.state.faults.hang(path="/v1/checkout/sessions", method="GET", times=1)
     settings = job_settings(stripe_http_timeout_seconds=0.3)
     job = Expirer(job_uow(db_pool), lifetime_registry, settings, rate_per_second=None)
