@@ -45,21 +45,28 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from payments import logs
 from payments.api import wire
+from payments.api.http_direct import direct_payment_reads
+from payments.api.http_rules import (
+    API_KEY_HEADER,
+    DRAINING,
+    REQUEST_ID_HEADER,
+    authenticate,
+    checked_request_id,
+    error_answer,
+    error_body,
+    write_access_line,
+)
 from payments.api.operations import OPEN_ENDPOINTS as OPERATIONS_ENDPOINTS
 from payments.api.operations import add_operations_routes
 from payments.api.transport import (
     CALLBACK_PROCESSED,
     INTERNAL_MESSAGE,
-    domain_error,
-    http_status,
-    request_id,
 )
 from payments.auth import Authenticator
 from payments.callbacks import CallbackOperations
 from payments.config import Settings
-from payments.errors import InvalidArgument, Unauthenticated
+from payments.errors import Unauthenticated
 from payments.inbound import ProviderEvents
 from payments.model import Caller
 from payments.observability.transports import instrument_http_app
@@ -69,8 +76,6 @@ from payments.validation import validate_create, validate_refund
 
 log = logging.getLogger("payments.api.http")
 
-REQUEST_ID_HEADER = "X-Request-ID"
-API_KEY_HEADER = "X-API-Key"
 # Endpoints that need neither header: the orchestrator's probe.
 # ``checkout_return``: the customer's browser, sent back by Stripe after checkout.
 # ``OPERATIONS_ENDPOINTS``: /readyz and /openapi.json (payments.api.operations).
@@ -78,8 +83,6 @@ API_KEY_HEADER = "X-API-Key"
 # neither header; its signature is what authenticates it.
 _OPEN_ENDPOINTS = frozenset({"healthz", "checkout_return", "provider_event"}) | OPERATIONS_ENDPOINTS
 HEALTHZ_DB_TIMEOUT_SECONDS = 2.0
-# Set on the app's config once serve_http's shutdown trigger fires (see finish()).
-DRAINING = "PAYMENTS_DRAINING"
 
 # Messages for Quart/werkzeug's own errors (unknown route, wrong method, ...).
 _HTTP_MESSAGES = {
@@ -96,7 +99,7 @@ def _json(document: Mapping[str, Any], status: int = 200) -> Response:
 
 
 def _error(status: int, message: str) -> Response:
-    return _json({"error": message}, status)
+    return Response(error_body(message), status=status, content_type="application/json")
 
 
 def _caller() -> Caller:
@@ -118,11 +121,17 @@ def create_http_app(
     health: Callable[[], Mapping[str, Any]] | None = None,
     readiness: Readiness | None = None,
     callbacks: CallbackOperations | None = None,
+    *,
+    direct_reads: bool = True,
 ) -> QuartTrio:
     """The HTTP app. ``health`` adds details (supervisor snapshot, ...) to ``/healthz``;
     ``readiness`` answers ``/readyz`` (default: the service's database only);
-    ``callbacks`` defaults to the callback operations over the service's unit of work."""
+    ``callbacks`` defaults to the callback operations over the service's unit of work;
+    ``direct_reads``: plain ``GET /payments/{id}`` skips Quart (payments.api.http_direct;
+    off only to compare the two paths)."""
     app = QuartTrio(__name__, static_folder=None)  # no /static/ route: not in the contract
+    if direct_reads:
+        direct_payment_reads(app, service, authenticator)
     instrument_http_app(app)  # first, so its hook sees the route before auth can fail
     max_body = settings.max_body_bytes
     app.config.update(
@@ -155,17 +164,14 @@ def create_http_app(
             # Request smuggling: two framings, and a proxy in front may have used the other.
             state.close_connection = True
             return _error(400, "Transfer-Encoding: not allowed with Content-Length")
-        state.request_id = request_id(headers.get(REQUEST_ID_HEADER, ""), REQUEST_ID_HEADER)
+        state.request_id = checked_request_id(headers.get(REQUEST_ID_HEADER, ""))
         if current.endpoint in _OPEN_ENDPOINTS and current.scope.get("path") == current.path:
             # /healthz and the checkout page need no headers; only their canonical
             # spelling (Quart's request.path drops leading slashes: ``//healthz``).
             return None
-        if not state.request_id:
-            raise InvalidArgument(REQUEST_ID_HEADER, "header is required")
-        api_key = headers.get(API_KEY_HEADER, "").strip()
-        if not api_key:
-            raise Unauthenticated(f"{API_KEY_HEADER} header is required")
-        state.caller = await authenticator.authenticate(api_key)
+        state.caller = await authenticate(
+            authenticator, state.request_id, headers.get(API_KEY_HEADER, "")
+        )
         return None
 
     @app.after_request
@@ -184,24 +190,16 @@ def create_http_app(
             # so without this a keep-alive client holds the shutdown for the whole grace
             # period. (HTTP/2 forbids the header; h2 connections get GOAWAY instead.)
             response.headers["Connection"] = "close"
-        caller: Caller | None = state.get("caller")
-        started = state.get("started", time.perf_counter())
-        method = current.method
-        rule = current.url_rule.rule if current.url_rule is not None else "-"
-        extra: dict[str, Any] = {"method": method, "path": current.path}
-        payment_id = state.get("payment_id")
-        if payment_id:
-            extra["payment_id"] = payment_id
-        logs.access_log(
-            transport="http",
-            route=f"{method} {rule}",
+        write_access_line(
+            method=current.method,
+            rule=current.url_rule.rule if current.url_rule is not None else "-",
+            path=current.path,
             status=response.status_code,
-            latency_ms=(time.perf_counter() - started) * 1000,
+            started=state.get("started", time.perf_counter()),
             request_id=request_id,
-            caller=caller.service_name if caller else "",
-            # Orchestrator probes every few seconds would drown the access log.
-            level=logging.DEBUG if current.endpoint in _OPEN_ENDPOINTS else logging.INFO,
-            **extra,
+            caller=state.get("caller"),
+            payment_id=state.get("payment_id"),
+            probe=current.endpoint in _OPEN_ENDPOINTS,
         )
         return response
 
@@ -221,10 +219,9 @@ def create_http_app(
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
-        error = domain_error(exc)
-        status = http_status(error) if error is not None else None
-        if error is not None and status is not None:
-            return _error(status, error.message)
+        answer = error_answer(exc)
+        if answer is not None:
+            return _error(*answer)
         log.error(
             "unhandled error",
             exc_info=exc,

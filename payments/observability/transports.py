@@ -40,6 +40,14 @@ class _Exchange:
 _EXCHANGE: ContextVar[_Exchange | None] = ContextVar("payments_http_exchange", default=None)
 
 
+def note_http_route(rule: str) -> None:
+    """Name the route of the request being observed (for an answer made outside Quart's
+    routing: payments.api.http_direct)."""
+    exchange = _EXCHANGE.get()
+    if exchange is not None:
+        exchange.route = rule
+
+
 def instrument_http_app(app: QuartTrio) -> None:
     """Observe every request of ``app``. Call it before the app's own ``before_request``
     hooks are registered, so the route is known even when authentication fails."""
