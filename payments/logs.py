@@ -100,14 +100,18 @@ class Redactor:
         return masked
 
     def value(self, value: Any) -> Any:
-        """Redact strings inside an extra's value (str, or dict/list/tuple of them)."""
+        """Redact strings inside an extra's value (str, or dict/list/tuple of them).
+        Any other object (an exception, a URL object, a set) is written as its ``str``
+        (the formatter's ``default``), so it is made that text here and redacted."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
             return {self.value(k): self.value(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self.value(v) for v in value]
-        return value
+        if isinstance(value, _PLAIN):
+            return value
+        return self.text(str(value))
 
 
 class RedactingFilter(logging.Filter):

@@ -88,6 +88,30 @@ def test_stripe_looking_values_are_masked_everywhere(captured: io.StringIO) -> N
     assert "RuntimeError" in output  # the traceback itself is kept
 
 
+class _Described:
+    def __str__(self) -> str:
+        return f"client for {STRIPE_KEY}"
+
+
+def test_an_extra_written_as_its_str_is_masked_too(captured: io.StringIO) -> None:
+    """The formatter writes objects JSON cannot hold as their ``str``: an exception or
+    any object carrying a key must not reach the line unmasked."""
+    logging.getLogger("payments.test").warning(
+        "failed",
+        extra={
+            "error": RuntimeError(f"bad key {STRIPE_KEY}"),
+            "client": _Described(),
+            "nested": {"errors": [ValueError(APP_KEY)], "keys": {APP_KEY}},
+        },
+    )
+    output = captured.getvalue()
+    assert STRIPE_KEY not in output and APP_KEY not in output
+    (line,) = lines(captured)
+    assert line["error"] == f"bad key {logs.MASK}"
+    assert line["client"] == f"client for {logs.MASK}"
+    assert line["nested"] == {"errors": [logs.MASK], "keys": f"{{'{logs.MASK}'}}"}
+
+
 def test_configured_secrets_are_masked(captured: io.StringIO) -> None:
     settings = Settings(
         app_api_key=APP_KEY,
