@@ -44,6 +44,7 @@ from payments.refunding import load_refund_totals
 from payments.storage import leases
 from payments.storage import repository as repo
 from payments.storage.database import Database, Deadlock, DuplicateKey
+from payments.storage.payment_reads import PaymentReads
 from payments.unit_of_work import UnitOfWork, Work
 from payments.validation import check_free_text
 
@@ -73,6 +74,7 @@ class PaymentService:
         self._uow = uow
         self._lease = lease or LeasePolicy()
         self._pool = uow.database
+        self._reads = PaymentReads(uow.database)
         self._providers = providers
         self._callback_base = provider_callback_base_url.rstrip("/")
         self.refunds = RefundService(uow, providers)
@@ -228,12 +230,11 @@ class PaymentService:
     # --- read ---------------------------------------------------------------------------
 
     async def get(self, caller: Caller, payment_id: int) -> Payment:
-        """One payment; another caller's answers NotFound so ids do not leak."""
-        async with self._pool.connection() as conn:
-            payment = await repo.get_payment(conn, payment_id)
-            if payment is None or not caller.may_act_for(payment.caller_service):
-                raise _not_found()
-            await load_refund_totals(conn, (payment,))
+        """One payment; another caller's answers NotFound so ids do not leak. Reads made
+        at the same moment share one statement (payments/storage/payment_reads.py)."""
+        payment = await self._reads.get(payment_id)
+        if payment is None or not caller.may_act_for(payment.caller_service):
+            raise _not_found()
         return payment
 
     async def list(self, caller: Caller, filters: ListFilter) -> list[Payment]:

@@ -219,6 +219,16 @@ async def get_payment(
     return None if row is None else _payment_from_row(json.loads(row[0]))
 
 
+async def get_payments(conn: Connection, payment_ids: Sequence[int]) -> list[Payment]:
+    """The payments with these ids that exist (any order): one statement."""
+    wanted = [number for number in payment_ids if number > 0]
+    if not wanted:
+        return []
+    marks = ", ".join(["%s"] * len(wanted))
+    rows = await conn.fetchall(f"{_SELECT_PAYMENT_ARRAY} WHERE id IN ({marks})", wanted)
+    return [_payment_from_row(json.loads(row[0])) for row in rows]
+
+
 async def get_payment_by_request(
     conn: Connection, caller_service: str, request_id: str, *, for_update: bool = False
 ) -> Payment | None:
