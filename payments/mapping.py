@@ -7,19 +7,21 @@ numbers, not protojson's strings), maps as dicts, timestamps as RFC 3339 UTC to 
 second (what the Go service wrote), and zero values left out, as protojson does.
 The JSON object and the proto message are built from the same dict, so HTTP, gRPC and
 the status callbacks cannot disagree. A new entity maps with one
-``wire_mapping(Entity, pb.Message)`` line.
+``wire_mapping(Entity, pb.Message)`` line, which generates its ``to_json`` once from the
+cattrs hooks of its fields' types (every read and callback maps a payment).
 """
 
 from __future__ import annotations
 
 import enum
+import linecache
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import attrs
 import cattrs
-from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.fns import identity
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -34,12 +36,20 @@ def format_timestamp(moment: datetime) -> str:
     """RFC 3339 UTC to the second, e.g. ``2026-11-29T18:45:15Z`` (fractions cut, as Go's
     ``time.RFC3339`` does). Storage keeps microseconds; only the wire drops them.
 
-    A naive datetime is taken as UTC (that is what the database keeps). Built from
-    ``isoformat`` (strftime was ~1 us more per call, twice per payment on every read).
+    A naive datetime is taken as UTC (that is what the database keeps). %-formatting of
+    the fields: 0.49 us against 0.94 us for ``isoformat`` and 1.39 us for strftime, twice
+    per payment on every read.
     """
     if moment.tzinfo is not UTC:
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return f"{moment.isoformat(timespec='seconds')[:19]}Z"
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (  # noqa: UP031 - the fast form, see above
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+    )
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -73,19 +83,15 @@ class WireMapping(Generic[E, M]):
     entity: type[E]
     message: type[M]
     names: tuple[str, ...]  # the message's fields, in field-number order
-    _unstructure: Callable[[E], dict[str, Any]]
-    _properties: tuple[str, ...]
+    _to_json: Callable[[E], dict[str, Any]]
 
     def to_json(self, entity: E) -> dict[str, Any]:
         """The JSON object: message fields in proto order, zero values left out."""
-        values = self._unstructure(entity)
-        for name in self._properties:
-            values[name] = converter.unstructure(getattr(entity, name))
-        return {name: value for name in self.names if (value := values[name])}
+        return self._to_json(entity)
 
     def to_proto(self, entity: E) -> M:
         """The proto message, from the same values as :meth:`to_json`."""
-        return self.message(**self.to_json(entity))
+        return self.message(**self._to_json(entity))
 
     def from_proto(self, message: M) -> E:
         """The entity from a message: its fields the message has, by name; the others
@@ -107,23 +113,58 @@ def _proto_value(field: FieldDescriptor, value: Any) -> Any:
     return value
 
 
+# Types cattrs unstructures as themselves: a property's value of one of these needs no
+# dispatch.
+_PLAIN_TYPES = frozenset({int, str, bool, float})
+
+
+def _unstructure_value(value: Any) -> Any:
+    """A property's value, unstructured by its run-time type (as cattrs would)."""
+    return value if value.__class__ in _PLAIN_TYPES else converter.unstructure(value)
+
+
+def _make_to_json(entity: type[E], names: tuple[str, ...]) -> Callable[[E], dict[str, Any]]:
+    """``to_json`` for ``entity``, generated once: one line per message field, each with
+    the cattrs hook of the attribute's declared type (inlined when it is the identity),
+    a property's value by its run-time type, zero values left out.
+
+    What cattrs' own generated function plus a filtering pass did, in one pass without
+    the intermediate dict: 2.2 us against 6.3 us per payment (every read, every callback).
+    """
+    attributes = {attribute.name: attribute for attribute in attrs.fields(entity)}  # type: ignore[misc]
+    scope: dict[str, Any] = {"_unstructure_value": _unstructure_value}
+    lines = [f"def to_json_{entity.__name__}(entity):", "    document = {}"]
+    for index, name in enumerate(names):
+        attribute = attributes.get(name)
+        if attribute is None:
+            value = f"_unstructure_value(entity.{name})"
+        else:
+            hook = converter.get_unstructure_hook(attribute.type)
+            if hook is identity:
+                value = f"entity.{name}"
+            else:
+                scope[f"_hook_{index}"] = hook
+                value = f"_hook_{index}(entity.{name})"
+        lines += [f"    value = {value}", "    if value:", f"        document[{name!r}] = value"]
+    lines.append("    return document")
+    source = "\n".join(lines)
+    filename = f"<wire mapping {entity.__module__}.{entity.__qualname__}>"
+    exec(compile(source, filename, "exec"), scope)  # noqa: S102 - our own generated code
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return scope[f"to_json_{entity.__name__}"]  # type: ignore[no-any-return]
+
+
 def wire_mapping(entity: type[E], message: type[M]) -> WireMapping[E, M]:
     """Map ``entity`` to ``message`` and register the mapping, so an entity nested in
     another (a list of attempts in a delivery) takes the same shape: map the nested
     entity first."""
     names = tuple(field.name for field in message.DESCRIPTOR.fields)
     attributes = {attribute.name for attribute in attrs.fields(attrs.resolve_types(entity))}  # type: ignore[arg-type]
-    properties = tuple(name for name in names if name not in attributes)
-    for name in properties:
-        if not isinstance(getattr(entity, name, None), property):
+    for name in names:
+        if name not in attributes and not isinstance(getattr(entity, name, None), property):
             raise TypeError(f"{message.__name__}.{name} has no field on {entity.__name__}")
-    omitted = {name: override(omit=True) for name in attributes if name not in names}
     mapping = WireMapping(
-        entity=entity,
-        message=message,
-        names=names,
-        unstructure=make_dict_unstructure_fn(entity, converter, **omitted),
-        properties=properties,
+        entity=entity, message=message, names=names, to_json=_make_to_json(entity, names)
     )
     converter.register_unstructure_hook(entity, mapping.to_json)
     return mapping
