@@ -21,8 +21,9 @@ a task never leaks into its siblings.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from types import TracebackType
 
 from opentelemetry import context as context_api
 from opentelemetry import trace
@@ -112,7 +113,6 @@ def inject(headers: dict[str, str]) -> None:
     _PROPAGATOR.inject(headers)
 
 
-@contextmanager
 def span(
     name: str,
     *,
@@ -120,28 +120,44 @@ def span(
     parent: Context | None = None,
     attributes: Mapping[str, AttributeValue] | None = None,
     errors_from_exceptions: bool = True,
-) -> Iterator[Span]:
+) -> AbstractContextManager[Span]:
     """A current span around the block (child of ``parent``, else of the current one).
     An exception escaping the block marks it as an error unless
     ``errors_from_exceptions`` is False (the caller then judges, say a gRPC NOT_FOUND).
     Without an exporter the span is non-recording (see the module docstring)."""
     if not _State.recording:
-        current = _context_only_span(name, kind, parent, attributes)
-        token = context_api.attach(trace.set_span_in_context(current))
-        try:
-            yield current
-        finally:
-            context_api.detach(token)
-        return
-    with _State.tracer.start_as_current_span(
+        return _CurrentSpan(_context_only_span(name, kind, parent, attributes))
+    return _State.tracer.start_as_current_span(
         name,
         context=parent,
         kind=kind,
         attributes=attributes,
         record_exception=errors_from_exceptions,
         set_status_on_exception=errors_from_exceptions,
-    ) as current:
-        yield current
+    )
+
+
+class _CurrentSpan(AbstractContextManager[Span]):
+    """A non-recording span made current for the block: a plain class, not a
+    @contextmanager generator (every request opens one: 3.9 -> 3.0 us per span)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, current: Span) -> None:
+        self._span = current
+        self._token: object = None
+
+    def __enter__(self) -> Span:
+        self._token = context_api.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        context_api.detach(self._token)  # type: ignore[arg-type]
 
 
 def _context_only_span(
