@@ -74,9 +74,7 @@ async def age_everywhere(pool: Pool, sandbox: Sandbox, payments: list[Payment]) 
     """61 minutes into the past, here and at Stripe (the sessions' created/expires_at)."""
     await age(pool, payments, OLD_S / 60)
     for payment in payments:
-        session = sandbox.state.sessions[payment.provider_payment_id]
-        session["created"] -= OLD_S
-        session["expires_at"] -= OLD_S
+        sandbox.state.age_session(payment.provider_payment_id, OLD_S)
 
 
 async def until_stripe_expired(sandbox: Sandbox, count: int) -> None:

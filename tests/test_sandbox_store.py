@@ -218,3 +218,56 @@ def _fill_unflushed(state: StripeState) -> None:
     price = state.create_price({"currency": "eur", "unit_amount": 100}, "prod_x")
     session = state.create_session({"mode": "payment"}, [state.line_item(price, 1, "x")])
     state.complete_session(session["id"])
+
+
+class _NoScan(dict[str, Any]):
+    """A sessions table that refuses to be scanned (the expiry tick must not)."""
+
+    def values(self) -> Any:
+        raise AssertionError("the expiry tick scanned every session")
+
+
+def _open_sessions(state: StripeState, count: int, expires_at: int) -> list[str]:
+    price = state.create_price({"currency": "eur", "unit_amount": 100}, "prod_x")
+    return [
+        state.create_session(
+            {"mode": "payment", "expires_at": expires_at}, [state.line_item(price, 1, "x")]
+        )["id"]
+        for _ in range(count)
+    ]
+
+
+def test_the_expiry_tick_pops_what_is_due_and_survives_a_restart(tmp_path: Path) -> None:
+    """The emulator closes sessions at their expires_at from a heap: a tick costs what
+    is due, not the account's history (it scanned every session once a second), and
+    sessions loaded from the store after a restart still expire."""
+    now = [1_700_000_000.0]
+    path = tmp_path / "expiry.sqlite"
+    state = StripeState(SANDBOX_SECRET_KEY, clock=lambda: now[0])
+    state.attach(SandboxStore(path))
+    soon = _open_sessions(state, 3, 1_700_000_100)
+    later = _open_sessions(state, 2, 1_700_000_200)
+    state.complete_session(soon[0])  # paid before its time: never expired
+    state.flush()
+
+    again = StripeState(SANDBOX_SECRET_KEY, clock=lambda: now[0])
+    again.attach(SandboxStore(path))  # a restart: the heap is rebuilt from the store
+    scanning = again.sessions
+    again.sessions = _NoScan(scanning)  # type: ignore[assignment]
+    assert again.expire_due_sessions() == []
+    now[0] = 1_700_000_100
+    assert sorted(s["id"] for s in again.expire_due_sessions()) == sorted(soon[1:])
+    assert again.expire_due_sessions() == []
+    now[0] = 1_700_000_500
+    assert sorted(s["id"] for s in again.expire_due_sessions()) == sorted(later)
+    assert [again.sessions[i]["status"] for i in soon] == ["complete", "expired", "expired"]
+
+
+def test_a_restored_snapshot_expires_its_open_sessions() -> None:
+    now = [1_700_000_000.0]
+    old = StripeState(SANDBOX_SECRET_KEY, clock=lambda: now[0])
+    ids = _open_sessions(old, 2, 1_700_000_100)
+    state = StripeState(SANDBOX_SECRET_KEY, clock=lambda: now[0])
+    state.restore(old.snapshot())
+    now[0] = 1_700_000_100
+    assert sorted(s["id"] for s in state.expire_due_sessions()) == sorted(ids)

@@ -24,6 +24,7 @@ import collections
 import copy
 import enum
 import hashlib
+import heapq
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -318,6 +319,9 @@ class StripeState:
         self.prices = Table()
         self.payment_links = Table()
         self.sessions = Table()
+        # (expires_at, id) of sessions made open, soonest first: the expiry tick pops
+        # what is due instead of scanning every session (bench/README.md, propagation).
+        self._expiries: list[tuple[int, str]] = []
         self.subscriptions = Table()
         self.customers = Table()
         self.invoices = Table()
@@ -383,6 +387,7 @@ class StripeState:
                 table.update(value)
         if isinstance(data.get("events"), list):
             self.events = list(data["events"])
+        self._index_expiries()
 
     def attach(self, store: SandboxStore) -> None:
         """Load the account from ``store`` and write every later change through to it.
@@ -398,6 +403,7 @@ class StripeState:
         stored_events = store.events()
         self.events = stored_events + self.events
         self._events_saved = len(stored_events)
+        self._index_expiries()
         self.flush()
 
     def flush(self) -> int:
@@ -596,6 +602,7 @@ class StripeState:
             "url": f"{self.base_url}/pay/{session_id}",
         }
         self.sessions[session_id] = session
+        heapq.heappush(self._expiries, (session["expires_at"], session_id))
         self.line_items[session_id] = items
         self.create_params[session_id] = params
         return session
@@ -773,12 +780,32 @@ class StripeState:
     def expire_due_sessions(self) -> list[dict[str, Any]]:
         """Expire every open session whose ``expires_at`` has passed on ``clock``."""
         now = self.now()
-        due = [
-            s["id"]
-            for s in self.sessions.values()
-            if s["status"] == "open" and s["expires_at"] <= now
-        ]
+        due: list[str] = []
+        while self._expiries and self._expiries[0][0] <= now:
+            _, session_id = heapq.heappop(self._expiries)
+            session = dict.get(self.sessions, session_id)  # not a touch: most are closed
+            if session is None or session["status"] != "open":
+                continue
+            if session["expires_at"] <= now:
+                due.append(session_id)
+            else:  # moved later since: due then
+                heapq.heappush(self._expiries, (session["expires_at"], session_id))
         return [self.expire_session(session_id) for session_id in due]
+
+    def age_session(self, session_id: str, seconds: int) -> None:
+        """Move a session's ``created`` and ``expires_at`` ``seconds`` into the past (tests
+        make old sessions without waiting)."""
+        session = self._session(session_id)
+        session["created"] -= seconds
+        session["expires_at"] -= seconds
+        heapq.heappush(self._expiries, (session["expires_at"], session_id))
+
+    def _index_expiries(self) -> None:
+        """Every open session in the expiry heap (after a load or a restore)."""
+        self._expiries = [
+            (s["expires_at"], s["id"]) for s in self.sessions.values() if s["status"] == "open"
+        ]
+        heapq.heapify(self._expiries)
 
     def open_payment_link(self, link_id: str) -> dict[str, Any]:
         """A customer opened the link: a new open session for it, as Stripe makes one."""
