@@ -2,7 +2,7 @@
 
 It is the read every caller polls. Quart's per-request machinery (a request context,
 werkzeug's routing, a Response object, a nursery per request, a cancel scope per send)
-cost more CPU than the database read itself (bench/README.md, "Reads"), so a plain read
+cost more CPU than the database read itself (bench/README.md, "This round: reads"), so a plain read
 skips it. Plain means: method ``GET``, a path that is exactly ``/payments/<one
 segment>``, no ``Content-Length`` and no ``Transfer-Encoding``. Everything else is
 Quart's, as is every rule this path shares: the headers' order and checks, the error

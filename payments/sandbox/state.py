@@ -320,7 +320,8 @@ class StripeState:
         self.payment_links = Table()
         self.sessions = Table()
         # (expires_at, id) of sessions made open, soonest first: the expiry tick pops
-        # what is due instead of scanning every session (bench/README.md, propagation).
+        # what is due instead of scanning every session (bench/README.md, propagation
+        # in "How to read it").
         self._expiries: list[tuple[int, str]] = []
         self.subscriptions = Table()
         self.customers = Table()

@@ -3,7 +3,7 @@
 Under load many requests read one payment each at once (callers polling
 ``GET /payments/{id}`` and ``GetPayment``). Alone, each read is a round trip, and most of
 its CPU is the round trip itself: the send that wakes the database and the wake-up
-when the answer comes (bench/README.md, "Reads"). So the first reader of a moment
+when the answer comes (bench/README.md, "This round: reads"). So the first reader of a moment
 yields once to the scheduler, every reader already runnable joins it, and one
 ``SELECT ... WHERE id IN (...)`` (with the refund totals of the PAID ones) answers them
 all. Nothing is kept: every reader's row is read from the database after its request
