@@ -271,3 +271,15 @@ def test_a_restored_snapshot_expires_its_open_sessions() -> None:
     state.restore(old.snapshot())
     now[0] = 1_700_000_100
     assert sorted(s["id"] for s in state.expire_due_sessions()) == sorted(ids)
+
+
+def test_a_session_moved_later_expires_at_its_new_time() -> None:
+    now = [1_700_000_000.0]
+    state = StripeState(SANDBOX_SECRET_KEY, clock=lambda: now[0])
+    (session_id,) = _open_sessions(state, 1, 1_700_000_100)
+    state.sessions[session_id]["expires_at"] = 1_700_000_300  # extended after creation
+    now[0] = 1_700_000_200
+    assert state.expire_due_sessions() == []
+    assert state.sessions[session_id]["status"] == "open"
+    now[0] = 1_700_000_300
+    assert [s["id"] for s in state.expire_due_sessions()] == [session_id]

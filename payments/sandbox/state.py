@@ -789,7 +789,7 @@ class StripeState:
                 continue
             if session["expires_at"] <= now:
                 due.append(session_id)
-            else:  # moved later since: due then
+            else:  # moved later since it was pushed: due then
                 heapq.heappush(self._expiries, (session["expires_at"], session_id))
         return [self.expire_session(session_id) for session_id in due]
 
