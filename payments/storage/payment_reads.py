@@ -3,8 +3,8 @@
 Under load many requests read one payment each at once (callers polling
 ``GET /payments/{id}`` and ``GetPayment``). Alone, each read is a round trip, and most of
 its CPU is the round trip itself: the send that wakes the database and the wake-up
-when the answer comes (bench/README.md, "This round: reads"). So the first reader of a moment
-yields once to the scheduler, every reader already runnable joins it, and one
+when the answer comes (bench/README.md, "This round: reads"). So the first reader of a
+moment lets the scheduler run while other readers keep joining, and one
 ``SELECT ... WHERE id IN (...)`` (with the refund totals of the PAID ones) answers them
 all. Nothing is kept: every reader's row is read from the database after its request
 arrived, as a read of its own would be, so no status is ever served stale.
@@ -29,6 +29,8 @@ from payments.storage.database import Database
 
 # Ids per statement: an IN list of this many stays one cheap primary-key lookup.
 MAX_BATCH = 100
+# Scheduler passes the first reader waits for others: measured on GetPayment under load,
+# one pass gave 0.57 of the ceiling, two 0.63, "while readers keep joining" 0.67.
 MIN_PASSES = 2
 MAX_PASSES = 8
 
@@ -51,7 +53,7 @@ class PaymentReads:
         self._database = database
         self._max_batch = max_batch
         self._open: _Batch | None = None
-        self.statements = 0  # statements run, for the tests and the bench's arithmetic
+        self.statements = 0  # statements run (the tests count them)
 
     async def get(self, payment_id: int) -> Payment | None:
         """The payment with this id (refund totals loaded when PAID), or None."""
