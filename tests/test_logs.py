@@ -9,16 +9,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from urllib.parse import quote
 
-import grpc
 import httpx
 import pytest
-import trio
 
 from payments import logs
 from payments.auth.local_keys import KEY_PREFIX, generate_key
 from payments.config import MysqlDsn, Settings, parse_mysql_dsn
-from payments.gen import payments_pb2 as pb
-from payments.gen import payments_pb2_grpc as pb_grpc
 from payments.providers.registry import ProviderRegistry
 from payments.service import PaymentService
 from payments.storage.pool import Pool
@@ -277,13 +273,7 @@ async def test_requests_leave_no_secret_in_the_log(stack: Stack, service_log: io
         assert failed.status_code == 502
         assert SANDBOX_SECRET_KEY not in failed.text
 
-    def grpc_call() -> None:
-        with grpc.insecure_channel(stack.grpc_target) as channel:
-            stub = pb_grpc.PaymentsServiceStub(channel)
-            metadata = [("x-request-id", "g-1"), ("x-api-key", KEY_B)]
-            stub.Health(pb.HealthRequest(), metadata=metadata, timeout=5)
-
-    await trio.to_thread.run_sync(grpc_call)
+    await stack.grpc_health(KEY_B, "g-1")
 
     output = service_log.getvalue()
     for secret in (KEY_A, KEY_B, APP_API_KEY, SANDBOX_SECRET_KEY, leaked_key, "sk_test_"):

@@ -17,16 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
-import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from payments import logs
-from payments.gen import payments_pb2 as pb
-from payments.gen import payments_pb2_grpc as pb_grpc
 from tests.fixtures.app import KEY_A, KEY_B, Stack
 
 SECRETS = [
@@ -460,13 +456,7 @@ async def test_the_transports_access_lines_take_the_direct_path(stack: Stack) ->
             missing = await http.get("/payments/999999", headers=stack.headers(request_id="h-1"))
             assert missing.status_code == 404
 
-        def grpc_call() -> None:
-            with grpc.insecure_channel(stack.grpc_target) as channel:
-                stub = pb_grpc.PaymentsServiceStub(channel)
-                metadata = [("x-request-id", "g-1"), ("x-api-key", KEY_B)]
-                stub.Health(pb.HealthRequest(), metadata=metadata, timeout=5)
-
-        await trio.to_thread.run_sync(grpc_call)
+        await stack.grpc_health(KEY_B, "g-1")
     assert [r for r in made if r.name == logs.ACCESS_LOGGER] == []
     access = [
         json.loads(line)
